@@ -1,0 +1,1 @@
+"""The SatSeg HTTP service: segmentation and evaluation over FastAPI."""

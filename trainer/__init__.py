@@ -1,0 +1,1 @@
+"""Training, evaluation, batch prediction and dataset preparation for SatSeg."""
