@@ -1,0 +1,105 @@
+"""``python -m service``: serve the app with uvicorn, using ``SATSEG_*`` settings.
+
+Shutdown on SIGTERM (what orchestrators send) happens in two steps, all within
+``SATSEG_SHUTDOWN_GRACE_S``:
+
+1. drain: ``/readyz`` answers 503 for ``SATSEG_SHUTDOWN_DRAIN_S`` while requests are still
+   served, so load balancers stop sending new ones;
+2. stop: the listening socket closes, in-flight requests complete (uvicorn's
+   ``timeout_graceful_shutdown`` gets what is left of the grace period), the model is released,
+   and the process exits with status 0.
+
+A second signal skips the drain; a second Ctrl-C exits at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from collections.abc import Callable
+from types import FrameType
+
+import uvicorn
+
+from service.app import create_app
+from service.settings import Settings
+
+log = logging.getLogger("service")
+
+
+class GracefulServer(uvicorn.Server):
+    """A uvicorn server whose first SIGTERM/SIGINT starts a drain period before stopping."""
+
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        *,
+        on_drain: Callable[[], None],
+        drain_s: float,
+        grace_s: float,
+    ) -> None:
+        super().__init__(config)
+        self._on_drain = on_drain
+        self._drain_s = drain_s
+        self._grace_s = grace_s
+        self._drain_started: float | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._drain_started is None and not self.should_exit:
+            self._drain_started = time.monotonic()
+            self._on_drain()
+            log.info(
+                "received %s: not ready; draining for %.1f s, then stopping within %.1f s",
+                signal.Signals(sig).name,
+                self._drain_s,
+                self._grace_s,
+            )
+            if self._drain_s > 0:
+                return  # on_tick ends the drain
+            self._stop_accepting()
+            return
+        super().handle_exit(sig, frame)  # a second signal: stop now (twice Ctrl-C: force)
+
+    async def on_tick(self, counter: int) -> bool:
+        if (
+            self._drain_started is not None
+            and not self.should_exit
+            and time.monotonic() - self._drain_started >= self._drain_s
+        ):
+            self._stop_accepting()
+        return await super().on_tick(counter)
+
+    def _stop_accepting(self) -> None:
+        assert self._drain_started is not None
+        left = self._grace_s - (time.monotonic() - self._drain_started)
+        # What is left of the grace period goes to the requests still in flight.
+        self.config.timeout_graceful_shutdown = max(1, int(left))
+        self.should_exit = True
+
+
+def main() -> None:
+    settings = Settings()
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)),
+        lifespan="on",
+    )
+    server = GracefulServer(
+        config,
+        on_drain=app.state.engine.begin_drain,
+        drain_s=min(settings.shutdown_drain_s, settings.shutdown_grace_s / 2),
+        grace_s=settings.shutdown_grace_s,
+    )
+    server.run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""The FastAPI application: ``create_app(settings)``.
+
+``uvicorn service.app:app`` serves an app built from the environment; ``python -m service``
+does the same with graceful-shutdown handling (see ``service/__main__.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import importlib.util
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, FastAPI
+
+from service import routes
+from service.engine import Engine
+from service.errors import install_error_handlers
+from service.limits import ApiKeyMiddleware, BodySizeLimitMiddleware
+from service.settings import Settings
+
+# Open even when API keys are set: probes, and the API description itself.
+PUBLIC_PATHS = frozenset(
+    {"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+)
+
+DESCRIPTION = """\
+Semantic segmentation of satellite images with a DeepLabV3 model.
+
+* `POST /segment` — a class-id mask as a palette PNG, or COCO RLE per class.
+* `POST /evaluate` — scores predictions against ground-truth masks.
+* `GET /model`, `GET /healthz`, `GET /readyz`.
+
+Every error answers `{"error": {"code", "message"}}`. With `SATSEG_API_KEYS` set, send a key
+as `X-API-Key: <key>` or `Authorization: Bearer <key>`.
+"""
+
+
+def routers() -> list[tuple[APIRouter, frozenset[str]]]:
+    """Routers to include, each with the paths of it that need no API key.
+
+    The browser page (``service/page.py``) joins when it exists; its ``PUBLIC_PATHS``
+    (exact paths, or prefixes ending in ``/``) stay open.
+    """
+    found: list[tuple[APIRouter, frozenset[str]]] = [(routes.router, frozenset())]
+    if importlib.util.find_spec("service.page") is not None:
+        page = importlib.import_module("service.page")
+        found.append((page.router, frozenset(getattr(page, "PUBLIC_PATHS", ()))))
+    return found
+
+
+def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
+    """Build the app. The model loads in the background once the app starts (lifespan),
+    so ``/healthz`` answers at once and ``/readyz`` turns 200 when the model is warm."""
+    settings = settings or Settings()
+    engine = engine or Engine(settings)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        try:
+            yield
+        finally:
+            # The server has stopped taking requests; let admitted ones finish, then stop.
+            engine.begin_drain()
+            await asyncio.to_thread(engine.wait_idle, settings.shutdown_grace_s)
+            engine.stop()
+
+    app = FastAPI(
+        title="SatSeg",
+        version=_version(),
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    install_error_handlers(app)
+
+    public = set(PUBLIC_PATHS)
+    for router, open_paths in routers():
+        app.include_router(router)
+        public |= open_paths
+    exact = frozenset(p for p in public if not p.endswith("/"))
+    prefixes = tuple(p for p in public if p.endswith("/"))
+
+    def is_public(path: str) -> bool:
+        return path in exact or path.startswith(prefixes)
+
+    # The last added runs first: the key check, then the body cap, then FastAPI.
+    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        ApiKeyMiddleware,
+        keys=[k.get_secret_value() for k in settings.api_keys],
+        is_public=is_public,
+    )
+    return app
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("satseg")
+    except metadata.PackageNotFoundError:
+        return "0.0.0"
+
+
+@functools.cache
+def _default_app() -> FastAPI:
+    return create_app()
+
+
+def __getattr__(name: str) -> FastAPI:
+    # `uvicorn service.app:app` builds the app on first use, so importing this module
+    # (tests, tools) reads no environment and loads nothing.
+    if name == "app":
+        return _default_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,465 @@
+"""The model on its device, shared by all requests: loading, admission, batching and tiling.
+
+Data flow of one request::
+
+    route --admit()--> ticket (deadline)            503 overloaded when max_queue are in
+    route --segment(image)--> request thread:        (one per admitted request)
+        image -> device -> segment_tiled(run=submit tiles, wait for logits) -> blended argmax
+        -> uint8 mask -> host
+    batcher thread (one):  tile jobs of equal shape, up to batch_max_tiles or batch_timeout_ms,
+        -> Predictor.run_batch -> logits split back to their jobs
+
+Concurrent requests therefore share forward passes, a large image is never more than
+``batch_max_tiles`` tiles ahead of the model, and a request past its deadline stops
+waiting (504) while the batcher drops its tiles instead of computing them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, ParamSpec, TypeVar
+
+import numpy as np
+import torch
+
+from service.errors import (
+    DeadlineExceededError,
+    DeviceOutOfMemoryError,
+    NotReadyError,
+    OverloadedError,
+)
+from service.settings import Settings
+from shared.checkpoint import CheckpointError
+from shared.inference import InferenceOptions, Predictor
+from shared.preprocess import image_to_tensor
+from shared.tiling import segment_tiled
+
+log = logging.getLogger("service.engine")
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class State(StrEnum):
+    loading = "loading"
+    ready = "ready"
+    failed = "failed"
+    draining = "draining"
+    stopped = "stopped"
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """An admitted request: it holds one of ``max_queue`` slots until the answer is built."""
+
+    deadline: float  # time.monotonic() value
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+
+@dataclass
+class _Job:
+    """A batch of tiles from one request, waiting for the batcher."""
+
+    tiles: torch.Tensor  # (n, 3, h, w) uint8 on the device
+    deadline: float
+    future: Future[torch.Tensor] = field(default_factory=Future)
+
+    @property
+    def size(self) -> int:
+        return int(self.tiles.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.tiles.shape[1:])
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """A device allocation failure (CUDA's typed error or an allocator's RuntimeError)."""
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    )
+
+
+class Engine:
+    """Owns the :class:`Predictor`, the batcher thread and the thread pools of one app.
+
+    Life cycle: ``start()`` (loading in the background) -> ready, or failed with a reason
+    that ``/readyz`` reports; ``begin_drain()`` on shutdown (readiness 503, requests still
+    served); ``stop()`` at the end.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        load: Callable[[InferenceOptions], Predictor] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.options = InferenceOptions(
+            device=settings.device,
+            precision=settings.precision,
+            tile=settings.tile,
+            overlap=settings.overlap,
+            tile_batch=settings.batch_max_tiles,
+        )
+        self._load_fn = load or self._load_checkpoint
+        self.predictor: Predictor | None = None
+        self.state = State.loading
+        self.reason = f"loading the model from {settings.checkpoint}"
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._in_flight = 0
+        self._queue: queue.Queue[_Job] = queue.Queue()
+        self._held: deque[_Job] = deque()  # jobs taken from the queue that did not fit a batch
+        self._stop = threading.Event()
+        self._loader: threading.Thread | None = None
+        self._batcher: threading.Thread | None = None
+        # Request threads mostly wait on the batcher; admission bounds them to max_queue.
+        self._request_pool = ThreadPoolExecutor(settings.max_queue, "satseg-request")
+        self._io_pool = ThreadPoolExecutor(settings.workers, "satseg-io")
+
+    # ----- life cycle -------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load, warm up and start batching in a background thread; returns at once."""
+        self._loader = threading.Thread(target=self._load, name="satseg-loader", daemon=True)
+        self._loader.start()
+
+    def wait_loaded(self, timeout: float | None = None) -> bool:
+        """Block until loading has finished (ready or failed); True if it finished."""
+        if self._loader is None:
+            return False
+        self._loader.join(timeout)
+        return not self._loader.is_alive()
+
+    def _load_checkpoint(self, options: InferenceOptions) -> Predictor:
+        return Predictor.from_checkpoint(self.settings.checkpoint, options)
+
+    def _load(self) -> None:
+        path = self.settings.checkpoint
+        try:
+            predictor = self._load_fn(self.options)
+            predictor.warmup()
+        except CheckpointError as exc:
+            self._fail(f"checkpoint refused: {exc}")
+            return
+        except Exception as exc:  # a bad device/precision setting, a broken model...
+            self._fail(f"could not load the model from {path}: {type(exc).__name__}: {exc}")
+            return
+        with self._lock:
+            if self.state is not State.loading:  # stopped while loading
+                return
+            self.predictor = predictor
+            self._batcher = threading.Thread(
+                target=self._batch_loop, name="satseg-batcher", daemon=True
+            )
+            self._batcher.start()
+            self.state = State.ready
+            self.reason = "ready"
+        log.info("model ready: %s on %s (%s)", path, predictor.device, predictor.precision)
+
+    def _fail(self, reason: str) -> None:
+        # Stay up and say why: a restart loop would not fix a bad checkpoint.
+        log.error("service not ready: %s", reason)
+        with self._lock:
+            if self.state is State.loading:
+                self.state = State.failed
+                self.reason = reason
+
+    def begin_drain(self) -> None:
+        """Report not-ready from now on while still serving what arrives (shutdown step 1)."""
+        with self._lock:
+            if self.state in (State.loading, State.ready):
+                self.state = State.draining
+                self.reason = "shutting down"
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no request is admitted; True if that happened within ``timeout``."""
+        end = time.monotonic() + timeout
+        with self._idle:
+            while self._in_flight:
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                self._idle.wait(left)
+        return True
+
+    def stop(self) -> None:
+        """Stop the batcher and fail whatever still waits for it (shutdown step 2)."""
+        with self._lock:
+            self.state = State.stopped
+            self.reason = "stopped"
+        self._stop.set()
+        if self._batcher is not None:
+            self._batcher.join(timeout=5)
+        while True:
+            try:
+                self._held.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        for job in self._held:
+            _resolve(job, error=NotReadyError("The service is shutting down.", code="stopped"))
+        self._held.clear()
+        self._request_pool.shutdown(wait=False, cancel_futures=True)
+        self._io_pool.shutdown(wait=False, cancel_futures=True)
+
+    # ----- readiness and admission -----------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self.state is State.ready
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def not_ready_error(self) -> NotReadyError:
+        code = {
+            State.loading: "loading",
+            State.failed: "model_unavailable",
+            State.draining: "shutting_down",
+            State.stopped: "shutting_down",
+        }.get(self.state, "not_ready")
+        return NotReadyError(
+            f"Not ready: {self.reason}.",
+            code=code,
+            headers={"Retry-After": str(self.settings.retry_after_s)},
+        )
+
+    @contextlib.contextmanager
+    def admit(self) -> Iterator[Ticket]:
+        """Take one of ``max_queue`` request slots for the duration of the block.
+
+        Raises:
+            NotReadyError: no model (loading, failed, stopped).
+            OverloadedError: every slot is taken.
+        """
+        with self._lock:
+            # Draining still serves: load balancers need a moment to notice readiness.
+            if self.state not in (State.ready, State.draining) or self.predictor is None:
+                raise self.not_ready_error()
+            if self._in_flight >= self.settings.max_queue:
+                raise OverloadedError(
+                    f"The service is at capacity ({self.settings.max_queue} requests in "
+                    "progress); retry shortly.",
+                    headers={"Retry-After": str(self.settings.retry_after_s)},
+                )
+            self._in_flight += 1
+        try:
+            yield Ticket(time.monotonic() + self.settings.request_timeout_s)
+        finally:
+            with self._idle:
+                self._in_flight -= 1
+                self._idle.notify_all()
+
+    # ----- work ---------------------------------------------------------------------------
+
+    async def run_io(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run a decoding/encoding function on the I/O pool, off the event loop."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._io_pool, lambda: fn(*args, **kwargs))
+
+    async def segment(self, image: np.ndarray, ticket: Ticket) -> np.ndarray:
+        """``(H, W, 3)`` uint8 RGB -> ``(H, W)`` uint8 class ids, sharing forward passes.
+
+        Raises:
+            DeadlineExceededError: the ticket's deadline passed (504).
+            DeviceOutOfMemoryError: the device ran out of memory for this request (503).
+            NotReadyError: the service stopped meanwhile.
+        """
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._request_pool, self._segment, image, ticket)
+
+    def _segment(self, image: np.ndarray, ticket: Ticket) -> np.ndarray:
+        predictor = self.predictor
+        if predictor is None:
+            raise self.not_ready_error()
+        try:
+            with torch.inference_mode():
+                tensor = predictor.to_device(image_to_tensor(image))
+                mask = segment_tiled(
+                    tensor,
+                    lambda tiles: self._submit(tiles, ticket.deadline),
+                    num_classes=predictor.num_classes,
+                    tile=self.options.tile,
+                    overlap=self.options.overlap,
+                    batch_size=self.options.tile_batch,
+                )
+                return mask.cpu().numpy()
+        except Exception as exc:
+            if is_out_of_memory(exc):  # the blend accumulator of a huge image, for example
+                raise self._out_of_memory(exc) from exc
+            raise
+
+    def _submit(self, tiles: torch.Tensor, deadline: float) -> torch.Tensor:
+        """Hand ``(n, 3, h, w)`` uint8 tiles to the batcher; wait for ``(n, C, h, w)`` logits."""
+        if self._stop.is_set():
+            raise self.not_ready_error()
+        if time.monotonic() >= deadline:
+            raise _deadline_error(self.settings.request_timeout_s)
+        job = _Job(tiles, deadline)
+        self._queue.put(job)
+        try:
+            return job.future.result(timeout=max(0.0, deadline - time.monotonic()))
+        except FutureTimeout:
+            job.future.cancel()  # the batcher skips it if it has not started on it yet
+            raise _deadline_error(self.settings.request_timeout_s) from None
+
+    def _out_of_memory(self, exc: BaseException) -> DeviceOutOfMemoryError:
+        log.warning("device out of memory; the request is refused: %s", exc)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return DeviceOutOfMemoryError(
+            "The device ran out of memory for this request; retry, or send a smaller image.",
+            headers={"Retry-After": str(self.settings.retry_after_s)},
+        )
+
+    # ----- the batcher thread --------------------------------------------------------------
+
+    def _batch_loop(self) -> None:
+        while not self._stop.is_set():
+            jobs = self._collect()
+            if jobs:
+                self._run(jobs)
+
+    def _next_job(self, timeout: float) -> _Job | None:
+        if self._held:
+            return self._held.popleft()
+        try:
+            return self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
+        except queue.Empty:
+            return None
+
+    def _collect(self) -> list[_Job]:
+        """Wait for one job, then gather jobs of the same tile shape until ``batch_max_tiles``
+        tiles are waiting or ``batch_timeout_ms`` have passed since the first."""
+        first = self._next_job(timeout=0.1)
+        while first is not None and not self._claim(first):
+            first = self._next_job(timeout=0.0)
+        if first is None:
+            return []
+        jobs, size, shape = [first], first.size, first.shape
+        limit = self.settings.batch_max_tiles
+
+        def fits(job: _Job) -> bool:
+            return job.shape == shape and size + job.size <= limit
+
+        for job in list(self._held):
+            if size >= limit:
+                break
+            if fits(job):
+                self._held.remove(job)
+                if self._claim(job):
+                    jobs.append(job)
+                    size += job.size
+        end = time.monotonic() + self.settings.batch_timeout_ms / 1000
+        while size < limit:
+            left = end - time.monotonic()
+            try:
+                job = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if not fits(job):
+                self._held.append(job)  # a different shape waits for the next batch
+            elif self._claim(job):
+                jobs.append(job)
+                size += job.size
+        return jobs
+
+    def _claim(self, job: _Job) -> bool:
+        """Mark a job as running; False (and dropped) if its request gave up or timed out."""
+        if not job.future.set_running_or_notify_cancel():
+            return False
+        if time.monotonic() >= job.deadline:
+            job.future.set_exception(_deadline_error(self.settings.request_timeout_s))
+            return False
+        return True
+
+    def _run(self, jobs: list[_Job]) -> None:
+        predictor = self.predictor
+        assert predictor is not None
+        try:
+            batch = jobs[0].tiles if len(jobs) == 1 else torch.cat([j.tiles for j in jobs])
+            logits = predictor.run_batch(batch)
+        except Exception as exc:
+            # The batcher survives every failure; the requests in this batch get the error.
+            if is_out_of_memory(exc):
+                error: Exception = self._out_of_memory(exc)
+            else:
+                log.exception("forward pass failed")
+                error = exc
+            for job in jobs:
+                _resolve(job, error=error)
+            return
+        start = 0
+        for job in jobs:
+            _resolve(job, result=logits[start : start + job.size])
+            start += job.size
+
+    # ----- description --------------------------------------------------------------------
+
+    def model_info(self) -> dict[str, Any]:
+        """What ``GET /model`` reports (plain data; the route validates it)."""
+        from service.codec import jsonable
+
+        predictor = self.predictor
+        if predictor is None:
+            raise self.not_ready_error()
+        meta = predictor.metadata
+        arch = dict(meta.get("arch") or {})
+        label_map = predictor.label_map
+        return {
+            "arch": {
+                "name": str(arch.get("name", "deeplabv3")),
+                "backbone": str(arch.get("backbone", "unknown")),
+                "num_classes": int(arch.get("num_classes", predictor.num_classes)),
+                "aux_loss": bool(arch.get("aux_loss", False)),
+            },
+            "classes": [
+                {"id": c.id, "name": c.name, "color": list(c.color)} for c in label_map.classes
+            ],
+            "ignore_index": label_map.ignore_index,
+            "normalization": predictor.normalization.to_dict(),
+            "checkpoint": {
+                "path": str(self.settings.checkpoint),
+                "schema_version": meta.get("schema_version"),
+                "created_at": meta.get("created_at"),
+                "metrics": jsonable(meta.get("metrics") or {}),
+                "config": jsonable(meta.get("config") or {}),
+                "versions": jsonable(meta.get("versions") or {}),
+            },
+            "device": str(predictor.device),
+            "precision": predictor.precision,
+            "tile": self.options.tile,
+            "overlap": self.options.overlap,
+        }
+
+
+def _resolve(
+    job: _Job, *, result: torch.Tensor | None = None, error: BaseException | None = None
+) -> None:
+    # The request may have given up (cancelled) in the meantime; that is not an error.
+    with contextlib.suppress(Exception):
+        if error is not None:
+            job.future.set_exception(error)
+        else:
+            job.future.set_result(result)  # type: ignore[arg-type]
+
+
+def _deadline_error(timeout: float) -> DeadlineExceededError:
+    return DeadlineExceededError(
+        f"The request did not finish within its deadline of {timeout:g} s "
+        "(SATSEG_REQUEST_TIMEOUT_S); the service may be overloaded."
+    )

@@ -1,0 +1,203 @@
+"""The viewer page at ``GET /`` and the example tiles it offers.
+
+The page is three static files (``service/static``) that call the same ``/model``, ``/segment``
+and ``/evaluate`` endpoints users call with curl; nothing here touches the model. The example
+API lists image/mask pairs of the bundled test split so a new user sees a result with one click.
+
+Routes:
+    GET /                          index.html
+    GET /static/{name}             an allow-listed file from service/static
+    GET /examples                  [{"name", "image_url", "mask_url"}] (empty when the folder is missing)
+    GET /examples/{name}/image     the tile's image
+    GET /examples/{name}/mask      the tile's ground-truth mask
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+from fastapi import APIRouter
+from fastapi.responses import FileResponse, JSONResponse, Response
+from pydantic import BaseModel
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+
+# Only these files are served, so no request path ever reaches the file system.
+STATIC_FILES: dict[str, str] = {
+    "app.js": "text/javascript; charset=utf-8",
+    "style.css": "text/css; charset=utf-8",
+}
+
+# Open even when the service asks for API keys (exact paths, or prefixes ending in "/"): the
+# page holds no model output, and the examples are the bundled public data set. The page
+# itself asks for a key when /model or /segment answer 401.
+PUBLIC_PATHS = frozenset({"/", "/static/", "/examples", "/examples/"})
+
+EXAMPLES_ENV = "SATSEG_EXAMPLES_DIR"
+DEFAULT_EXAMPLES_DIR = Path("data/bluemarble/TEST_SET")
+
+IMAGE_TYPES: dict[str, str] = {
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".png": "image/png",
+    ".tif": "image/tiff",
+    ".tiff": "image/tiff",
+    ".webp": "image/webp",
+    ".bmp": "image/bmp",
+}
+MASK_TYPES: dict[str, str] = {".png": "image/png"}
+
+# Everything the page loads comes from this origin; images are drawn from blob: URLs.
+PAGE_HEADERS: dict[str, str] = {
+    "Content-Security-Policy": (
+        "default-src 'self'; img-src 'self' blob: data:; script-src 'self'; "
+        "style-src 'self'; connect-src 'self'; object-src 'none'; base-uri 'none'; "
+        "frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    # The files change with the code, not per request: revalidate rather than go stale.
+    "Cache-Control": "no-cache",
+}
+
+
+class ExampleTile(BaseModel):
+    """One bundled test tile: its name (the file stem) and where to fetch it."""
+
+    name: str
+    image_url: str
+    mask_url: str | None
+
+
+class ExampleErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ExampleError(BaseModel):
+    """Same shape as every other error body of the service."""
+
+    error: ExampleErrorDetail
+
+
+@dataclass(frozen=True)
+class ExampleFiles:
+    image: Path
+    mask: Path | None
+
+
+def examples_dir() -> Path:
+    """The folder holding ``IMAGES/`` and ``MASKS/``: ``$SATSEG_EXAMPLES_DIR`` or the bundled split.
+
+    Read on every request so the folder can appear (``make data``) while the service runs.
+    """
+    return Path(os.environ.get(EXAMPLES_ENV) or DEFAULT_EXAMPLES_DIR)
+
+
+def _files_by_stem(folder: Path, suffixes: dict[str, str]) -> dict[str, Path]:
+    """Regular files in ``folder`` with an allowed suffix, keyed by stem (first in name order wins)."""
+    if not folder.is_dir():
+        return {}
+    found: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() in suffixes and path.is_file() and not path.name.startswith("."):
+            found.setdefault(path.stem, path)
+    return found
+
+
+def find_examples(root: Path) -> dict[str, ExampleFiles]:
+    """Images of ``root/IMAGES`` with their mask of the same stem in ``root/MASKS`` (if any)."""
+    images = _files_by_stem(root / "IMAGES", IMAGE_TYPES)
+    masks = _files_by_stem(root / "MASKS", MASK_TYPES)
+    return {stem: ExampleFiles(image=path, mask=masks.get(stem)) for stem, path in images.items()}
+
+
+def _not_found(name: str) -> JSONResponse:
+    # The name is looked up among the listed stems, never joined onto a path, so "../x" and
+    # friends simply are not found.
+    body = ExampleError(
+        error=ExampleErrorDetail(
+            code="example_not_found",
+            message=f"no example tile named {name!r} in {examples_dir()}; GET /examples lists them",
+        )
+    )
+    return JSONResponse(status_code=404, content=body.model_dump())
+
+
+def _example_file(path: Path) -> FileResponse:
+    return FileResponse(
+        path,
+        media_type=IMAGE_TYPES[path.suffix.lower()],
+        headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"},
+    )
+
+
+router = APIRouter()
+
+_NOT_FOUND_DOC: dict[int | str, dict] = {404: {"model": ExampleError}}
+
+
+@router.get("/", include_in_schema=False)
+def index() -> FileResponse:
+    """The viewer page."""
+    return FileResponse(
+        STATIC_DIR / "index.html", media_type="text/html; charset=utf-8", headers=PAGE_HEADERS
+    )
+
+
+@router.get("/static/{name}", include_in_schema=False)
+def static_file(name: str) -> Response:
+    """``app.js`` or ``style.css``; anything else is 404."""
+    media_type = STATIC_FILES.get(name)
+    if media_type is None:
+        body = ExampleError(
+            error=ExampleErrorDetail(code="not_found", message=f"no static file {name!r}")
+        )
+        return JSONResponse(status_code=404, content=body.model_dump())
+    return FileResponse(STATIC_DIR / name, media_type=media_type, headers=PAGE_HEADERS)
+
+
+@router.get("/examples", tags=["examples"])
+def list_examples() -> list[ExampleTile]:
+    """Tiles of the bundled test split (``$SATSEG_EXAMPLES_DIR``, default
+    ``data/bluemarble/TEST_SET``); empty until ``python -m trainer.prepare bluemarble
+    --out data/bluemarble`` has written it."""
+    return [
+        ExampleTile(
+            name=name,
+            image_url=f"/examples/{quote(name, safe='')}/image",
+            mask_url=f"/examples/{quote(name, safe='')}/mask" if files.mask is not None else None,
+        )
+        for name, files in find_examples(examples_dir()).items()
+    ]
+
+
+@router.get(
+    "/examples/{name}/image",
+    tags=["examples"],
+    response_class=FileResponse,
+    responses={200: {"content": {t: {} for t in set(IMAGE_TYPES.values())}}, **_NOT_FOUND_DOC},
+)
+def example_image(name: str) -> Response:
+    """The example tile's image file, as stored."""
+    files = find_examples(examples_dir()).get(name)
+    if files is None:
+        return _not_found(name)
+    return _example_file(files.image)
+
+
+@router.get(
+    "/examples/{name}/mask",
+    tags=["examples"],
+    response_class=FileResponse,
+    responses={200: {"content": {"image/png": {}}}, **_NOT_FOUND_DOC},
+)
+def example_mask(name: str) -> Response:
+    """The example tile's ground-truth mask (index PNG), as stored."""
+    files = find_examples(examples_dir()).get(name)
+    if files is None or files.mask is None:
+        return _not_found(name)
+    return _example_file(files.mask)

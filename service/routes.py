@@ -1,0 +1,328 @@
+"""HTTP routes: parse the request, call the engine, shape the answer. No model code here."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, File, Query, Request, Security, UploadFile
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+
+from service.codec import mask_to_classes, mask_to_png
+from service.engine import Engine
+from service.errors import ApiError, UnprocessableError
+from service.schemas import (
+    ErrorResponse,
+    EvaluateResponse,
+    Health,
+    ModelInfo,
+    Ready,
+    SegmentFormat,
+    SegmentRle,
+)
+from shared.imaging import ImageError, decode_image, decode_mask
+from shared.labels import LabelMap, MaskValueError
+from shared.metrics import ConfusionMatrix, scores
+
+router = APIRouter()
+
+
+def get_engine(request: Request) -> Engine:
+    return request.app.state.engine
+
+
+EngineDep = Annotated[Engine, Depends(get_engine)]
+
+_API_KEY = APIKeyHeader(
+    name="X-API-Key", auto_error=False, description="Needed when SATSEG_API_KEYS is set."
+)
+_BEARER = HTTPBearer(auto_error=False, description="The same key as `Authorization: Bearer`.")
+
+
+async def _api_key_documented(
+    _key: Annotated[str | None, Security(_API_KEY)],
+    _token: Annotated[HTTPAuthorizationCredentials | None, Security(_BEARER)],
+) -> None:
+    """Declares the API-key schemes in OpenAPI; ``service.limits.ApiKeyMiddleware`` enforces
+    them before the body is read."""
+
+
+PROTECTED = [Depends(_api_key_documented)]
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the error answers an endpoint can give (all share one body)."""
+    text = {
+        400: "The upload is empty, corrupt or not an image.",
+        401: "Missing or wrong API key (only when SATSEG_API_KEYS is set).",
+        413: "The body exceeds SATSEG_MAX_BODY_BYTES or the image exceeds SATSEG_MAX_PIXELS.",
+        415: "An image format outside PNG, JPEG, TIFF, WebP and BMP.",
+        422: "Invalid parameters, or inputs that do not fit together.",
+        500: "An unexpected server error (the body carries no internals).",
+        503: "Not ready, at capacity or out of device memory; see Retry-After.",
+        504: "The request passed its deadline (SATSEG_REQUEST_TIMEOUT_S).",
+    }
+    return {s: {"model": ErrorResponse, "description": text[s]} for s in statuses}
+
+
+_INFERENCE_ERRORS = _errors(400, 401, 413, 415, 422, 500, 503, 504)
+
+ImageUpload = Annotated[
+    UploadFile,
+    File(description="The image: PNG, JPEG, TIFF, WebP or BMP, any size up to SATSEG_MAX_PIXELS."),
+]
+FormatQuery = Annotated[
+    SegmentFormat,
+    Query(description="`png`: a palette PNG of class ids; `rle`: JSON with COCO RLE per class."),
+]
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 2)
+
+
+async def _decode(engine: Engine, upload: UploadFile, what: str, mask: bool = False) -> Any:
+    data = await upload.read()
+    decode = decode_mask if mask else decode_image
+    try:
+        return await engine.run_io(decode, data, max_pixels=engine.settings.max_pixels)
+    except ImageError as exc:
+        # Name the upload, which matters when several files come in one request.
+        raise ApiError(f"{what}: {exc}", status=exc.status, code=exc.code) from exc
+
+
+def _label_map(engine: Engine) -> LabelMap:
+    assert engine.predictor is not None  # guaranteed by admission
+    return engine.predictor.label_map
+
+
+@router.post(
+    "/segment",
+    dependencies=PROTECTED,
+    summary="Segment one image",
+    response_model=SegmentRle,
+    responses={
+        200: {
+            "description": "`format=png`: the class-id mask, same height and width as the "
+            "input, with the label colours as its palette. `format=rle`: JSON.",
+            "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+        },
+        **_INFERENCE_ERRORS,
+    },
+)
+async def segment(
+    engine: EngineDep, image: ImageUpload, format: FormatQuery = SegmentFormat.png
+) -> Any:
+    """Predict a class for every pixel of the uploaded image.
+
+    `curl -F image=@tile.jpg localhost:8000/segment -o mask.png`
+    """
+    start = time.perf_counter()
+    with engine.admit() as ticket:
+        array = await _decode(engine, image, f"image '{image.filename}'")
+        decoded = time.perf_counter()
+        mask = await engine.segment(array, ticket)
+        inferred = time.perf_counter()
+        label_map = _label_map(engine)
+        if format is SegmentFormat.png:
+            body = await engine.run_io(mask_to_png, mask, label_map)
+        else:
+            classes = await engine.run_io(mask_to_classes, mask, label_map)
+        end = time.perf_counter()
+    timing = {
+        "decode": _ms(decoded - start),
+        "inference": _ms(inferred - decoded),
+        "encode": _ms(end - inferred),
+        "total": _ms(end - start),
+    }
+    if format is SegmentFormat.png:
+        server_timing = ", ".join(f"{k};dur={v}" for k, v in timing.items())
+        return Response(
+            body,
+            media_type="image/png",
+            headers={
+                "Server-Timing": server_timing,
+                "Content-Disposition": 'inline; filename="mask.png"',
+            },
+        )
+    return {
+        "height": int(mask.shape[0]),
+        "width": int(mask.shape[1]),
+        "classes": classes,
+        "timing_ms": timing,
+    }
+
+
+@router.post(
+    "/evaluate",
+    dependencies=PROTECTED,
+    summary="Score predictions against ground-truth masks",
+    response_model=EvaluateResponse,
+    responses=_INFERENCE_ERRORS,
+)
+async def evaluate(
+    engine: EngineDep,
+    image: Annotated[
+        list[UploadFile], File(description="Images; repeat the field for several pairs.")
+    ],
+    mask: Annotated[
+        list[UploadFile],
+        File(
+            description="Ground-truth masks (index or colour PNG), paired with the images in order."
+        ),
+    ],
+    format: Annotated[
+        SegmentFormat,
+        Query(description="`rle` adds each prediction as COCO RLE; `png` leaves it out."),
+    ] = SegmentFormat.png,
+) -> Any:
+    """Segment each image and compare it with its mask: confusion matrix, IoU, Dice,
+    pixel accuracy per pair and over all pairs."""
+    if len(image) != len(mask):
+        raise UnprocessableError(
+            f"Got {len(image)} image(s) and {len(mask)} mask(s); send one mask per image, "
+            "paired in order.",
+            code="pair_count_mismatch",
+        )
+    if len(image) > engine.settings.max_pairs:
+        raise UnprocessableError(
+            f"Got {len(image)} pairs; at most {engine.settings.max_pairs} are evaluated per "
+            "request (SATSEG_MAX_PAIRS).",
+            code="too_many_pairs",
+        )
+    start = time.perf_counter()
+    decode_s = infer_s = 0.0
+    with engine.admit() as ticket:
+        label_map = _label_map(engine)
+        total = ConfusionMatrix(label_map.num_classes, label_map.ignore_index)
+        pairs = []
+        for index, (image_file, mask_file) in enumerate(zip(image, mask, strict=True)):
+            t0 = time.perf_counter()
+            pixels, truth = await _decode_pair(engine, label_map, index, image_file, mask_file)
+            t1 = time.perf_counter()
+            prediction = await engine.segment(pixels, ticket)
+            t2 = time.perf_counter()
+            decode_s, infer_s = decode_s + t1 - t0, infer_s + t2 - t1
+            names = (image_file.filename, mask_file.filename)
+            pair = await engine.run_io(
+                _score_pair, label_map, total, index, names, prediction, truth
+            )
+            if format is SegmentFormat.rle:
+                pair["prediction"] = {
+                    "height": pair["height"],
+                    "width": pair["width"],
+                    "classes": await engine.run_io(mask_to_classes, prediction, label_map),
+                }
+            pairs.append(pair)
+        aggregate = _scores(total, label_map)
+    end = time.perf_counter()
+    return {
+        "num_pairs": len(pairs),
+        "pairs": pairs,
+        "aggregate": aggregate,
+        "timing_ms": {
+            "decode": _ms(decode_s),
+            "inference": _ms(infer_s),
+            "encode": _ms(end - start - decode_s - infer_s),
+            "total": _ms(end - start),
+        },
+    }
+
+
+async def _decode_pair(
+    engine: Engine,
+    label_map: LabelMap,
+    index: int,
+    image_file: UploadFile,
+    mask_file: UploadFile,
+) -> tuple[Any, Any]:
+    """Decode pair ``index``; its mask must match the image's size and hold only known labels."""
+    pixels = await _decode(engine, image_file, f"image {index} ('{image_file.filename}')")
+    raw = await _decode(engine, mask_file, f"mask {index} ('{mask_file.filename}')", mask=True)
+    (ih, iw), (mh, mw) = pixels.shape[:2], raw.shape[:2]
+    if (ih, iw) != (mh, mw):
+        raise UnprocessableError(
+            f"Pair {index}: mask '{mask_file.filename}' is {mw}x{mh} (width x height) but "
+            f"image '{image_file.filename}' is {iw}x{ih}; they must be the same size.",
+            code="mask_size_mismatch",
+        )
+    try:
+        truth = await engine.run_io(label_map.to_index, raw)
+    except MaskValueError as exc:
+        raise UnprocessableError(
+            f"Pair {index}: mask '{mask_file.filename}': {exc}", code="unknown_mask_values"
+        ) from exc
+    return pixels, truth
+
+
+def _score_pair(
+    label_map: LabelMap,
+    total: ConfusionMatrix,
+    index: int,
+    names: tuple[str | None, str | None],
+    prediction: Any,
+    truth: Any,
+) -> dict[str, Any]:
+    """Per-pair scores; the pair's confusion matrix is also added to ``total``."""
+    matrix = ConfusionMatrix(label_map.num_classes, label_map.ignore_index)
+    matrix.update(prediction, truth)
+    total.merge(matrix)
+    result: dict[str, Any] = {
+        "index": index,
+        "image": names[0],
+        "mask": names[1],
+        "height": int(prediction.shape[0]),
+        "width": int(prediction.shape[1]),
+        "scores": _scores(matrix, label_map),
+        "prediction": None,
+    }
+    return result
+
+
+def _scores(matrix: ConfusionMatrix, label_map: LabelMap) -> dict[str, Any]:
+    result = scores(matrix.matrix, label_map.names)
+    # The matrix is indexed 0..C-1; per-class entries carry the label ids.
+    for entry, cls in zip(result["per_class"], label_map.classes, strict=True):
+        entry["id"] = cls.id
+    result["confusion_matrix"] = matrix.matrix.tolist()
+    return result
+
+
+@router.get(
+    "/model",
+    dependencies=PROTECTED,
+    summary="Architecture, classes and checkpoint metadata",
+    response_model=ModelInfo,
+    responses=_errors(401, 503),
+)
+async def model(engine: EngineDep) -> Any:
+    return engine.model_info()
+
+
+@router.get("/healthz", summary="Liveness", response_model=Health)
+async def healthz() -> Any:
+    """Answers as long as the process serves HTTP, whatever the model's state."""
+    return {"status": "ok"}
+
+
+@router.get(
+    "/readyz",
+    summary="Readiness",
+    response_model=Ready,
+    responses={503: {"model": ErrorResponse, "description": "Not ready; the message says why."}},
+)
+async def readyz(engine: EngineDep) -> Any:
+    """200 once the model is loaded and warmed up; 503 with the reason while loading, when
+    the checkpoint was refused, and during shutdown."""
+    if not engine.ready:
+        error = engine.not_ready_error()
+        return JSONResponse(
+            {"error": {"code": error.code, "message": error.message}},
+            status_code=503,
+            headers=error.headers,
+        )
+    return {
+        "status": "ready",
+        "queue": {"in_flight": engine.in_flight, "capacity": engine.settings.max_queue},
+    }

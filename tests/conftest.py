@@ -1,0 +1,93 @@
+"""Fixtures shared by every test package, and a guard that keeps tests off the network."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+_LOCAL_NAMES = {"localhost", "testserver", "", None}
+
+
+def _is_local(host: object) -> bool:
+    if host in _LOCAL_NAMES or host == socket.gethostname():
+        return True
+    try:
+        address = ipaddress.ip_address(str(host).split("%")[0])
+    except ValueError:
+        return False
+    return address.is_loopback or address.is_unspecified
+
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refuse connections and name lookups beyond this machine, so an accidental download
+    fails at once (as it would offline) instead of passing on a connected laptop."""
+    real_connect = socket.socket.connect
+    real_connect_ex = socket.socket.connect_ex
+    real_getaddrinfo = socket.getaddrinfo
+
+    def refuse(address: object) -> None:
+        raise OSError(f"tests must not use the network (tried to reach {address!r})")
+
+    def connect(self: socket.socket, address: object) -> None:
+        if self.family in (socket.AF_INET, socket.AF_INET6) and not _is_local(address[0]):  # type: ignore[index]
+            refuse(address)
+        return real_connect(self, address)
+
+    def connect_ex(self: socket.socket, address: object) -> int:
+        if self.family in (socket.AF_INET, socket.AF_INET6) and not _is_local(address[0]):  # type: ignore[index]
+            refuse(address)
+        return real_connect_ex(self, address)
+
+    def getaddrinfo(host: object, *args: object, **kwargs: object) -> list:
+        if not _is_local(host):
+            raise socket.gaierror(socket.EAI_NONAME, f"tests must not resolve {host!r}")
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    """A seeded numpy generator: the same "random" data on every run."""
+    return np.random.default_rng(0)
+
+
+@pytest.fixture
+def label_map():  # -> shared.labels.LabelMap
+    """The project's label mapping: ocean 0, land 1, lake 2; ignore_index 255."""
+    from shared.labels import LabelMap
+
+    return LabelMap.load()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Path of a random-initialised 3-class DeepLabV3-MobileNetV3 checkpoint (written once per
+    session through shared.checkpoint, as the trainer writes them). Treat it as read-only."""
+    from shared.checkpoint import build_checkpoint, save_checkpoint
+    from shared.labels import LabelMap
+    from shared.model import build_model
+    from shared.preprocess import Normalization
+
+    torch.manual_seed(0)
+    model = build_model("mobilenet_v3_large", num_classes=3, weights="none", aux_loss=False)
+    payload = build_checkpoint(
+        model,
+        backbone="mobilenet_v3_large",
+        aux_loss=False,
+        label_map=LabelMap.load(),
+        normalization=Normalization(),
+        config={"model": {"backbone": "mobilenet_v3_large", "weights": "none"}, "epochs": 0},
+        metrics={"val": {"miou": 0.0}},
+    )
+    path = tmp_path_factory.mktemp("checkpoint") / "tiny.pt"
+    save_checkpoint(payload, path)
+    return path

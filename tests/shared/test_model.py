@@ -1,0 +1,238 @@
+from __future__ import annotations
+
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models import mobilenet_v3_large, resnet50
+from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large
+
+import shared.model as model_mod
+from shared.model import BACKBONES, WEIGHTS, WeightsUnavailableError, build_model, logits
+
+MBV3 = "mobilenet_v3_large"
+COCO_MBV3_FILE = "deeplabv3_mobilenet_v3_large-fc3c493d.pth"
+IMAGENET_MBV3_FILE = "mobilenet_v3_large-8738ca79.pth"
+
+
+@pytest.fixture
+def hub_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty torch hub cache, and downloads that fail as they do offline."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)
+
+    def offline(*args: object, **kwargs: object) -> None:
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    # torch.hub imported urlopen by name; patch both so no code path can reach the network.
+    monkeypatch.setattr(torch.hub, "urlopen", offline)
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    return Path(torch.hub.get_dir())
+
+
+def _random_coco_mbv3_state() -> dict[str, torch.Tensor]:
+    """What the COCO-with-VOC file holds: 21 classes and an aux head (random values here)."""
+    torch.manual_seed(1)
+    m = deeplabv3_mobilenet_v3_large(
+        weights=None, weights_backbone=None, num_classes=21, aux_loss=True
+    )
+    return m.state_dict()
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_none_builds_offline_with_requested_classes(backbone: str, hub_dir: Path) -> None:
+    model = build_model(backbone, num_classes=5, weights="none").eval()
+    assert model.classifier[4].out_channels == 5
+    assert model.aux_classifier is None
+    with torch.inference_mode():
+        out = logits(model, torch.zeros(1, 3, 64, 64))
+    assert out.shape == (1, 5, 64, 64)
+    assert not (hub_dir / "checkpoints").exists()
+
+
+def test_aux_loss_keeps_aux_head() -> None:
+    model = build_model(MBV3, num_classes=3, aux_loss=True).eval()
+    assert model.aux_classifier[4].out_channels == 3
+    with torch.inference_mode():
+        out = model(torch.zeros(1, 3, 64, 64))
+    assert set(out) == {"out", "aux"}
+    assert out["aux"].shape == (1, 3, 64, 64)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        ({"backbone": "vgg16"}, "resnet50, mobilenet_v3_large"),
+        ({"weights": "coco"}, "none, coco_voc, imagenet"),
+        ({"weights": "/no/such/weights.pth"}, "none, coco_voc, imagenet"),
+        ({"num_classes": 0}, "num_classes"),
+    ],
+)
+def test_bad_arguments_raise_value_error_naming_allowed_values(kwargs: dict, named: str) -> None:
+    with pytest.raises(ValueError, match=named):
+        build_model(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("weights", "filename"), [("coco_voc", COCO_MBV3_FILE), ("imagenet", IMAGENET_MBV3_FILE)]
+)
+def test_offline_download_says_where_to_put_the_file(
+    weights: str, filename: str, hub_dir: Path
+) -> None:
+    with pytest.raises(WeightsUnavailableError) as info:
+        build_model(MBV3, num_classes=3, weights=weights)
+    message = str(info.value)
+    assert str(hub_dir / "checkpoints" / filename) in message
+    assert f"https://download.pytorch.org/models/{filename}" in message
+    assert "local weights file" in message
+
+
+def test_resnet_coco_names_its_file(hub_dir: Path) -> None:
+    with pytest.raises(WeightsUnavailableError, match="deeplabv3_resnet50_coco-cd0a2569.pth"):
+        build_model("resnet50", weights="coco_voc")
+
+
+def test_offline_error_when_the_download_function_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(*args: object, **kwargs: object) -> None:
+        raise urllib.error.URLError("no route to host")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", fail)
+    with pytest.raises(WeightsUnavailableError, match="no route to host"):
+        build_model(MBV3, weights="imagenet")
+
+
+def test_coco_voc_from_pre_placed_cache_file_replaces_heads(hub_dir: Path) -> None:
+    state = _random_coco_mbv3_state()
+    (hub_dir / "checkpoints").mkdir(parents=True)
+    torch.save(state, hub_dir / "checkpoints" / COCO_MBV3_FILE)
+
+    model = build_model(MBV3, num_classes=3, weights="coco_voc")
+
+    own = model.state_dict()
+    assert torch.equal(own["backbone.0.0.weight"], state["backbone.0.0.weight"])
+    assert torch.equal(own["classifier.0.convs.0.0.weight"], state["classifier.0.convs.0.0.weight"])
+    head = model.classifier[4]
+    assert (head.in_channels, head.out_channels, head.kernel_size) == (256, 3, (1, 1))
+    assert model.aux_classifier is None
+
+
+def test_coco_voc_with_aux_replaces_aux_head_too(hub_dir: Path) -> None:
+    (hub_dir / "checkpoints").mkdir(parents=True)
+    torch.save(_random_coco_mbv3_state(), hub_dir / "checkpoints" / COCO_MBV3_FILE)
+
+    model = build_model(MBV3, num_classes=4, weights="coco_voc", aux_loss=True)
+
+    # MobileNetV3's aux head works on 40 // 4 = 10 channels, not 256.
+    aux = model.aux_classifier[4]
+    assert (aux.in_channels, aux.out_channels) == (10, 4)
+    with torch.inference_mode():
+        out = model.eval()(torch.zeros(1, 3, 64, 64))
+    assert out["out"].shape == out["aux"].shape == (1, 4, 64, 64)
+
+
+def test_corrupt_cache_file_is_reported(hub_dir: Path) -> None:
+    (hub_dir / "checkpoints").mkdir(parents=True)
+    (hub_dir / "checkpoints" / COCO_MBV3_FILE).write_bytes(b"\x00" * 10)
+    with pytest.raises(WeightsUnavailableError, match="unreadable or corrupt"):
+        build_model(MBV3, weights="coco_voc")
+
+
+def test_imagenet_loads_backbone_only(hub_dir: Path) -> None:
+    torch.manual_seed(2)
+    classifier = mobilenet_v3_large(weights=None)
+    (hub_dir / "checkpoints").mkdir(parents=True)
+    torch.save(classifier.state_dict(), hub_dir / "checkpoints" / IMAGENET_MBV3_FILE)
+
+    model = build_model(MBV3, num_classes=3, weights="imagenet")
+
+    assert torch.equal(
+        model.backbone["4"].block[0][0].weight, classifier.features[4].block[0][0].weight
+    )
+    assert torch.equal(model.backbone["16"][0].weight, classifier.features[16][0].weight)
+    assert model.classifier[4].out_channels == 3
+
+
+def test_resnet_backbone_mapping_drops_fc() -> None:
+    torch.manual_seed(3)
+    classifier = resnet50(weights=None)
+    model = build_model("resnet50", num_classes=3)
+    model_mod._load_backbone(model, classifier.state_dict(), "resnet50", source="test")
+    assert torch.equal(model.backbone.layer4[2].conv3.weight, classifier.layer4[2].conv3.weight)
+
+
+def test_local_state_dict_and_backbone_file(tmp_path: Path) -> None:
+    torch.manual_seed(4)
+    source = build_model(MBV3, num_classes=3)
+    full = tmp_path / "full.pth"
+    torch.save(source.state_dict(), full)
+    loaded = build_model(MBV3, num_classes=3, weights=str(full))
+    for key, value in source.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+    backbone_only = tmp_path / "mbv3_imagenet.pth"
+    torch.save(mobilenet_v3_large(weights=None).state_dict(), backbone_only)
+    build_model(MBV3, num_classes=3, weights=str(backbone_only))
+
+
+def test_local_checkpoint_with_other_class_count_warns_and_keeps_backbone(
+    tiny_checkpoint: Path,
+) -> None:
+    state = torch.load(tiny_checkpoint, weights_only=True)["state_dict"]
+    with pytest.warns(UserWarning, match=r"different number of classes.*classifier\.4\.weight"):
+        model = build_model(MBV3, num_classes=5, weights=str(tiny_checkpoint))
+    own = model.state_dict()
+    assert own["classifier.4.weight"].shape[0] == 5
+    assert torch.equal(own["backbone.0.0.weight"], state["backbone.0.0.weight"])
+    assert torch.equal(own["classifier.1.weight"], state["classifier.1.weight"])
+
+
+def test_prefixed_keys_from_wrapped_models_load(tmp_path: Path) -> None:
+    source = build_model(MBV3, num_classes=3)
+    path = tmp_path / "ddp.pth"
+    torch.save({f"module.{k}": v for k, v in source.state_dict().items()}, path)
+    loaded = build_model(MBV3, num_classes=3, weights=str(path))
+    assert torch.equal(loaded.classifier[4].weight, source.classifier[4].weight)
+
+
+def test_local_file_for_another_backbone_is_refused(tiny_checkpoint: Path) -> None:
+    with pytest.raises(ValueError, match="does not fit"):
+        build_model("resnet50", num_classes=3, weights=str(tiny_checkpoint))
+
+
+def test_local_unsafe_pickle_is_refused_without_running_it(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self) -> tuple:
+            return (Path.touch, (marker,))
+
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": {"x": Payload()}}, path)
+    with pytest.raises(WeightsUnavailableError, match="refusing"):
+        build_model(MBV3, weights=str(path))
+    assert not marker.exists()
+
+
+def test_local_file_without_tensors_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "notweights.pth"
+    torch.save({"hello": "world"}, path)
+    with pytest.raises(ValueError, match="no state_dict"):
+        build_model(MBV3, weights=str(path))
+
+
+def test_logits_returns_the_out_entry() -> None:
+    class Fake(nn.Module):
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"out": x * 2, "aux": x}
+
+    x = torch.ones(1, 2, 3, 3)
+    assert torch.equal(logits(Fake(), x), x * 2)
+
+
+def test_weights_names() -> None:
+    assert WEIGHTS == ("none", "coco_voc", "imagenet")
+    assert os.path.basename(model_mod._COCO_WEIGHTS[MBV3].url) == COCO_MBV3_FILE

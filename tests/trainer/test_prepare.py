@@ -1,0 +1,298 @@
+"""The Blue Marble builder (on a tiny synthetic globe and on the real data) and `prepare check`."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shared.imaging import encode_png, read_image, read_mask
+from shared.labels import LabelMap
+from trainer.dataset_layout import find_pairs, validate_dataset
+from trainer.prepare import (
+    BuildOptions,
+    PrepareError,
+    build_dataset,
+    decode_gshhg_mask,
+    holdout_columns,
+    latitude_rows,
+    load_bluemarble,
+    main,
+    plan_tiles,
+    resample_nearest,
+    tile_origins,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+# A 48x96 globe: 3.75 degrees per pixel. With these options the usable rows are 8..40
+# (|lat| <= 60) and the holdout band 90E..180E is columns 72..96.
+SMALL = BuildOptions(tile=8, stride=4, holdout_lon_min=90, holdout_lon_max=180, max_abs_lat=60)
+
+
+def _globe() -> tuple[np.ndarray, np.ndarray]:
+    """(48,96,3) image and (48,96) mask: two continents, two lakes, polar caps of land."""
+    mask = np.zeros((48, 96), np.uint8)
+    mask[:8] = 1  # polar caps, outside |lat| <= 60: must never appear in a tile
+    mask[40:] = 1
+    mask[8:24, 10:30] = 1  # training continent
+    mask[20, 20] = 2  # lake inside it
+    mask[36, 50] = 2  # lake alone in open ocean: its tile must survive the thinning
+    mask[16:32, 76:90] = 1  # holdout continent
+    mask[24, 80] = 2
+    rng = np.random.default_rng(0)
+    image = (LabelMap.load().colors[mask] // 2 + rng.integers(0, 60, (48, 96, 3))).astype(np.uint8)
+    return image, mask
+
+
+def _tree_digest(root: Path) -> dict[str, str]:
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+# ----------------------------------------------------------------------------- pure helpers
+
+
+def test_gshhg_mask_is_flipped_so_north_is_row_zero() -> None:
+    stored = np.array([[1, 1, 1, 1], [0, 2, 0, 0]], np.uint8)  # row 0 = south pole
+    mask = decode_gshhg_mask(gzip.compress(stored.tobytes()), shape=(2, 4))
+    assert mask.tolist() == [[0, 2, 0, 0], [1, 1, 1, 1]]
+
+
+def test_gshhg_mask_of_wrong_size_is_refused() -> None:
+    with pytest.raises(PrepareError, match="expected 2x4"):
+        decode_gshhg_mask(gzip.compress(b"\0" * 7), shape=(2, 4))
+
+
+def test_resample_nearest_takes_the_cell_under_each_pixel_centre() -> None:
+    # Real ratio 8640 -> 5400 columns is 1.6; centres (j + .5) * 1.6 fall in cells 0, 2, 4, 5, 7.
+    assert resample_nearest(np.arange(8)[None, :], 1, 5).tolist() == [[0, 2, 4, 5, 7]]
+    up = resample_nearest(np.array([[0, 1], [2, 0]]), 4, 4)
+    assert up.tolist() == [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 0, 0], [2, 2, 0, 0]]
+
+
+def test_tile_origins_cover_the_range_with_the_last_tile_flush() -> None:
+    assert tile_origins(0, 10, 4, 3) == [0, 3, 6]
+    assert tile_origins(0, 11, 4, 3) == [0, 3, 6, 7]
+    assert tile_origins(5, 9, 4, 4) == [5]
+    assert tile_origins(5, 8, 4, 4) == []
+
+
+def test_default_bands_on_the_real_grid() -> None:
+    assert latitude_rows(2700, 70) == (300, 2400)  # 15 px per degree
+    assert holdout_columns(5400, 100, 180) == (4200, 5400)
+    assert holdout_columns(5400, 100.01, 179.99) == (4201, 5399)  # only whole pixels inside
+
+
+def test_bad_options_are_refused() -> None:
+    with pytest.raises(PrepareError, match="--stride"):
+        BuildOptions(stride=300).validate()
+    with pytest.raises(PrepareError, match="holdout"):
+        BuildOptions(holdout_lon_min=120, holdout_lon_max=100).validate()
+
+
+# ----------------------------------------------------------------------------- tiling plan
+
+
+def test_plan_keeps_splits_apart_and_inside_the_latitude_band() -> None:
+    _, mask = _globe()
+    tiles, stats = plan_tiles(mask, SMALL)
+    covered = {split: np.zeros(mask.shape, bool) for split in ("trainval", "test")}
+    for t in tiles:
+        assert t.row >= 8 and t.row + 8 <= 40
+        in_band = t.col >= 72 and t.col + 8 <= 96
+        outside = t.col + 8 <= 72
+        assert in_band if t.split == "test" else outside, t
+        covered[t.split][t.row : t.row + 8, t.col : t.col + 8] = True
+    assert not (covered["test"] & covered["trainval"]).any()
+    assert {t.split for t in tiles} == {"trainval", "test"}
+    assert stats["test"].pairs == sum(t.split == "test" for t in tiles)
+    assert all(s.class_pixels[2] > 0 for s in stats.values())  # lakes in both splits
+
+
+def test_plan_thins_mostly_ocean_tiles_but_keeps_lake_tiles() -> None:
+    _, mask = _globe()
+    everything, _ = plan_tiles(mask, replace(SMALL, ocean_keep=1.0))
+    # rows 8..32 step 4 -> 7 origins; trainval cols 0..64 step 4 -> 17, test 72..88 -> 5
+    assert len(everything) == 7 * (17 + 5)
+    none_kept, stats = plan_tiles(mask, replace(SMALL, ocean_keep=0.0))
+    for t in none_kept:
+        window = mask[t.row : t.row + 8, t.col : t.col + 8]
+        assert (window != 0).any()
+    assert any(t.row <= 36 < t.row + 8 and t.col <= 50 < t.col + 8 for t in none_kept)
+    dropped = sum(s.ocean_tiles_dropped for s in stats.values())
+    assert len(none_kept) + dropped == len(everything)
+    half, _ = plan_tiles(mask, SMALL)  # default keep 0.25: somewhere in between, reproducibly
+    assert len(none_kept) < len(half) < len(everything)
+    assert plan_tiles(mask, SMALL)[0] == half
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def test_build_writes_matching_pairs_that_pass_validation(tmp_path: Path) -> None:
+    image, mask = _globe()
+    out = tmp_path / "ds"
+    stats = build_dataset(image, mask, out, SMALL)
+    for split, folder in (("trainval", "TAIN_VAL_SET"), ("test", "TEST_SET")):
+        pairs = find_pairs(out, split)
+        assert len(pairs) == stats[split].pairs
+        for image_path, mask_path in pairs:
+            assert image_path.parent == out / folder / "IMAGES" and image_path.suffix == ".jpg"
+            row, col = (int(part[1:]) for part in mask_path.stem.split("_"))
+            assert read_mask(mask_path).tolist() == mask[row : row + 8, col : col + 8].tolist()
+            crop = image[row : row + 8, col : col + 8].astype(int)
+            assert np.abs(read_image(image_path).astype(int) - crop).mean() < 8  # JPEG q95
+    assert validate_dataset(out, LabelMap.load()) == []
+    info = json.loads((out / "dataset.json").read_text())
+    assert info["splits"]["test"]["pairs"] == stats["test"].pairs
+    assert info["options"]["holdout_lon_min"] == 90
+    assert "LGPL-3.0-or-later" in json.dumps(info["licences"])
+
+
+def test_rebuild_is_byte_identical_and_leaves_no_stale_tiles(tmp_path: Path) -> None:
+    image, mask = _globe()
+    out = tmp_path / "ds"
+    build_dataset(image, mask, out, SMALL)
+    first = _tree_digest(out)
+    build_dataset(image, mask, out, SMALL)
+    assert _tree_digest(out) == first
+    build_dataset(image, mask, out, replace(SMALL, stride=8))
+    assert len(_tree_digest(out)) < len(first)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]  # no staging folders left
+
+
+def test_build_refuses_a_foreign_non_empty_folder(tmp_path: Path) -> None:
+    image, mask = _globe()
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(PrepareError, match="not empty"):
+        build_dataset(image, mask, tmp_path, SMALL)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_cli_out_under_a_file_is_a_one_line_error(tmp_path: Path, capsys) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["bluemarble", "--out", str(blocker / "ds")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(blocker) in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- check
+
+
+@pytest.fixture
+def small_dataset(tmp_path: Path) -> Path:
+    image, mask = _globe()
+    build_dataset(image, mask, tmp_path / "ds", SMALL)
+    return tmp_path / "ds"
+
+
+def test_check_passes_a_clean_dataset(small_dataset: Path, capsys) -> None:
+    assert main(["check", str(small_dataset)]) == 0
+    out = capsys.readouterr().out
+    assert "OK:" in out and "trainval" in out
+
+
+def test_check_names_each_bad_file_and_exits_1(small_dataset: Path, capsys) -> None:
+    train = small_dataset / "TAIN_VAL_SET"
+    corrupt, unknown, resized, orphan = (
+        img for img, _ in find_pairs(small_dataset, "trainval")[:4]
+    )
+    corrupt.write_bytes(corrupt.read_bytes()[:40])  # truncated JPEG
+    unknown_mask = train / "MASKS" / f"{unknown.stem}.png"
+    unknown_mask.write_bytes(encode_png(np.full((8, 8), 7, np.uint8)))
+    resized_mask = train / "MASKS" / f"{resized.stem}.png"
+    resized_mask.write_bytes(encode_png(np.zeros((8, 6), np.uint8)))
+    (train / "MASKS" / f"{orphan.stem}.png").unlink()
+
+    assert main(["check", str(small_dataset)]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    named = {line.split(": ", 1)[0]: line for line in lines[:-1]}
+    assert set(named) == {str(corrupt), str(unknown_mask), str(resized_mask), str(orphan)}
+    assert "[7]" in named[str(unknown_mask)]
+    assert "image has no mask" in named[str(orphan)]
+    assert lines[-1].startswith("4 problem(s) in 4 file(s)")
+
+
+def test_check_missing_folder_exits_2_without_traceback(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "trainer.prepare", "check", str(tmp_path / "absent")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: dataset folder not found: {tmp_path / 'absent'}"
+
+
+# ----------------------------------------------------------------------------- real data
+
+
+def test_real_mask_sits_on_the_real_coasts() -> None:
+    image, mask, _ = load_bluemarble()
+    assert image.shape == (2700, 5400, 3) and mask.shape == (2700, 5400)
+
+    def at(lat: float, lon: float) -> int:
+        return int(mask[int((90 - lat) * 15), int((lon + 180) * 15)])
+
+    assert at(0, 20) == 1  # Congo basin
+    assert at(0, -150) == 0  # Pacific
+    assert at(36, -30) == 0  # Atlantic
+    assert at(47.7, -87.5) == 2  # Lake Superior
+    assert at(-1, 33) == 2  # Lake Victoria
+    assert at(-25, 135) == 1  # central Australia
+
+    # A crude "looks like water" test on the pixels agrees best with the mask unshifted:
+    # an off-by-one in either axis, a 180-degree longitude error or a missed flip all score lower.
+    band = image[300:2400].astype(np.int16)
+    looks_wet = band[..., 2] > band[..., 0] + 20
+    wet = mask != 1
+
+    def agreement(labels: np.ndarray) -> float:
+        return float((labels[300:2400] == looks_wet).mean())
+
+    aligned = agreement(wet)
+    for shift in ((0, 1), (0, -1), (1, 0), (-1, 0), (0, 2700)):
+        assert aligned > agreement(np.roll(wet, shift, axis=(0, 1))), shift
+    assert aligned > agreement(wet[::-1])
+
+
+def test_real_default_build_meets_the_dataset_targets(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "bluemarble"
+    assert main(["bluemarble", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "TAIN_VAL_SET" in printed and "lake" in printed
+
+    labels = LabelMap.load()
+    coverage = {}
+    for split, minimum in (("trainval", 150), ("test", 30)):
+        pairs = find_pairs(out, split)
+        assert len(pairs) >= minimum
+        counts = np.zeros(256, np.int64)
+        covered = np.zeros((2700, 5400), bool)
+        for _, mask_path in pairs:
+            values = read_mask(mask_path)
+            assert values.shape == (256, 256)
+            counts += np.bincount(values.ravel(), minlength=256)
+            row, col = (int(part[1:]) for part in mask_path.stem.split("_"))
+            covered[row : row + 256, col : col + 256] = True
+        assert set(np.flatnonzero(counts)) == {0, 1, 2}, split
+        coverage[split] = covered
+    assert not (coverage["trainval"] & coverage["test"]).any()
+    assert validate_dataset(out, labels) == []
+
+    first = _tree_digest(out)
+    assert main(["bluemarble", "--out", str(out)]) == 0
+    assert _tree_digest(out) == first
