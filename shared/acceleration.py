@@ -23,6 +23,7 @@ argmax is unchanged against float32.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import warnings
@@ -276,7 +277,9 @@ def has_int8_matmul() -> bool:
 
 def has_bf16_matmul() -> bool:
     """True where oneDNN runs bf16 natively on this CPU (AVX-512 BF16 or AMX-BF16)."""
-    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return bool(
+        torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
 
 
 def configure_threads(num_threads: int | None = None) -> int:
@@ -291,11 +294,9 @@ def configure_threads(num_threads: int | None = None) -> int:
     if num_threads < 1:
         raise ValueError(f"num_threads must be positive, got {num_threads}")
     torch.set_num_threads(num_threads)
-    try:
+    # Allowed once per process, before any inter-op work; later calls keep the old value.
+    with contextlib.suppress(RuntimeError):
         torch.set_num_interop_threads(1)
-    except RuntimeError:
-        # Allowed once per process, before any inter-op work; later calls keep the old value.
-        pass
     return torch.get_num_threads()
 
 

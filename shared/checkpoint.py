@@ -54,7 +54,16 @@ REQUIRED_KEYS = (
 _HEAD_WEIGHT = "classifier.4.weight"
 # Scalars that torch's weights_only unpickler accepts as they are.
 _PLAIN_SCALARS = (
-    type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size
+    type(None),
+    bool,
+    int,
+    float,
+    complex,
+    str,
+    bytes,
+    torch.dtype,
+    torch.device,
+    torch.Size,
 )
 
 
@@ -181,8 +190,7 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
         raise CheckpointError(f"checkpoint {path} cannot be read: {exc.strerror or exc}") from None
     except Exception as exc:  # torch reports torn zip archives as RuntimeError, text as KeyError...
         raise CheckpointError(
-            f"checkpoint {path} is truncated or corrupt ({type(exc).__name__}: "
-            f"{_first_line(exc)})"
+            f"checkpoint {path} is truncated or corrupt ({type(exc).__name__}: {_first_line(exc)})"
         ) from None
     _validate(payload, path)
     return payload

@@ -157,7 +157,12 @@ class Predictor:
 
         Raises:
             CheckpointError: the checkpoint is missing, unsafe, corrupt or inconsistent.
+            ValueError: invalid options (device, precision, tiling).
         """
+        options = options or InferenceOptions()
+        # Bad options fail before the (possibly large) checkpoint is read.
+        resolve_precision(options.precision, resolve_device(options.device))
+        _check_tiling(options)
         if isinstance(path_or_ckpt, dict):
             ckpt, source = path_or_ckpt, "<checkpoint dict>"
         else:

@@ -107,9 +107,10 @@ class BoundaryIoU:
     For a class c with binary masks P (prediction) and T (truth), the boundary band of a mask is
     its pixels within ``width`` px (chessboard distance) of a pixel outside it, i.e.
     ``M & ~erode(M, width)``. Boundary IoU is ``|Bp & Bt| / |Bp | Bt|``, with intersections and
-    unions summed over every update. Pixels whose target is ``ignore_index`` are not counted. The
-    image edge is not a boundary (erosion pads by replication): a tile cut through the sea has
-    no coastline at its edge, and counting one would reward every easy tile.
+    unions summed over every update. Pixels whose target is ``ignore_index`` are not counted and
+    are neutral for erosion: the edge of an unlabelled area is no boundary, in the truth or in
+    the prediction. Nor is the image edge (erosion pads by replication): a tile cut through the
+    sea has no coastline at its edge, and counting one would reward every easy tile.
     """
 
     def __init__(self, num_classes: int, ignore_index: int = 255, width: int = 3) -> None:
@@ -130,12 +131,13 @@ class BoundaryIoU:
             raise ValueError(f"pred shape {p.shape} != target shape {t.shape}")
         if p.ndim not in (2, 3):
             raise ValueError(f"expected (H, W) or (N, H, W), got shape {p.shape}")
-        valid = t != self.ignore_index
+        ignored = t == self.ignore_index
+        valid = ~ignored
         _check_range(t[valid], self.num_classes, "target")
         _check_range(p, self.num_classes, "pred")
         for c in range(self.num_classes):
-            band_p = boundary_band(p == c, self.width) & valid
-            band_t = boundary_band(t == c, self.width) & valid
+            band_p = boundary_band(p == c, self.width, neutral=ignored) & valid
+            band_t = boundary_band(t == c, self.width, neutral=ignored) & valid
             self.intersection[c] += np.count_nonzero(band_p & band_t)
             self.union[c] += np.count_nonzero(band_p | band_t)
 
@@ -148,9 +150,14 @@ class BoundaryIoU:
         self.union[...] = 0
 
 
-def boundary_band(mask: np.ndarray, width: int) -> np.ndarray:
-    """Pixels of a boolean ``(..., H, W)`` mask within ``width`` px of its outside."""
-    return mask & ~erode(mask, width)
+def boundary_band(mask: np.ndarray, width: int, neutral: np.ndarray | None = None) -> np.ndarray:
+    """Pixels of a boolean ``(..., H, W)`` mask within ``width`` px of its outside.
+
+    ``neutral`` pixels (same shape) count as inside for the erosion, so they create no boundary.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    inside = mask if neutral is None else mask | neutral
+    return mask & ~erode(inside, width)
 
 
 def erode(mask: np.ndarray, width: int) -> np.ndarray:

@@ -85,17 +85,22 @@ def build_model(
         model = builder(
             weights=None, weights_backbone=None, num_classes=_COCO_NUM_CLASSES, aux_loss=True
         )
-        weights_enum = _COCO_WEIGHTS[backbone]
-        model.load_state_dict(_fetch(weights_enum.url))
+        url = _COCO_WEIGHTS[backbone].url
+        state = _fetch(url)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            raise WeightsUnavailableError(
+                f"{cache_path(url)} does not hold the DeepLabV3-{backbone} COCO weights "
+                f"({_compact(exc)}); delete it and place the file from {url} there"
+            ) from exc
         _replace_heads(model, num_classes)
         if not aux_loss:
             model.aux_classifier = None
         return model
 
     # weights_backbone=None explicitly: torchvision's default downloads ImageNet weights.
-    model = builder(
-        weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=aux_loss
-    )
+    model = builder(weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=aux_loss)
     if weights == "imagenet":
         _load_backbone(model, _fetch(_IMAGENET_WEIGHTS[backbone].url), backbone, source="ImageNet")
     elif local is not None:
@@ -140,7 +145,9 @@ def _fetch(url: str) -> dict[str, torch.Tensor]:
             url, progress=True, check_hash=True, weights_only=True, map_location="cpu"
         )
     except OSError as exc:  # URLError, HTTPError, socket errors and timeouts are all OSErrors.
-        raise WeightsUnavailableError(f"cannot download pretrained weights ({exc}); {advice}") from exc
+        raise WeightsUnavailableError(
+            f"cannot download pretrained weights ({exc}); {advice}"
+        ) from exc
     except (RuntimeError, EOFError, pickle.UnpicklingError, KeyError) as exc:
         # A partial or tampered file in the cache (or a failed hash check on download).
         raise WeightsUnavailableError(
@@ -150,7 +157,7 @@ def _fetch(url: str) -> dict[str, torch.Tensor]:
 
 
 def _load_local(model: nn.Module, path: Path, backbone: str) -> None:
-    """Load a local DeepLabV3 state_dict, satseg checkpoint or classification-backbone state_dict."""
+    """Load a local DeepLabV3 state_dict, satseg checkpoint or classification state_dict."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -218,12 +225,12 @@ def _load_full(model: nn.Module, state: Mapping[str, torch.Tensor], source: str)
         warnings.warn(
             f"weights file {source}: head has a different number of classes; "
             f"kept the freshly initialised {', '.join(sorted(skipped))}",
-            stacklevel=3,
+            stacklevel=4,
         )
     if missing_aux:
         warnings.warn(
             f"weights file {source} has no auxiliary head; it stays randomly initialised",
-            stacklevel=3,
+            stacklevel=4,
         )
 
 
@@ -233,9 +240,7 @@ def _load_backbone(
     """Load classification weights (ResNet50 / MobileNetV3 ImageNet layout) into the backbone."""
     if backbone == "mobilenet_v3_large":
         # DeepLabV3 keeps mobilenet.features, so "features.3.block..." becomes "3.block...".
-        mapped = {
-            k[len("features.") :]: v for k, v in state.items() if k.startswith("features.")
-        }
+        mapped = {k[len("features.") :]: v for k, v in state.items() if k.startswith("features.")}
     else:
         # DeepLabV3 keeps the ResNet trunk and drops the global pool and fc classifier.
         mapped = {k: v for k, v in state.items() if not k.startswith("fc.")}
@@ -248,8 +253,9 @@ def _load_backbone(
 
 
 def _first_line(exc: BaseException) -> str:
+    # torch's messages run on with advice; the first sentence carries the fact.
     text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    return text.splitlines()[0].split(". ")[0] if text else type(exc).__name__
 
 
 def _compact(exc: BaseException, limit: int = 400) -> str:

@@ -37,7 +37,7 @@ class DataConfig:
     num_workers: int = 2
     # Keep decoded tiles in memory after the start-up validation pass (small datasets only).
     cache: bool = False
-    # What a corrupt image, unreadable mask or unknown label value does: stop, or skip with a warning.
+    # A corrupt image, unreadable mask or unknown label value: stop, or skip it with a warning.
     on_bad_file: Literal["error", "skip"] = "error"
     # Sampling weight per class name: a tile is drawn with the largest factor among the classes
     # it contains (1.0 when none is listed), so tiles holding rare classes are seen more often.
@@ -108,7 +108,7 @@ class TrainConfig:
     # Early stopping: epochs without a val mIoU gain above min_delta; null = off.
     patience: int | None = None
     min_delta: float = 0.0
-    # Deterministic kernels (slower); with num_workers=0 a resumed run matches a straight one bit-exactly.
+    # Deterministic kernels (slower): a resumed run then matches a straight one bit for bit.
     deterministic: bool = False
     sync_bn: bool = False
     device: str = "auto"
@@ -188,7 +188,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{p}: the top level must be a mapping of keys, got {type(data).__name__}")
+        raise ConfigError(
+            f"{p}: the top level must be a mapping of keys, got {type(data).__name__}"
+        )
     return data
 
 
@@ -271,6 +273,9 @@ def check_values(cfg: Config) -> None:
     for key, value in optional_positive.items():
         if value is not None and value <= 0:
             raise ConfigError(f"{key}: must be > 0 or null, got {value}")
+    if cfg.train.batch_size < 2:
+        # BatchNorm after DeepLabV3's image pooling needs two values per channel to train.
+        raise ConfigError(f"train.batch_size: must be >= 2, got {cfg.train.batch_size}")
     if cfg.train.lr <= 0:
         raise ConfigError(f"train.lr: must be > 0, got {cfg.train.lr}")
     non_negative = {
@@ -305,21 +310,28 @@ def check_values(cfg: Config) -> None:
     lo, hi = aug.affine_scale
     if not 0.0 < lo <= hi:
         raise ConfigError(f"augment.affine_scale: need 0 < min <= max, got {[lo, hi]}")
-    for key, weights in (("data.oversample", cfg.data.oversample),
-                         ("train.class_weights", cfg.train.class_weights)):  # fmt: skip
+    for key, weights in (
+        ("data.oversample", cfg.data.oversample),
+        ("train.class_weights", cfg.train.class_weights),
+    ):
         for name, w in weights.items():
             if not w >= 0:
                 raise ConfigError(f"{key}.{name}: must be >= 0, got {w}")
     if cfg.run_name is not None and (
-        not cfg.run_name or "/" in cfg.run_name or "\\" in cfg.run_name or cfg.run_name in {".", ".."}
+        not cfg.run_name
+        or "/" in cfg.run_name
+        or "\\" in cfg.run_name
+        or cfg.run_name in {".", ".."}
     ):
         raise ConfigError(f"run_name: must be a plain folder name, got {cfg.run_name!r}")
 
 
 def check_class_names(cfg: Config, names: Sequence[str]) -> None:
     """Class names used as keys in the config must exist in the label map."""
-    for key, weights in (("data.oversample", cfg.data.oversample),
-                         ("train.class_weights", cfg.train.class_weights)):  # fmt: skip
+    for key, weights in (
+        ("data.oversample", cfg.data.oversample),
+        ("train.class_weights", cfg.train.class_weights),
+    ):
         for name in weights:
             if name not in names:
                 raise ConfigError(f"{key}.{name}: unknown class {name!r}; classes: {list(names)}")
@@ -384,7 +396,9 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             try:
                 value = float(value)
             except ValueError:
-                raise ConfigError(f"{source}: {key}: expected a number, got {_show(value)}") from None
+                raise ConfigError(
+                    f"{source}: {key}: expected a number, got {_show(value)}"
+                ) from None
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{source}: {key}: expected a number, got {_show(value)}")
         if not math.isfinite(value):
@@ -399,7 +413,10 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             raise ConfigError(
                 f"{source}: {key}: expected a list of {len(args)} values, got {_show(value)}"
             )
-        return tuple(_coerce(v, a, f"{key}[{i}]", source) for i, (v, a) in enumerate(zip(value, args)))
+        return tuple(
+            _coerce(v, a, f"{key}[{i}]", source)
+            for i, (v, a) in enumerate(zip(value, args, strict=True))
+        )
     if origin is list:
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{source}: {key}: expected a list, got {_show(value)}")

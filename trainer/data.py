@@ -35,10 +35,13 @@ _SEED_LIMIT = 2**31 - 1
 # Listing every bad file of a large dataset in one exception message helps nobody.
 _MAX_LISTED = 10
 
+
 class DatasetError(ValueError):
     """The dataset cannot be used as it is; the message names the offending files."""
 
+
 # --- finding and checking the files ------------------------------------------------------------
+
 
 def collect_pairs(
     root: str | Path, split: str, label_map: LabelMap, *, on_bad_file: str = "error"
@@ -54,7 +57,9 @@ def collect_pairs(
     if on_bad_file == "error":
         if problems:
             listed = "; ".join(str(p) for p in problems[:_MAX_LISTED])
-            more = f" (and {len(problems) - _MAX_LISTED} more)" if len(problems) > _MAX_LISTED else ""
+            more = (
+                f" (and {len(problems) - _MAX_LISTED} more)" if len(problems) > _MAX_LISTED else ""
+            )
             raise DatasetError(f"{len(problems)} bad file(s) in {root} [{split}]: {listed}{more}")
         return find_pairs(root, split)
     bad = {p.path for p in problems}
@@ -64,6 +69,7 @@ def collect_pairs(
     if not pairs:
         raise DatasetError(f"{root} [{split}]: no usable image/mask pairs left after skipping")
     return pairs
+
 
 def split_train_val(pairs: Sequence[Pair], val_fraction: float, seed: int) -> tuple[list, list]:
     """Seeded shuffle of ``pairs`` into (train, val); val gets ``round(n * val_fraction)`` pairs,
@@ -78,7 +84,10 @@ def split_train_val(pairs: Sequence[Pair], val_fraction: float, seed: int) -> tu
     train = sorted(order[n_val:])
     return [pairs[i] for i in train], [pairs[i] for i in val]
 
-def load_pair(image_path: Path, mask_path: Path, label_map: LabelMap) -> tuple[np.ndarray, np.ndarray]:
+
+def load_pair(
+    image_path: Path, mask_path: Path, label_map: LabelMap
+) -> tuple[np.ndarray, np.ndarray]:
     """Decode one pair: (H,W,3) uint8 image and (H,W) uint8 class ids.
 
     Raises DatasetError naming the file when it no longer decodes or disagrees with the labels.
@@ -100,7 +109,9 @@ def load_pair(image_path: Path, mask_path: Path, label_map: LabelMap) -> tuple[n
         )
     return image, mask
 
+
 # --- augmentations -----------------------------------------------------------------------------
+
 
 def build_train_transform(aug: AugmentConfig, image_size: int, ignore_index: int) -> A.Compose:
     """Albumentations pipeline for training; image and mask are transformed together.
@@ -166,7 +177,9 @@ def build_train_transform(aug: AugmentConfig, image_size: int, ignore_index: int
         )
     return A.Compose(steps, mask_interpolation=nearest)
 
+
 # --- dataset, sampler, loaders -----------------------------------------------------------------
+
 
 class SegmentationDataset(Dataset):
     """(image, mask) pairs of a folder dataset, optionally augmented.
@@ -227,6 +240,7 @@ class SegmentationDataset(Dataset):
             present[i] = np.bincount(mask.ravel(), minlength=256)[:c] > 0
         return present
 
+
 def sampling_weights(
     presence: np.ndarray, factors: Mapping[str, float], names: Sequence[str]
 ) -> torch.Tensor | None:
@@ -242,6 +256,7 @@ def sampling_weights(
     if not np.any(weights > 0):
         raise DatasetError("data.oversample gives every training sample weight 0")
     return torch.as_tensor(weights, dtype=torch.float64)
+
 
 class TrainSampler(DistributedSampler):
     """Epoch order for training: shuffled or weighted, split across ranks, seeded per epoch.
@@ -289,6 +304,7 @@ class TrainSampler(DistributedSampler):
     def __len__(self) -> int:
         return self.num_samples - self.start
 
+
 def collate(samples: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[Any, Any]:
     """Stack (H,W,3) images and (H,W) masks into (N,3,H,W) uint8 channels-last + (N,H,W) uint8.
 
@@ -300,11 +316,13 @@ def collate(samples: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[Any, Any]
         return [_stack([s])[0] for s in samples], [_stack([s])[1] for s in samples]
     return _stack(samples)
 
+
 def _stack(samples: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:
     images = torch.from_numpy(np.stack([np.ascontiguousarray(i) for i, _ in samples]))
     masks = torch.from_numpy(np.stack([np.ascontiguousarray(m) for _, m in samples]))
     # (N,H,W,3) viewed as (N,3,H,W) is exactly the channels_last layout: no copy needed.
     return images.permute(0, 3, 1, 2), masks
+
 
 def seed_worker(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: give each worker its own numpy and ``random`` streams.
@@ -316,6 +334,7 @@ def seed_worker(worker_id: int) -> None:
     np.random.seed(seed)
     random.seed(seed)
 
+
 @dataclass
 class Loaders:
     train: DataLoader
@@ -323,6 +342,7 @@ class Loaders:
     sampler: TrainSampler
     train_size: int
     val_size: int
+
 
 def make_loaders(
     train_set: SegmentationDataset,
@@ -359,9 +379,13 @@ def make_loaders(
     # drop_last: BatchNorm after DeepLabV3's image pooling sees one value per channel and
     # sample, so a last batch of one sample would fail, and a tiny one would skew the stats.
     train = DataLoader(
-        train_set, batch_size=batch_size, sampler=sampler, drop_last=True,
-        generator=generator, **common,
-    )  # fmt: skip
+        train_set,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=True,
+        generator=generator,
+        **common,
+    )
     val = None
     val_size = 0
     if val_set is not None and len(val_set) > 0:
@@ -372,10 +396,11 @@ def make_loaders(
         )
     return Loaders(train, val, sampler, len(train_set), val_size)
 
+
 def iterate_batches(batch: tuple[Any, Any]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """A collated batch as (images, masks) tensor batches: itself, or its per-image parts."""
     images, masks = batch
     if isinstance(images, list):
-        yield from zip(images, masks)
+        yield from zip(images, masks, strict=True)
     else:
         yield images, masks

@@ -104,7 +104,9 @@ def format_table(result: dict[str, Any]) -> str:
     def f(value: float | None) -> str:
         return "   -  " if value is None else f"{value:6.4f}"
 
-    header = f"{'class':<12} {'IoU':>6} {'Dice':>6} {'prec':>6} {'recall':>6} {'bIoU':>6} {'pixels':>12}"
+    header = (
+        f"{'class':<12} {'IoU':>6} {'Dice':>6} {'prec':>6} {'recall':>6} {'bIoU':>6} {'pixels':>12}"
+    )
     lines = [header, "-" * len(header)]
     for c in result["per_class"]:
         lines.append(
@@ -116,7 +118,9 @@ def format_table(result: dict[str, Any]) -> str:
         f"{'mean':<12} {f(result['miou'])} {f(result['mean_dice'])} {'':6} {'':6} "
         f"{f(result.get('mean_boundary_iou'))}"
     )
-    lines.append(f"pixel accuracy {f(result['pixel_accuracy']).strip()}  mIoU {f(result['miou']).strip()}")
+    lines.append(
+        f"pixel accuracy {f(result['pixel_accuracy']).strip()}  mIoU {f(result['miou']).strip()}"
+    )
     return "\n".join(lines)
 
 
@@ -165,11 +169,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         if args.json:
             write_json(result, args.json)
-    except (CheckpointError, DatasetError, DatasetLayoutError, LabelMapError, ValueError, OSError) as err:
+    except (
+        CheckpointError,
+        DatasetError,
+        DatasetLayoutError,
+        LabelMapError,
+        ValueError,
+        OSError,
+    ) as err:
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return EXIT_ERROR
-    print(f"{result['checkpoint']} on {result['data']} [{result['split']}]: {result['images']} images, "
-          f"{result['images_per_s']} images/s ({result['device']}, {result['precision']})")
+    print(
+        f"{result['checkpoint']} on {result['data']} [{result['split']}]: "
+        f"{result['images']} images, "
+        f"{result['images_per_s']} images/s ({result['device']}, {result['precision']})"
+    )
     print(format_table(result))
     if args.json:
         print(f"wrote {args.json}")

@@ -58,7 +58,9 @@ class Progress:
     ``mode``: "bar", "lines", "auto" (bar when stdout is a TTY) or "off" (non-zero ranks).
     """
 
-    def __init__(self, total: int, *, desc: str, mode: str = "auto", every: int = 10, initial: int = 0):
+    def __init__(
+        self, total: int, *, desc: str, mode: str = "auto", every: int = 10, initial: int = 0
+    ):
         self.desc = desc
         self.every = every
         self.total = total
@@ -70,7 +72,9 @@ class Progress:
         if mode == "bar":
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=False)
+            self.bar = tqdm(
+                total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=False
+            )
 
     def update(self, values: Mapping[str, float], n: int = 1) -> None:
         self.count += n
@@ -154,7 +158,11 @@ def overlay_grid(
     for image, truth, pred in samples:
         if image.shape[:2] != (h, w):
             continue
-        panels = [image, overlay(image, truth, label_map, alpha), overlay(image, pred, label_map, alpha)]
+        panels = [
+            image,
+            overlay(image, truth, label_map, alpha),
+            overlay(image, pred, label_map, alpha),
+        ]
         spacer = np.full((h, gap, 3), 255, dtype=np.uint8)
         row = np.concatenate([panels[0], spacer, panels[1], spacer, panels[2]], axis=1)
         rows.append(row)

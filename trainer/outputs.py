@@ -53,7 +53,9 @@ def prepare_run_dir(run_dir: Path, *, overwrite: bool = False, resuming: bool = 
             os.close(fd)
             os.unlink(probe)
     except OSError as err:
-        raise OutputDirError(f"out_dir: {run_dir} is not writable ({err.strerror or err})") from None
+        raise OutputDirError(
+            f"out_dir: {run_dir} is not writable ({err.strerror or err})"
+        ) from None
     return run_dir
 
 

@@ -301,7 +301,7 @@
       li.append(swatch(rgb), document.createTextNode(text));
       list.append(li);
     };
-    item([200, 200, 200], "prediction agrees with the truth");
+    item([200, 200, 200], "correct (prediction agrees with the truth)");
     classes().forEach((cls, c) => {
       // Rows are truth, columns prediction, both in label order: off-diagonal cells of a row
       // are pixels of that class that were missed, of a column pixels wrongly given it.
@@ -311,11 +311,11 @@
         if (!byTruth && r !== c) wrong += row[c];
       });
       const what = byTruth
-        ? `missed ${cls.name}: truth ${cls.name}, predicted another class`
-        : `false ${cls.name}: predicted ${cls.name}, truth another class`;
-      item(cls.color, `${what} (${wrong.toLocaleString("en")} px)`);
+        ? `${cls.name} missed (predicted as another class)`
+        : `false ${cls.name} (truly another class)`;
+      item(cls.color, `${what}: ${wrong.toLocaleString("en")} px`);
     });
-    item([30, 30, 30], "no label in the truth (ignored)");
+    item([30, 30, 30], "no label in the truth (not scored)");
   }
 
   // ---------------------------------------------------------------- tables
@@ -326,7 +326,7 @@
 
   function scoreCell(value, id) {
     const td = document.createElement("td");
-    td.className = "num eval-col";
+    td.className = "num";
     if (id) td.id = id;
     td.textContent = fmtScore(value);
     // The unrounded value, for anyone (and any test) that wants the server's exact number.
@@ -334,60 +334,84 @@
     return td;
   }
 
-  function renderTable(view) {
-    const rows = $("class-rows");
+  function classHeader(cls) {
+    const th = document.createElement("th");
+    th.scope = "row";
+    th.append(swatch(cls.color), document.createTextNode(cls.name));
+    return th;
+  }
+
+  function numCell(text, id) {
+    const td = document.createElement("td");
+    td.className = "num";
+    if (id) td.id = id;
+    td.textContent = text;
+    return td;
+  }
+
+  /** Class colours with each class's share of the predicted pixels (the server's fraction). */
+  function renderLegend(view) {
+    const rows = $("legend-rows");
     rows.replaceChildren();
-    const perClass = view.scores ? new Map(view.scores.per_class.map((s) => [s.id, s])) : new Map();
     const predicted = new Map(view.segment.classes.map((c) => [c.id, c]));
     for (const cls of classes()) {
       const tr = document.createElement("tr");
-      tr.dataset.classId = String(cls.id);
-      const th = document.createElement("th");
-      th.scope = "row";
-      th.append(swatch(cls.color), document.createTextNode(cls.name));
-      tr.append(th);
-      const share = document.createElement("td");
-      share.className = "num";
-      share.id = `share-${cls.id}`;
       const pc = predicted.get(cls.id);
-      share.textContent = pc ? `${(pc.fraction * 100).toFixed(2)} %` : "n/a";
+      const share = numCell(pc ? `${(pc.fraction * 100).toFixed(2)} %` : "n/a", `share-${cls.id}`);
       share.dataset.value = pc ? String(pc.fraction) : "null";
-      tr.append(share);
-      const s = perClass.get(cls.id);
-      const support = document.createElement("td");
-      support.className = "num eval-col";
-      support.textContent = s ? s.support_pixels.toLocaleString("en") : "";
-      tr.append(
-        support,
-        scoreCell(s ? s.iou : null, `iou-${cls.id}`),
-        scoreCell(s ? s.dice : null),
-        scoreCell(s ? s.precision : null),
-        scoreCell(s ? s.recall : null),
-      );
+      tr.append(classHeader(cls), share);
       rows.append(tr);
     }
-    $("class-table").classList.toggle("no-eval", !view.scores);
+    const ignoreRow = document.createElement("tr");
+    const th = document.createElement("th");
+    th.scope = "row";
+    th.className = "muted";
+    th.append(swatch(UNKNOWN_COLOR), document.createTextNode("no label (ignored)"));
+    ignoreRow.append(th, numCell(""));
+    rows.append(ignoreRow);
+  }
 
+  /** mIoU & co. and the per-class table, straight from /evaluate's answer. */
+  function renderScores(view) {
     const headline = $("headline");
     headline.replaceChildren();
-    if (view.scores) {
-      const stat = (label, value, id) => {
-        const div = document.createElement("div");
-        div.className = "stat";
-        const num = document.createElement("span");
-        num.className = "stat-value";
-        num.id = id;
-        num.textContent = fmtScore(value);
-        num.dataset.value = value === null ? "null" : String(value);
-        const lab = document.createElement("span");
-        lab.className = "stat-label";
-        lab.textContent = label;
-        div.append(num, lab);
-        headline.append(div);
-      };
-      stat("mIoU", view.scores.miou, "miou");
-      stat("Mean Dice", view.scores.mean_dice, "mean-dice");
-      stat("Pixel accuracy", view.scores.pixel_accuracy, "pixel-accuracy");
+    $("scores").hidden = !view.scores;
+    const rows = $("class-rows");
+    rows.replaceChildren();
+    if (!view.scores) return;
+    const stat = (label, value, id) => {
+      const div = document.createElement("div");
+      div.className = "stat";
+      const num = document.createElement("span");
+      num.className = "stat-value";
+      num.id = id;
+      num.textContent = fmtScore(value);
+      num.dataset.value = value === null ? "null" : String(value);
+      const lab = document.createElement("span");
+      lab.className = "stat-label";
+      lab.textContent = label;
+      div.append(num, lab);
+      headline.append(div);
+    };
+    stat("mIoU", view.scores.miou, "miou");
+    stat("Mean Dice", view.scores.mean_dice, "mean-dice");
+    stat("Pixel accuracy", view.scores.pixel_accuracy, "pixel-accuracy");
+
+    const perClass = new Map(view.scores.per_class.map((s) => [s.id, s]));
+    for (const cls of classes()) {
+      const s = perClass.get(cls.id);
+      if (!s) continue;
+      const tr = document.createElement("tr");
+      tr.append(
+        classHeader(cls),
+        numCell(s.support_pixels.toLocaleString("en")),
+        numCell(s.predicted_pixels.toLocaleString("en")),
+        scoreCell(s.iou, `iou-${cls.id}`),
+        scoreCell(s.dice),
+        scoreCell(s.precision),
+        scoreCell(s.recall),
+      );
+      rows.append(tr);
     }
   }
 
@@ -540,6 +564,8 @@
       const e = res.body && res.body.error;
       const title = `The server could not use ${mask ? "these files" : "this file"} (${res.status}${e ? `, ${e.code}` : ""})`;
       showError(title, e ? e.message : `${res.status} ${res.statusText}`);
+      // An older result under a new error would read as the answer to these files.
+      $("results").hidden = true;
       if (res.status === 401) askForKey();
       return;
     }
@@ -580,6 +606,9 @@
     state.view = view;
 
     $("results").hidden = false;
+    for (const el of $("results").querySelectorAll(".placeholder")) {
+      el.style.aspectRatio = `${view.width} / ${view.height}`;
+    }
     $("input-note").hidden = Boolean(bitmap);
     drawInput(view);
     drawIndex($("canvas-prediction"), view.prediction, view);
@@ -598,8 +627,10 @@
     $("errors-missing").hidden = Boolean(view.truth);
     $("error-mode").disabled = !view.truth;
     $("error-legend").replaceChildren();
+    $("error-legend-heading").hidden = !view.truth;
     if (view.truth) drawErrors();
-    renderTable(view);
+    renderLegend(view);
+    renderScores(view);
 
     const timing = view.timing ? `, ${Math.round(view.timing.total)} ms on the server` : "";
     $("results-heading").textContent = `Result: ${state.sourceName}`;
@@ -609,6 +640,12 @@
   }
 
   // ---------------------------------------------------------------- inputs
+
+  function fileSize(bytes) {
+    if (bytes < 1024) return `${bytes} bytes`;
+    if (bytes < 1024 * 1024) return `${(bytes / 1024).toFixed(0)} KiB`;
+    return `${(bytes / 1024 / 1024).toFixed(1)} MiB`;
+  }
 
   function updateButtons() {
     const busy = Boolean(state.xhr);
@@ -620,14 +657,14 @@
   function setImage(file) {
     state.imageFile = file;
     state.sourceName = file.name;
-    $("image-name").textContent = `${file.name} (${(file.size / 1024).toFixed(0)} KiB)`;
+    $("image-name").textContent = `${file.name} (${fileSize(file.size)})`;
     $("image-drop").classList.add("has-file");
     updateButtons();
   }
 
   function setMask(file) {
     state.maskFile = file;
-    $("mask-name").textContent = file ? `${file.name} (${(file.size / 1024).toFixed(0)} KiB)` : "No mask chosen";
+    $("mask-name").textContent = file ? `${file.name} (${fileSize(file.size)})` : "No mask chosen";
     $("mask-drop").classList.toggle("has-file", Boolean(file));
     if (!file) $("mask-input").value = "";
     updateButtons();

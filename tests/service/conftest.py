@@ -1,135 +1,58 @@
-"""Fixtures for the service tests: settings around the tiny checkpoint, a started app, images.
-
-Tiles are 64 px with 16 px overlap so that images of a few hundred pixels already take the
-tiled path, and every model call stays cheap on a CPU.
-"""
+"""Fixtures for the service tests (helpers live in ``tests/service/helpers.py``)."""
 
 from __future__ import annotations
 
-import io
-import os
-import socket
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
-from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from PIL import Image
 
-from service.app import create_app
 from service.settings import Settings
-
-TEST_TILE = 64
-TEST_OVERLAP = 16
-
-
-def test_settings(checkpoint: Path | str, **overrides: Any) -> Settings:
-    """Settings for tests: CPU, fp32 (bit-stable results), small tiles, no drain delay."""
-    values: dict[str, Any] = {
-        "checkpoint": Path(checkpoint),
-        "device": "cpu",
-        "precision": "fp32",
-        "tile": TEST_TILE,
-        "overlap": TEST_OVERLAP,
-        "batch_max_tiles": 4,
-        "batch_timeout_ms": 2.0,
-        "shutdown_drain_s": 0.0,
-        "api_keys": [],
-    }
-    values.update(overrides)
-    # _env_file=None: a developer's .env must not change what the tests see.
-    return Settings(_env_file=None, **values)
-
-
-test_settings.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test
-
-
-@contextmanager
-def running_app(settings: Settings, *, wait: bool = True, **client_kw: Any) -> Iterator[TestClient]:
-    """A started app (lifespan entered) and its client; waits for the model unless ``wait``."""
-    app = create_app(settings)
-    with TestClient(app, **client_kw) as client:
-        if wait:
-            assert app.state.engine.wait_loaded(timeout=120), "model did not load"
-        yield client
-
-
-@pytest.fixture(autouse=True, scope="session")
-def _one_torch_thread() -> None:
-    # The machine's cores are shared; one intra-op thread keeps the tests polite and steady.
-    torch.set_num_threads(1)
+from shared.checkpoint import load_checkpoint, save_checkpoint
+from tests.service.helpers import running_app, settings_for
 
 
 @pytest.fixture(scope="session")
-def service_settings(tiny_checkpoint: Path) -> Settings:
-    return test_settings(tiny_checkpoint)
+def varied_checkpoint(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny checkpoint with a head whose answer varies across an image.
+
+    A random-initialised DeepLabV3 predicts one class everywhere (its head bias dominates);
+    with a zero bias and unit-variance head weights all three classes appear in the test
+    scenes, so the mask, RLE and score tests compare something.
+    """
+    ckpt = load_checkpoint(tiny_checkpoint)
+    weight = ckpt["state_dict"]["classifier.4.weight"]
+    generator = torch.Generator().manual_seed(0)
+    ckpt["state_dict"]["classifier.4.weight"] = torch.randn(weight.shape, generator=generator)
+    ckpt["state_dict"]["classifier.4.bias"].zero_()
+    path = tmp_path_factory.mktemp("varied") / "varied.pt"
+    save_checkpoint(ckpt, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def service_settings(varied_checkpoint: Path) -> Settings:
+    return settings_for(varied_checkpoint)
 
 
 @pytest.fixture(scope="module")
-def client(tiny_checkpoint: Path) -> Iterator[TestClient]:
-    """A ready service on the tiny checkpoint, shared by the tests of one module."""
-    with running_app(test_settings(tiny_checkpoint)) as c:
+def client(varied_checkpoint: Path) -> Iterator[TestClient]:
+    """A ready service on the varied tiny checkpoint, shared by the tests of one module."""
+    with running_app(settings_for(varied_checkpoint)) as c:
         assert c.get("/readyz").status_code == 200
         yield c
 
 
 @pytest.fixture
-def app_factory(tiny_checkpoint: Path) -> Callable[..., Any]:
+def app_factory(varied_checkpoint: Path) -> Callable[..., Any]:
     """``app_factory(**settings)`` -> context manager yielding a client of a fresh app."""
 
     def make(wait: bool = True, client_kw: dict | None = None, **overrides: Any) -> Any:
-        return running_app(test_settings(tiny_checkpoint, **overrides), wait=wait, **(client_kw or {}))
+        return running_app(
+            settings_for(varied_checkpoint, **overrides), wait=wait, **(client_kw or {})
+        )
 
     return make
-
-
-def encode(array: np.ndarray, fmt: str = "PNG", **save: Any) -> bytes:
-    """An array saved as an image file, in memory."""
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format=fmt, **save)
-    return buf.getvalue()
-
-
-def scene(height: int, width: int, seed: int = 0) -> np.ndarray:
-    """A ``(H, W, 3)`` uint8 test image with structure (a gradient and a disc) plus noise."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    disc = (y - height / 2) ** 2 + (x - width / 3) ** 2 < (min(height, width) / 3) ** 2
-    image = np.stack(
-        [x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1), disc * 200], axis=-1
-    ).astype(np.int16)
-    image += rng.integers(-20, 20, size=image.shape, dtype=np.int16)
-    return image.clip(0, 255).astype(np.uint8)
-
-
-def png_mask(response_content: bytes) -> np.ndarray:
-    """The class ids of a /segment PNG answer."""
-    with Image.open(io.BytesIO(response_content)) as im:
-        assert im.mode == "P"
-        return np.array(im)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def rss_bytes() -> int:
-    """Current resident set size of this process (Linux)."""
-    with open(f"/proc/{os.getpid()}/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (Linux: VmHWM)."""
-    with open(f"/proc/{os.getpid()}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("VmHWM missing from /proc/self/status")

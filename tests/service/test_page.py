@@ -66,9 +66,13 @@ def _write_test_tile(root: Path) -> Tile:
     assert smallest_class(spec) > 0, "expected a test tile holding ocean, land and lake"
     (root / "IMAGES").mkdir(parents=True)
     (root / "MASKS").mkdir()
-    tile = Tile(spec.stem, root / "IMAGES" / f"{spec.stem}.jpg", root / "MASKS" / f"{spec.stem}.png")
+    tile = Tile(
+        spec.stem, root / "IMAGES" / f"{spec.stem}.jpg", root / "MASKS" / f"{spec.stem}.png"
+    )
     crop = image[spec.row : spec.row + t, spec.col : spec.col + t]
-    Image.fromarray(crop, "RGB").save(tile.image, "JPEG", quality=options.jpeg_quality, subsampling=0)
+    Image.fromarray(crop, "RGB").save(
+        tile.image, "JPEG", quality=options.jpeg_quality, subsampling=0
+    )
     labels = np.ascontiguousarray(mask[spec.row : spec.row + t, spec.col : spec.col + t])
     tile.mask.write_bytes(encode_png(labels, LabelMap.load().palette()))
     return tile
@@ -187,9 +191,7 @@ def _check_scores_match(pg, scores: dict) -> None:  # noqa: ANN001
             assert abs(float(cell.inner_text()) - entry["iou"]) <= 0.5e-4
 
 
-def test_tile_and_mask_through_the_page(
-    page, service: Service, tile: Tile, tmp_path: Path
-) -> None:  # noqa: ANN001
+def test_tile_and_mask_through_the_page(page, service: Service, tile: Tile, tmp_path: Path) -> None:  # noqa: ANN001
     pg, errors = page
     pg.set_input_files("#image-input", str(tile.image))
     pg.set_input_files("#mask-input", str(tile.mask))
@@ -216,7 +218,9 @@ def test_tile_and_mask_through_the_page(
         "/segment", files={"image": (tile.image.name, tile.image.read_bytes(), "image/jpeg")}
     )
     predicted = np.asarray(Image.open(io.BytesIO(png.content)))
-    np.testing.assert_array_equal(_canvas_pixels(pg, "canvas-prediction"), label_map.to_color(predicted))
+    np.testing.assert_array_equal(
+        _canvas_pixels(pg, "canvas-prediction"), label_map.to_color(predicted)
+    )
     truth = label_map.to_index(np.asarray(Image.open(tile.mask)))
     np.testing.assert_array_equal(_canvas_pixels(pg, "canvas-truth"), label_map.to_color(truth))
 
@@ -256,7 +260,9 @@ def test_image_alone_shows_prediction_and_shares(page, service: Service, tile: T
         files={"image": (tile.image.name, tile.image.read_bytes(), "image/jpeg")},
     )
     for cls in res.json()["classes"]:
-        assert float(pg.locator(f"#share-{cls['id']}").get_attribute("data-value")) == cls["fraction"]
+        assert (
+            float(pg.locator(f"#share-{cls['id']}").get_attribute("data-value")) == cls["fraction"]
+        )
     assert pg.locator("#truth-missing").is_visible()
     assert not pg.locator("#miou").count()
     assert errors == []
@@ -269,7 +275,9 @@ def test_bad_file_shows_the_servers_message(page, service: Service, tmp_path: Pa
     pg.set_input_files("#image-input", str(bad))
     pg.click("#run-button")
     pg.wait_for_selector("#error:not([hidden])", timeout=RESULT_TIMEOUT_MS)
-    res = service.client.post("/segment", files={"image": (bad.name, bad.read_bytes(), "image/png")})
+    res = service.client.post(
+        "/segment", files={"image": (bad.name, bad.read_bytes(), "image/png")}
+    )
     assert res.status_code == 400
     body = res.json()["error"]
     assert pg.locator("#error-message").inner_text() == body["message"]

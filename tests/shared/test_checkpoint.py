@@ -41,7 +41,12 @@ def _payload(label_map: LabelMap, **kwargs: object) -> dict:
 
 def _two_class_map() -> LabelMap:
     return LabelMap.from_dict(
-        {"classes": [{"id": 0, "name": "a", "color": [0, 0, 1]}, {"id": 1, "name": "b", "color": [0, 0, 2]}]}
+        {
+            "classes": [
+                {"id": 0, "name": "a", "color": [0, 0, 1]},
+                {"id": 1, "name": "b", "color": [0, 0, 2]},
+            ]
+        }
     )
 
 

@@ -92,10 +92,10 @@ def test_normalize_rejects_float_input():
 def test_preprocess_is_the_eval_transform():
     out = preprocess(IMAGE, Normalization())
     assert out.shape == (1, 3, 1, 3) and out.dtype == torch.float32
-    expected = (
-        torch.tensor([0.0, 128 / 255, 1.0]).view(1, 1, 3)
-        - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    ) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    values = torch.tensor([0.0, 128 / 255, 1.0]).view(1, 1, 3)
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    expected = (values - mean) / std
     torch.testing.assert_close(out[0], expected)
     # Black in the red channel: -0.485 / 0.229
     assert out[0, 0, 0, 0].item() == pytest.approx(-2.1179, abs=1e-4)

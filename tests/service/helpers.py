@@ -1,0 +1,100 @@
+"""Helpers for the service tests: settings around the tiny checkpoint, a started app, images.
+
+Tiles are 64 px with 16 px overlap so that images of a few hundred pixels already take the
+tiled path, and every model call stays cheap on a CPU.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from service.app import create_app
+from service.settings import Settings
+
+TEST_TILE = 64
+TEST_OVERLAP = 16
+
+
+def settings_for(checkpoint: Path | str, **overrides: Any) -> Settings:
+    """Settings for tests: CPU, fp32 (bit-stable results), small tiles, no drain delay."""
+    values: dict[str, Any] = {
+        "checkpoint": Path(checkpoint),
+        "device": "cpu",
+        "precision": "fp32",
+        "tile": TEST_TILE,
+        "overlap": TEST_OVERLAP,
+        "batch_max_tiles": 4,
+        "batch_timeout_ms": 2.0,
+        "shutdown_drain_s": 0.0,
+        "api_keys": [],
+    }
+    values.update(overrides)
+    # _env_file=None: a developer's .env must not change what the tests see.
+    return Settings(_env_file=None, **values)
+
+
+@contextmanager
+def running_app(settings: Settings, *, wait: bool = True, **client_kw: Any) -> Iterator[TestClient]:
+    """A started app (lifespan entered) and its client; waits for the model unless ``wait``."""
+    app = create_app(settings)
+    with TestClient(app, **client_kw) as client:
+        if wait:
+            assert app.state.engine.wait_loaded(timeout=120), "model did not load"
+        yield client
+
+
+def encode(array: np.ndarray, fmt: str = "PNG", **save: Any) -> bytes:
+    """An array saved as an image file, in memory."""
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format=fmt, **save)
+    return buf.getvalue()
+
+
+def scene(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A ``(H, W, 3)`` uint8 test image with structure (a gradient and a disc) plus noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    disc = (y - height / 2) ** 2 + (x - width / 3) ** 2 < (min(height, width) / 3) ** 2
+    image = np.stack(
+        [x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1), disc * 200], axis=-1
+    ).astype(np.int16)
+    image += rng.integers(-20, 20, size=image.shape, dtype=np.int16)
+    return image.clip(0, 255).astype(np.uint8)
+
+
+def png_mask(response_content: bytes) -> np.ndarray:
+    """The class ids of a /segment PNG answer."""
+    with Image.open(io.BytesIO(response_content)) as im:
+        assert im.mode == "P"
+        return np.array(im)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_bytes() -> int:
+    """Current resident set size of this process (Linux)."""
+    with open(f"/proc/{os.getpid()}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (Linux: VmHWM)."""
+    with open(f"/proc/{os.getpid()}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("VmHWM missing from /proc/self/status")

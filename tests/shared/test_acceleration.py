@@ -1,0 +1,206 @@
+"""Tests for shared/acceleration.py: BN folding, int8 quantisation, agreement, inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from shared.acceleration import (
+    CALIBRATION_REGION,
+    Forward,
+    QuantizationError,
+    bluemarble_crops,
+    calibration_batches,
+    configure_threads,
+    fold_bn,
+    optimize,
+    pixel_agreement,
+)
+from shared.model import build_model
+from shared.preprocess import Normalization
+
+
+class Toy(nn.Module):
+    """DeepLabV3's shape in miniature: backbone, a classifier whose [4] is the last 1x1 conv,
+    an auxiliary head, and a dict output. Its answer is the argmax of the input channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.ReLU())
+        self.classifier = nn.Sequential(*(nn.Identity() for _ in range(4)), nn.Conv2d(3, 3, 1))
+        self.aux_classifier = nn.Conv2d(3, 3, 1)
+        with torch.no_grad():
+            for conv in (self.backbone[0], self.classifier[4]):
+                conv.weight.copy_(torch.eye(3).view(3, 3, 1, 1))
+                conv.bias.zero_()
+            # Eval BatchNorm: (x - 0.5) / 2 * 2 + 0.5 = x, but only once folded correctly.
+            bn = self.backbone[1]
+            bn.running_mean.fill_(0.5)
+            bn.running_var.fill_(4.0 - bn.eps)
+            bn.weight.fill_(2.0)
+            bn.bias.fill_(0.5)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = {"out": self.classifier(self.backbone(x))}
+        if self.aux_classifier is not None:  # as torchvision's DeepLabV3 does
+            out["aux"] = self.aux_classifier(x)
+        return out
+
+
+def one_hot_images(n: int, size: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, 3, size, size) inputs whose winning channel leads by at least 0.5, and its labels."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 3, (n, size, size), generator=gen)
+    noise = torch.rand((n, 3, size, size), generator=gen) * 0.3
+    x = nn.functional.one_hot(labels, 3).permute(0, 3, 1, 2).float() * 0.8 + noise
+    return x, labels
+
+
+def test_fold_bn_removes_batchnorm_and_keeps_the_function() -> None:
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    with torch.no_grad():
+        net[1].running_mean.uniform_(-1, 1)
+        net[1].running_var.uniform_(0.5, 2)
+        net[1].weight.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 8, 8)
+    folded = fold_bn(net)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    torch.testing.assert_close(folded(x), net(x), atol=1e-5, rtol=1e-5)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in net.modules())  # the original is intact
+
+
+def test_fold_bn_refuses_a_model_in_train_mode() -> None:
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_bn(nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)).train())
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_float_forward_gives_the_main_logits_without_the_aux_head(precision: str) -> None:
+    x, labels = one_hot_images(2)
+    forward = optimize(Toy().eval(), precision=precision)
+    out = forward(x)
+    assert isinstance(out, torch.Tensor) and out.shape == (2, 3, 16, 16)
+    assert out.dtype == (torch.float32 if precision == "fp32" else torch.bfloat16)
+    assert torch.equal(out.argmax(dim=1), labels)
+    assert not any(name.endswith("aux_classifier") for name, _ in forward.named_modules())
+
+
+def test_fp32_forward_matches_the_eager_model() -> None:
+    model = Toy().eval()
+    x, _ = one_hot_images(1)
+    torch.testing.assert_close(optimize(model, precision="fp32")(x), model(x)["out"])
+
+
+def test_optimize_leaves_the_model_untouched() -> None:
+    model = Toy().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimize(model, quantize="int8", calibration=[one_hot_images(2)[0]])
+    assert model.aux_classifier is not None
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_int8_keeps_the_argmax_of_a_model_with_clear_margins() -> None:
+    calibration = [one_hot_images(4, seed=s)[0] for s in range(2)]
+    x, labels = one_hot_images(3, seed=7)
+    forward = optimize(Toy().eval(), quantize="int8", calibration=calibration, min_agreement=0.99)
+    out = forward(x)
+    assert out.dtype == torch.float32 and out.shape == (3, 3, 16, 16)
+    assert torch.equal(out.argmax(dim=1), labels)
+    # The convolutions are integer now, except the last 1x1 which stays float.
+    names = {type(m).__name__ for m in forward.modules()}
+    assert any(n.startswith("QuantizedConv") for n in names)
+    assert isinstance(forward.graph.get_submodule("model.classifier.4"), nn.Conv2d)
+
+
+def test_int8_raises_when_agreement_is_below_the_floor() -> None:
+    # Calibrating on near-zero inputs clips every real input: the argmax collapses.
+    calibration = [torch.rand(2, 3, 16, 16) * 0.01]
+    with pytest.raises(QuantizationError, match="agrees with float32"):
+        optimize(Toy().eval(), quantize="int8", calibration=calibration, min_agreement=0.99)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"precision": "fp64"}, "unknown precision"),
+        ({"quantize": "int4"}, "unknown quantize"),
+        ({"quantize": "int8"}, "needs calibration"),
+        ({"quantize": "int8", "calibration": []}, "at least one"),
+        ({"quantize": "int8", "calibration": [torch.zeros(1, 3, 8, 8)], "device": "meta"}, "CPU"),
+    ],
+)
+def test_optimize_rejects_bad_arguments(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        optimize(Toy().eval(), **kwargs)
+
+
+def test_deeplabv3_int8_runs_any_padded_size() -> None:
+    model = build_model("mobilenet_v3_large", num_classes=3).eval()
+    calibration = [torch.randn(2, 3, 64, 64)]
+    forward = optimize(model, quantize="int8", calibration=calibration)
+    assert isinstance(forward, Forward)
+    for shape in [(1, 3, 64, 64), (2, 3, 96, 64)]:
+        out = forward(torch.randn(shape))
+        assert out.shape == (shape[0], 3, *shape[2:]) and out.dtype == torch.float32
+
+
+def test_deeplabv3_fp32_folded_matches_eager() -> None:
+    torch.manual_seed(0)
+    model = build_model("mobilenet_v3_large", num_classes=3).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        expected = model(x)["out"]
+    torch.testing.assert_close(optimize(model, precision="fp32")(x), expected, atol=1e-4, rtol=1e-3)
+
+
+def test_pixel_agreement_on_logits_and_masks() -> None:
+    reference = torch.tensor([[[0, 1], [2, 2]]])  # (1, 2, 2) class ids
+    candidate = torch.tensor([[[0, 1], [2, 0]]])
+    assert pixel_agreement(reference, candidate) == 0.75
+    logits = nn.functional.one_hot(candidate, 3).permute(0, 3, 1, 2).float()  # (1, 3, 2, 2)
+    assert pixel_agreement(reference, logits) == 0.75
+    assert pixel_agreement(logits, logits) == 1.0
+    with pytest.raises(ValueError, match="shapes differ"):
+        pixel_agreement(reference, torch.zeros(1, 3, 3, dtype=torch.long))
+
+
+def test_calibration_batches_normalise_and_batch() -> None:
+    norm = Normalization(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    images = [np.full((4, 4, 3), v, np.uint8) for v in (0, 255, 0, 255, 0)]
+    batches = list(calibration_batches(images, norm, batch_size=2))
+    assert [b.shape[0] for b in batches] == [2, 2, 1]
+    assert batches[0].shape == (2, 3, 4, 4) and batches[0].dtype == torch.float32
+    assert batches[0][0].unique().tolist() == [-1.0] and batches[0][1].unique().tolist() == [1.0]
+
+
+def test_bluemarble_crops_are_real_repeatable_and_in_their_region() -> None:
+    crops = bluemarble_crops(3, 32, seed=5, region=CALIBRATION_REGION)
+    assert len(crops) == 3
+    assert all(c.shape == (32, 32, 3) and c.dtype == np.uint8 for c in crops)
+    again = bluemarble_crops(3, 32, seed=5, region=CALIBRATION_REGION)
+    assert all(np.array_equal(a, b) for a, b in zip(crops, again, strict=True))
+    assert crops[0].std() > 0  # imagery, not a blank
+    with pytest.raises(ValueError, match="smaller than"):
+        bluemarble_crops(1, 64, region=(0, 0, 32, 32))
+
+
+def test_configure_threads_sets_the_count() -> None:
+    before = torch.get_num_threads()
+    try:
+        assert configure_threads(1) == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="positive"):
+        configure_threads(0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_cuda_forward_keeps_the_argmax(precision: str) -> None:
+    x, labels = one_hot_images(2)
+    forward = optimize(Toy().eval(), device="cuda", precision=precision)
+    out = forward(x.cuda())
+    assert out.is_cuda and torch.equal(out.argmax(dim=1).cpu(), labels)

@@ -1,0 +1,262 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import shared.inference as inference
+from shared.checkpoint import CheckpointError, load_checkpoint
+from shared.inference import (
+    InferenceOptions,
+    Predictor,
+    resolve_device,
+    resolve_precision,
+)
+from shared.labels import LabelMap
+from shared.model import build_model
+from shared.preprocess import Normalization, preprocess
+
+CPU = torch.device("cpu")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def fp32_options(**kwargs: object) -> InferenceOptions:
+    return InferenceOptions(device="cpu", precision="fp32", **kwargs)
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny_checkpoint: Path) -> Predictor:
+    return Predictor.from_checkpoint(tiny_checkpoint, fp32_options(tile=64, overlap=16))
+
+
+# -- device and precision ------------------------------------------------------------------------
+
+
+def test_resolve_device() -> None:
+    assert resolve_device("cpu") == CPU
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="unknown device"):
+        resolve_device("gpu")
+    with pytest.raises(ValueError, match="unsupported device"):
+        resolve_device("meta")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
+def test_cuda_without_cuda_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        resolve_device("cuda")
+
+
+@pytest.mark.parametrize(("native", "expected"), [(True, "bf16"), (False, "fp32")])
+def test_auto_precision_on_cpu_follows_native_bf16(
+    monkeypatch: pytest.MonkeyPatch, native: bool, expected: str
+) -> None:
+    monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: native)
+    assert resolve_precision("auto", CPU) == expected
+
+
+def test_explicit_precisions_on_cpu() -> None:
+    assert resolve_precision("fp32", CPU) == "fp32"
+    assert resolve_precision("bf16", CPU) == "bf16"
+    with pytest.raises(ValueError, match="fp16 inference needs CUDA"):
+        resolve_precision("fp16", CPU)
+    with pytest.raises(ValueError, match="auto, fp32, bf16, fp16"):
+        resolve_precision("int4", CPU)
+
+
+def test_cpu_bf16_probe_uses_torch_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert inference.cpu_has_native_bf16() is False
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert inference.cpu_has_native_bf16() is True
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    assert inference.cpu_has_native_bf16() is False
+
+
+# -- Predictor -----------------------------------------------------------------------------------
+
+
+def test_from_checkpoint_exposes_labels_and_metadata(
+    predictor: Predictor, label_map: LabelMap
+) -> None:
+    assert predictor.label_map == label_map
+    assert predictor.normalization == Normalization()
+    assert predictor.num_classes == 3
+    assert predictor.device == CPU and predictor.precision == "fp32"
+    assert predictor.metadata["arch"]["backbone"] == "mobilenet_v3_large"
+    assert "state_dict" not in predictor.metadata
+    assert predictor.model.aux_classifier is None
+
+
+def test_run_batch_matches_plain_eager_model(
+    predictor: Predictor, tiny_checkpoint: Path, rng
+) -> None:
+    ckpt = load_checkpoint(tiny_checkpoint)
+    reference = build_model("mobilenet_v3_large", num_classes=3).eval()
+    reference.load_state_dict(ckpt["state_dict"])
+    batch = torch.from_numpy(rng.integers(0, 256, (2, 64, 64, 3), dtype=np.uint8))
+    batch = batch.permute(0, 3, 1, 2)
+
+    out = predictor.run_batch(batch)
+
+    with torch.inference_mode():
+        x = torch.cat([preprocess(img.permute(1, 2, 0).numpy(), Normalization()) for img in batch])
+        expected = reference(x)["out"]
+    assert out.shape == (2, 3, 64, 64) and out.dtype == torch.float32
+    assert torch.allclose(out, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_segment_small_and_tiled_images(predictor: Predictor, rng) -> None:
+    for shape in [(1, 1, 3), (7, 13, 3), (150, 90, 3)]:
+        image = rng.integers(0, 256, shape, dtype=np.uint8)
+        mask = predictor.segment(image)
+        assert mask.shape == shape[:2] and mask.dtype == np.uint8
+        assert mask.max() < 3
+
+
+def test_segment_equals_argmax_of_run_batch_for_one_tile(predictor: Predictor, rng) -> None:
+    image = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    logits = predictor.run_batch(torch.from_numpy(image).permute(2, 0, 1)[None])
+    assert np.array_equal(predictor.segment(image), logits[0].argmax(0).numpy().astype(np.uint8))
+
+
+def test_forward_can_be_replaced(predictor: Predictor) -> None:
+    calls = []
+
+    def constant_lake(x: torch.Tensor) -> torch.Tensor:
+        calls.append((x.dtype, x.is_contiguous(memory_format=torch.channels_last)))
+        out = torch.zeros(x.shape[0], 3, *x.shape[2:])
+        out[:, 2] = 1.0
+        return out
+
+    original = predictor.forward
+    predictor.forward = constant_lake
+    try:
+        mask = predictor.segment(np.zeros((100, 70, 3), dtype=np.uint8))
+    finally:
+        predictor.forward = original
+    assert (mask == 2).all()
+    # Normalised float32 in channels_last reaches the forward.
+    assert calls and all(c == (torch.float32, True) for c in calls)
+
+
+def test_aux_head_is_never_computed_and_model_is_left_usable() -> None:
+    torch.manual_seed(0)
+    model = build_model("mobilenet_v3_large", num_classes=3, aux_loss=True)
+    aux = model.aux_classifier
+
+    def fail(*args: object) -> None:
+        raise AssertionError("aux head computed")
+
+    hook = aux.register_forward_pre_hook(fail)
+    predictor = Predictor(model, LabelMap.load(), Normalization(), fp32_options())
+    predictor.run_batch(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
+    hook.remove()
+    # A training loop sharing the model keeps its aux head.
+    assert model.aux_classifier is aux
+
+
+def test_bf16_autocast_close_to_fp32(tiny_checkpoint: Path, rng) -> None:
+    fp32 = Predictor.from_checkpoint(tiny_checkpoint, fp32_options())
+    bf16 = Predictor.from_checkpoint(
+        tiny_checkpoint, InferenceOptions(device="cpu", precision="bf16")
+    )
+    batch = torch.from_numpy(rng.integers(0, 256, (1, 3, 64, 64), dtype=np.uint8))
+    a, b = fp32.run_batch(batch), bf16.run_batch(batch)
+    assert b.dtype == torch.float32
+    assert not torch.equal(a, b)  # bf16 really ran
+    assert (a.argmax(1) == b.argmax(1)).float().mean() > 0.9
+
+
+def test_warmup_runs_one_tile(predictor: Predictor) -> None:
+    seen = []
+    original = predictor.forward
+    predictor.forward = lambda x: seen.append(tuple(x.shape)) or original(x)
+    try:
+        predictor.warmup()
+    finally:
+        predictor.forward = original
+    assert seen == [(1, 3, 64, 64)]
+
+
+def test_bad_inputs_are_value_errors(predictor: Predictor) -> None:
+    with pytest.raises(ValueError, match="uint8"):
+        predictor.segment(np.zeros((8, 8, 3), dtype=np.float32))
+    with pytest.raises(ValueError, match=r"\(H, W, 3\)"):
+        predictor.segment(np.zeros((8, 8), dtype=np.uint8))
+    with pytest.raises(ValueError, match="batch must be"):
+        predictor.run_batch(torch.zeros(1, 3, 8, 8))
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"tile": 100}, "multiple of 32"),
+        ({"overlap": 512}, "overlap"),
+        ({"tile_batch": 0}, "tile_batch"),
+        ({"precision": "fp8"}, "precision"),
+    ],
+)
+def test_bad_options_fail_at_construction(
+    tiny_checkpoint: Path, options: dict, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        Predictor.from_checkpoint(tiny_checkpoint, InferenceOptions(device="cpu", **options))
+
+
+def test_head_label_mismatch_is_refused() -> None:
+    with pytest.raises(ValueError, match="4 outputs but the label map has 3"):
+        Predictor(
+            build_model("mobilenet_v3_large", num_classes=4), LabelMap.load(), Normalization()
+        )
+
+
+def test_broken_checkpoint_is_a_checkpoint_error(tmp_path: Path) -> None:
+    path = tmp_path / "broken.pt"
+    path.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(CheckpointError, match=r"broken\.pt"):
+        Predictor.from_checkpoint(path, fp32_options())
+
+
+# -- CUDA ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_cuda_segment_agrees_with_cpu(tiny_checkpoint: Path, rng, precision: str) -> None:
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        pytest.skip("GPU without bf16")
+    cpu = Predictor.from_checkpoint(tiny_checkpoint, fp32_options(tile=64, overlap=16))
+    gpu = Predictor.from_checkpoint(
+        tiny_checkpoint, InferenceOptions(device="cuda", precision=precision, tile=64, overlap=16)
+    )
+    assert gpu.device.type == "cuda" and gpu.precision == precision
+    image = rng.integers(0, 256, (150, 90, 3), dtype=np.uint8)
+
+    mask = gpu.segment(image)
+
+    assert isinstance(mask, np.ndarray) and mask.dtype == np.uint8 and mask.shape == (150, 90)
+    agreement = (mask == cpu.segment(image)).mean()
+    assert agreement > (0.999 if precision == "fp32" else 0.95)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_run_batch_from_host_and_device(tiny_checkpoint: Path) -> None:
+    gpu = Predictor.from_checkpoint(tiny_checkpoint, InferenceOptions(device="cuda"))
+    assert gpu.precision in ("bf16", "fp32")
+    host = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    a = gpu.run_batch(host)
+    b = gpu.run_batch(host.to(gpu.device))
+    assert a.device.type == "cuda" and a.dtype == torch.float32
+    assert torch.equal(a, b)
+    gpu.warmup()
+    assert resolve_device("cuda").index == torch.cuda.current_device()
+    assert resolve_precision("auto", resolve_device("cuda")) == (
+        "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    )

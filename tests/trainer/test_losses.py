@@ -1,0 +1,124 @@
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from trainer.losses import SegmentationLoss, class_weight_tensor, soft_dice_loss
+
+IGNORE = 255
+
+
+def perfect_logits(target: torch.Tensor, num_classes: int, scale: float = 50.0) -> torch.Tensor:
+    """(N,H,W) ids -> (N,C,H,W) logits that put all probability on the right class."""
+    safe = torch.where(target == IGNORE, torch.zeros_like(target), target)
+    return F.one_hot(safe, num_classes).permute(0, 3, 1, 2).float() * scale
+
+
+def test_perfect_prediction_gives_about_zero() -> None:
+    target = torch.tensor([[[0, 1], [2, 1]]])
+    loss = soft_dice_loss(perfect_logits(target, 3), target)
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_completely_wrong_prediction_gives_about_one() -> None:
+    target = torch.tensor([[[0, 0], [1, 1]]])
+    wrong = perfect_logits(1 - target, 2)  # every pixel gets the other class
+    # Each class: intersection 0, cardinality 4 -> dice = smooth / (4 + smooth) = 0.2 (smooth 1)
+    assert soft_dice_loss(wrong, target).item() == pytest.approx(0.8, abs=1e-4)
+    assert soft_dice_loss(wrong, target, smooth=1e-6).item() == pytest.approx(1.0, abs=1e-4)
+
+
+def test_uniform_logits_by_hand() -> None:
+    # 2 classes, 4 pixels: two of each. Probabilities are all 0.5.
+    target = torch.tensor([[[0, 0, 1, 1]]])
+    logits = torch.zeros(1, 2, 1, 4)
+    # per class: intersection 2 * 0.5 = 1, cardinality 4 * 0.5 + 2 = 4 -> dice (2+1)/(4+1) = 0.6
+    assert soft_dice_loss(logits, target, smooth=1.0).item() == pytest.approx(0.4, abs=1e-6)
+
+
+def test_ignored_pixels_change_nothing() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 4, 6, requires_grad=True)
+    target = torch.randint(0, 3, (2, 4, 6))
+    target[..., 3:] = IGNORE  # right half unlabelled
+    loss = soft_dice_loss(logits, target)
+    cropped = soft_dice_loss(logits[..., :3], target[..., :3])
+    assert loss.item() == pytest.approx(cropped.item(), abs=1e-6)
+    # Whatever the logits say on ignored pixels, the loss does not move.
+    other = logits.detach().clone()
+    other[..., 3:] = torch.randn_like(other[..., 3:]) * 100
+    assert soft_dice_loss(other, target).item() == pytest.approx(loss.item(), abs=1e-6)
+    loss.backward()
+    assert torch.all(logits.grad[..., 3:] == 0)
+    assert torch.any(logits.grad[..., :3] != 0)
+
+
+def test_gradients_are_finite_even_for_extreme_logits() -> None:
+    logits = torch.tensor([[[[1e4, -1e4]], [[-1e4, 1e4]], [[0.0, 0.0]]]], requires_grad=True)
+    target = torch.tensor([[[2, 0]]])
+    loss = soft_dice_loss(logits, target)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert torch.all(torch.isfinite(logits.grad))
+
+
+def test_all_ignored_batch_gives_zero_with_finite_gradients() -> None:
+    logits = torch.randn(1, 3, 2, 2, requires_grad=True)
+    target = torch.full((1, 2, 2), IGNORE)
+    loss = SegmentationLoss("dice+ce", num_classes=3)(logits, target)[0]
+    loss.backward()
+    assert loss.item() == 0.0
+    assert torch.all(torch.isfinite(logits.grad))
+
+
+def test_classes_absent_from_the_target_are_left_out() -> None:
+    torch.manual_seed(1)
+    logits = torch.randn(1, 3, 3, 3)
+    target = torch.randint(0, 2, (1, 3, 3))  # no class 2
+    full = soft_dice_loss(logits, target)
+    # Same as weighting classes 0 and 1 only.
+    only01 = soft_dice_loss(logits, target, class_weights=torch.tensor([1.0, 1.0, 0.0]))
+    assert full.item() == pytest.approx(only01.item(), abs=1e-6)
+
+
+def test_class_weights_select_classes() -> None:
+    target = torch.tensor([[[0, 0, 1, 1]]])
+    logits = torch.zeros(1, 2, 1, 4)
+    logits[0, 0, 0, 2:] = 50.0  # class 1 pixels predicted as class 0; class 0 is fully right
+    class0 = soft_dice_loss(logits, target, class_weights=torch.tensor([1.0, 0.0]))
+    class1 = soft_dice_loss(logits, target, class_weights=torch.tensor([0.0, 1.0]))
+    # class 0: I=2, card=4+2 -> 1 - 5/7; class 1: I=0, card=0+2 -> 1 - 1/3
+    assert class0.item() == pytest.approx(1 - 5 / 7, abs=1e-4)
+    assert class1.item() == pytest.approx(1 - 1 / 3, abs=1e-4)
+
+
+def test_combined_loss_adds_its_parts_and_the_aux_head() -> None:
+    torch.manual_seed(2)
+    out, aux = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    target = torch.randint(0, 3, (2, 4, 4))
+    target[0, 0, 0] = IGNORE
+    both = SegmentationLoss("dice+ce", num_classes=3, aux_weight=0.5)
+    total, parts = both({"out": out, "aux": aux}, target)
+    ce = F.cross_entropy(out, target, ignore_index=IGNORE)
+    dice = soft_dice_loss(out, target)
+    aux_total = F.cross_entropy(aux, target, ignore_index=IGNORE) + soft_dice_loss(aux, target)
+    assert parts["ce"].item() == pytest.approx(ce.item(), abs=1e-6)
+    assert parts["dice"].item() == pytest.approx(dice.item(), abs=1e-6)
+    assert total.item() == pytest.approx((ce + dice + 0.5 * aux_total).item(), abs=1e-5)
+    only_dice, parts = SegmentationLoss("dice", num_classes=3)(out, target)
+    assert set(parts) == {"dice", "total"}
+    assert only_dice.item() == pytest.approx(dice.item(), abs=1e-6)
+
+
+def test_class_weight_tensor_fills_unlisted_classes_with_one() -> None:
+    assert class_weight_tensor({}, ["a", "b"]) is None
+    assert class_weight_tensor({"lake": 5}, ["ocean", "land", "lake"]).tolist() == [1, 1, 5]
+
+
+def test_bf16_logits_are_scored_in_float32() -> None:
+    target = torch.tensor([[[0, 1], [2, 1]]])
+    logits = perfect_logits(target, 3).to(torch.bfloat16)
+    loss = soft_dice_loss(logits, target)
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
