@@ -12,8 +12,10 @@ FROM python:3.11-slim
 # torch and torchvision from there instead; every other dependency still comes from PyPI.
 ARG TORCH_INDEX_URL=""
 
+# NO_ALBUMENTATIONS_UPDATE: albumentations otherwise asks PyPI for a newer version on import.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
+    NO_ALBUMENTATIONS_UPDATE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONPATH=/app
@@ -40,7 +42,8 @@ RUN useradd --create-home --uid 10001 --user-group satseg \
     && mkdir -p /data /runs \
     && chown satseg:satseg /data /runs
 
-COPY --chown=satseg:satseg . .
+# The code stays owned by root: the service user can read it, not change it.
+COPY . .
 
 USER satseg
 

@@ -7,7 +7,7 @@ API lists image/mask pairs of the bundled test split so a new user sees a result
 Routes:
     GET /                          index.html
     GET /static/{name}             an allow-listed file from service/static
-    GET /examples                  [{"name", "image_url", "mask_url"}] (empty when the folder is missing)
+    GET /examples                  [{"name", "image_url", "mask_url"}]; [] without the folder
     GET /examples/{name}/image     the tile's image
     GET /examples/{name}/mask      the tile's ground-truth mask
 """
@@ -31,10 +31,11 @@ STATIC_FILES: dict[str, str] = {
     "style.css": "text/css; charset=utf-8",
 }
 
-# Open even when the service asks for API keys (exact paths, or prefixes ending in "/"): the
-# page holds no model output, and the examples are the bundled public data set. The page
-# itself asks for a key when /model or /segment answer 401.
-PUBLIC_PATHS = frozenset({"/", "/static/", "/examples", "/examples/"})
+# Open even when the service asks for API keys (entries ending in "/" are prefixes, others
+# exact paths): the page's files hold no model output, and the examples are the bundled
+# public data set. The page asks for a key when /model answers 401. "/" itself is left out:
+# as a prefix it would open every route.
+PUBLIC_PATHS = frozenset({"/static/", "/examples", "/examples/"})
 
 EXAMPLES_ENV = "SATSEG_EXAMPLES_DIR"
 DEFAULT_EXAMPLES_DIR = Path("data/bluemarble/TEST_SET")
@@ -98,7 +99,7 @@ def examples_dir() -> Path:
 
 
 def _files_by_stem(folder: Path, suffixes: dict[str, str]) -> dict[str, Path]:
-    """Regular files in ``folder`` with an allowed suffix, keyed by stem (first in name order wins)."""
+    """Regular files in ``folder`` with an allowed suffix, keyed by stem (first by name wins)."""
     if not folder.is_dir():
         return {}
     found: dict[str, Path] = {}

@@ -110,6 +110,7 @@ def optimize(
     fold_batchnorm: bool = True,
     compile_mode: str | None = None,
     min_agreement: float | None = None,
+    validation: Iterable[torch.Tensor] | None = None,
 ) -> Forward:
     """Build the fast inference forward of a torchvision DeepLabV3.
 
@@ -130,8 +131,9 @@ def optimize(
         compile_mode: ``torch.compile`` mode (e.g. ``"default"``, ``"reduce-overhead"`` for CUDA
             graphs, ``"max-autotune"``); ``None`` runs eagerly.
         min_agreement: with int8, the least acceptable :func:`pixel_agreement` between the
-            quantised and the float32 model on the calibration batches; below it
+            quantised and the float32 model (the lowest over ``validation`` batches); below it
             :class:`QuantizationError` is raised.
+        validation: normalised batches for that check (default: the calibration batches).
 
     Raises:
         ValueError: unknown precision or quantize mode, int8 without calibration data or on
@@ -181,11 +183,12 @@ def optimize(
     )
     if quantize == "int8" and min_agreement is not None:
         reference = _Logits(_without_aux(model)).eval().to(device)
-        score = min(pixel_agreement(_run(reference, b), forward(b)) for b in batches)
+        checks = batches if validation is None else [b.to(device) for b in validation]
+        score = min(pixel_agreement(_run(reference, b), forward(b)) for b in checks)
         if score < min_agreement:
             raise QuantizationError(
-                f"int8 model agrees with float32 on {score:.4f} of calibration pixels, "
-                f"below the required {min_agreement}"
+                f"int8 model agrees with float32 on {score:.4f} of the checked pixels, "
+                f"below the required {min_agreement}; calibrate on images like those served"
             )
     return forward
 
@@ -223,6 +226,7 @@ def quantize_int8(
         # the one that runs eagerly on oneDNN without an inductor build.
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", message=".*reduce_range will be deprecated.*")
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
         from torch.ao.quantization import get_default_qconfig_mapping
         from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 

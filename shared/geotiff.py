@@ -54,6 +54,7 @@ from shared.imaging import (
     ImageError,
     ImageTooLargeError,
     UnsupportedFormatError,
+    decode_image,
 )
 from shared.labels import LabelMap
 
@@ -269,6 +270,43 @@ def read_geotiff(
         raise ImageTooLargeError("the raster cannot be read within the memory limits") from None
     except (RasterioError, ValueError) as e:
         raise CorruptImageError(f"cannot read the TIFF: {_clean(e)}") from None
+
+
+def decode_raster(
+    data: bytes,
+    *,
+    bands: Sequence[int] | str | None = None,
+    scale: str | Scale | None = "auto",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> tuple[np.ndarray, GeoImage | None]:
+    """Any upload to ``(H, W, 3)`` uint8 RGB: TIFFs through :func:`read_geotiff` (any band count
+    and type, georeferencing kept), everything else through :func:`shared.imaging.decode_image`.
+
+    ``bands`` and ``scale`` are validated whatever the format, and apply to TIFFs only.
+
+    Returns:
+        ``(rgb, geo)``; ``geo`` is None for non-TIFF input.
+
+    Raises:
+        ImageError: one of its subclasses (RasterOptionError for bad ``bands``/``scale``).
+    """
+    chosen, how = parse_bands(bands), parse_scale(scale)
+    if is_tiff(data):
+        geo = read_geotiff(data, bands=chosen, scale=how, max_pixels=max_pixels)
+        return geo.rgb, geo
+    return decode_image(data, max_pixels=max_pixels), None
+
+
+def mask_invalid(mask: np.ndarray, geo: GeoImage | None, fill: int) -> np.ndarray:
+    """``mask`` with ``fill`` (e.g. ``ignore_index``) where the input pixel was nodata.
+
+    Returns ``mask`` itself when every pixel was valid, else a copy.
+    """
+    if geo is None or geo.valid is None:
+        return mask
+    out = mask.copy()
+    out[~geo.valid] = fill
+    return out
 
 
 def write_geotiff_mask(

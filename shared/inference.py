@@ -192,9 +192,11 @@ class Predictor:
                 f"batch must be (N, 3, h, w) uint8, got {tuple(batch.shape)} {batch.dtype}"
             )
         with torch.inference_mode():
-            x = normalize(self.to_device(batch), self.normalization)
+            batch = self.to_device(batch)
             if self.options.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+                # Reorder the uint8 batch (a quarter of the bytes); normalize keeps the layout.
+                batch = batch.contiguous(memory_format=torch.channels_last)
+            x = normalize(batch, self.normalization)
             dtype = self.autocast_dtype
             with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
                 out = self.forward(x)
@@ -202,10 +204,8 @@ class Predictor:
 
     def segment(self, image: np.ndarray) -> np.ndarray:
         """``(H, W, 3)`` uint8 RGB -> ``(H, W)`` uint8 class ids, tiled for large images."""
-        tensor = image_to_tensor(image)  # (3, H, W) view of the (H, W, 3) array
-        if self.device.type == "cuda":
-            # Upload the contiguous (H, W, 3) memory as it is and permute on the GPU.
-            tensor = self.to_device(tensor.permute(1, 2, 0)).permute(2, 0, 1)
+        # A (3, H, W) view of the (H, W, 3) array; it travels in that layout, without a host copy.
+        tensor = self.to_device(image_to_tensor(image))
         with torch.inference_mode():
             mask = segment_tiled(
                 tensor,
@@ -228,12 +228,16 @@ class Predictor:
     def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         """Move a host tensor to the device; on CUDA via pinned memory, without blocking the host.
 
-        The copy is queued on the current stream, so the kernels that use it run after it.
+        Dense views (e.g. the permuted ``(3, H, W)`` view of an ``(H, W, 3)`` image) keep their
+        strides, so they are copied once, as they lie in memory. The copy is queued on the
+        current stream, so the kernels that use the result run after it.
         """
         if tensor.device == self.device:
             return tensor
         if self.device.type == "cuda" and tensor.device.type == "cpu":
-            return tensor.contiguous().pin_memory().to(self.device, non_blocking=True)
+            if not _is_dense(tensor):
+                tensor = tensor.contiguous()  # pinning a sparse view would pin its whole span
+            return tensor.pin_memory().to(self.device, non_blocking=True)
         return tensor.to(self.device)
 
     def _eager_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -241,6 +245,12 @@ class Predictor:
         features = self.model.backbone(x)["out"]
         out = self.model.classifier(features)
         return F.interpolate(out, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def _is_dense(tensor: torch.Tensor) -> bool:
+    """Whether the elements fill their memory span exactly, in some order of the dimensions."""
+    order = sorted(range(tensor.ndim), key=lambda d: tensor.stride(d), reverse=True)
+    return tensor.permute(order).is_contiguous()
 
 
 def _check_tiling(options: InferenceOptions) -> None:

@@ -115,7 +115,7 @@ def segment_tiled(
         logits = _checked(run, batch, num_classes)
         for (y, x), tile_logits in zip(chunk, logits, strict=True):
             acc[:, y : y + tile, x : x + tile].addcmul_(tile_logits.float(), window)
-    # Argmax a band of rows at a time: its int64 result would be 2/3 the accumulator's size.
+    # Argmax a band of rows at a time: a whole-image int64 result would rival the accumulator.
     mask = torch.empty((height, width), dtype=torch.uint8, device=image.device)
     for top in range(0, height, tile):
         mask[top : top + tile] = acc[:, top : min(top + tile, height), :width].argmax(dim=0)

@@ -87,13 +87,13 @@ class SegmentationLoss(nn.Module):
 
     def _single(self, logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
         parts: dict[str, torch.Tensor] = {}
-        if "ce" in self.kind:
+        if self.kind in ("ce", "dice+ce"):
             ce = F.cross_entropy(
                 logits.float(), target, weight=self.class_weights, ignore_index=self.ignore_index
             )
             # A batch of only ignored pixels gives 0/0 = nan; it carries no signal.
             parts["ce"] = torch.nan_to_num(ce, nan=0.0)
-        if "dice" in self.kind:
+        if self.kind in ("dice", "dice+ce"):
             parts["dice"] = soft_dice_loss(
                 logits,
                 target,

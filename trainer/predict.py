@@ -10,6 +10,9 @@ Same-sized images up to one tile are stacked ``--batch`` at a time into one forw
 larger ones are cut into tiles, ``--batch`` tiles a pass. Decoding runs in background threads
 while the model works.
 
+Folders are searched recursively for image files (.jpg, .jpeg, .png, .tif, .tiff, .webp, .bmp;
+hidden files skipped); a file named on the command line is taken whatever its extension.
+
 Outputs, under ``--out`` (sub-folders of an input folder are mirrored):
 
 * ``<stem>.png``: single-channel class-id mask with the label colours as its palette;
@@ -50,13 +53,13 @@ from shared.geotiff import (
     GeoImage,
     RasterOptionError,
     Scale,
-    is_tiff,
+    decode_raster,
+    mask_invalid,
     parse_bands,
     parse_scale,
-    read_geotiff,
     write_geotiff_mask,
 )
-from shared.imaging import DEFAULT_MAX_PIXELS, ImageError, decode_image, encode_png
+from shared.imaging import DEFAULT_MAX_PIXELS, ImageError, encode_png
 from shared.inference import PRECISIONS, InferenceOptions, Predictor
 from shared.labels import overlay
 from shared.tiling import ALIGN, pad_reflect
@@ -207,7 +210,8 @@ def predict_files(
 
     bar = tqdm(total=len(todo), unit="img", desc="predict", disable=_bar_disabled(progress))
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="decode") as pool:
-        for chunk in _chunks(_prefetch(pool, todo, read, depth=2 * batch), batch):
+        depth = batch + max(1, workers)  # decoded images waiting: bounds host memory
+        for chunk in _chunks(_prefetch(pool, todo, read, depth=depth), batch):
             for item in chunk:
                 if item.error is not None:
                     _skip(report, item.job.source, item.error)
@@ -247,16 +251,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{len(jobs)} image(s) -> {args.out} on {predictor.device} ({predictor.precision})",
         file=sys.stderr,
     )
-    report = predict_files(
-        predictor,
-        jobs,
-        read=read,
-        overlays=args.overlay,
-        alpha=args.alpha,
-        batch=args.batch,
-        skip_existing=args.skip_existing,
-        workers=args.workers,
-    )
+    try:
+        report = predict_files(
+            predictor,
+            jobs,
+            read=read,
+            overlays=args.overlay,
+            alpha=args.alpha,
+            batch=args.batch,
+            skip_existing=args.skip_existing,
+            workers=args.workers,
+        )
+    except KeyboardInterrupt:
+        # Outputs are written atomically, so every file already there is complete.
+        print("interrupted; continue with --skip-existing", file=sys.stderr)
+        return 130
     done = len(jobs) - len(report.skipped) - len(report.kept)
     kept = f", {len(report.kept)} already done" if report.kept else ""
     print(f"segmented {done} image(s), wrote {len(report.written)} file(s){kept}", file=sys.stderr)
@@ -336,10 +345,10 @@ def _check_outputs(jobs: Sequence[Job], overlays: bool) -> None:
 def _load(job: Job, read: ReadOptions) -> _Loaded:
     try:
         data = job.source.read_bytes()
-        if is_tiff(data):
-            geo = read_geotiff(data, bands=read.bands, scale=read.scale, max_pixels=read.max_pixels)
-            return _Loaded(job, rgb=geo.rgb, geo=geo)
-        return _Loaded(job, rgb=decode_image(data, max_pixels=read.max_pixels))
+        rgb, geo = decode_raster(
+            data, bands=read.bands, scale=read.scale, max_pixels=read.max_pixels
+        )
+        return _Loaded(job, rgb=rgb, geo=geo)
     except ImageError as err:
         return _Loaded(job, error=f"{err.code}: {err}")
     except OSError as err:
@@ -415,8 +424,9 @@ def _segment_stack(predictor: Predictor, images: list[np.ndarray]) -> list[np.nd
     forward pass, argmax of the crop), for ``len(images)`` images in one pass.
     """
     height, width = images[0].shape[:2]
-    batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)  # (N, 3, H, W) uint8
-    batch = pad_reflect(batch, _round_up(height), _round_up(width))
+    stacked = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)  # (N, 3, H, W) uint8 view
+    # Only uint8 crosses to the device; the padding happens there.
+    batch = pad_reflect(predictor.to_device(stacked), _round_up(height), _round_up(width))
     with torch.inference_mode():
         logits = predictor.run_batch(batch)
         masks = logits[:, :, :height, :width].argmax(dim=1).to(torch.uint8).cpu().numpy()
@@ -429,9 +439,7 @@ def _write(
     label_map = predictor.label_map
     geo = item.geo
     written: list[Path] = []
-    if geo is not None and geo.valid is not None:
-        mask = mask.copy()
-        mask[~geo.valid] = label_map.ignore_index
+    mask = mask_invalid(mask, geo, label_map.ignore_index)
     if geo is not None and geo.georeferenced:
         nodata = label_map.ignore_index if geo.valid is not None else None
         data = write_geotiff_mask(mask, geo.profile, label_map=label_map, nodata=nodata)

@@ -32,6 +32,8 @@ def configure_determinism(deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
     else:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
         torch.backends.cudnn.benchmark = True
 
 

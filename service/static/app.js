@@ -447,18 +447,18 @@
     $("progress-text").textContent = text;
   }
 
-  function startProgress(fileSize) {
+  function startProgress() {
     $("progress").hidden = false;
     $("cancel-button").hidden = false;
     $("run-button").disabled = true;
     const started = performance.now();
-    const big = fileSize > 4 * 1024 * 1024;
     setProgress("Uploading…", 0);
+    // The server sends nothing until it is done, so the page can only say how long it waits.
     progressTimer = setInterval(() => {
-      if (!state.xhr || state.xhr.readyState < 2 || state.uploading) return;
-      const secs = ((performance.now() - started) / 1000).toFixed(0);
-      const extra = big ? " Large scenes are cut into tiles on the server." : "";
-      setProgress(`The server is segmenting… ${secs} s.${extra}`);
+      if (state.uploading) return;
+      const secs = Math.floor((performance.now() - started) / 1000);
+      const hint = secs >= 3 ? " Large images are segmented tile by tile on the server." : "";
+      setProgress(`The server is segmenting… ${secs} s.${hint}`);
     }, 500);
   }
 
@@ -471,7 +471,7 @@
   }
 
   /** POST a multipart form with upload progress; resolves to {status, body}. */
-  function post(url, form, fileSize) {
+  function post(url, form) {
     return new Promise((resolve, reject) => {
       const xhr = new XMLHttpRequest();
       state.xhr = xhr;
@@ -484,12 +484,14 @@
       };
       xhr.upload.onload = () => {
         state.uploading = false;
-        setProgress(fileSize > 4 * 1024 * 1024
-          ? "The server is segmenting… Large scenes are cut into tiles on the server."
-          : "The server is segmenting…");
+        setProgress("The server is segmenting…");
+      };
+      const done = () => {
+        state.xhr = null;
+        state.uploading = false;
       };
       xhr.onload = () => {
-        state.uploading = false;
+        done();
         let body = null;
         try {
           body = JSON.parse(xhr.responseText);
@@ -498,8 +500,14 @@
         }
         resolve({ status: xhr.status, statusText: xhr.statusText, body });
       };
-      xhr.onerror = () => reject(new Error("Could not reach the service. Is it still running?"));
-      xhr.onabort = () => reject(new DOMException("cancelled", "AbortError"));
+      xhr.onerror = () => {
+        done();
+        reject(new Error("Could not reach the service. Is it still running?"));
+      };
+      xhr.onabort = () => {
+        done();
+        reject(new DOMException("cancelled", "AbortError"));
+      };
       xhr.send(form);
     });
   }
@@ -544,20 +552,17 @@
     form.append("image", image, image.name);
     if (mask) form.append("mask", mask, mask.name);
     const url = mask ? "/evaluate?format=rle" : "/segment?format=rle";
-    const size = image.size + (mask ? mask.size : 0);
-    startProgress(size);
+    startProgress();
     // Decode the picture for display while the server works.
     const bitmapPromise = createImageBitmap(image).catch(() => null);
     let res;
     try {
-      res = await post(url, form, size);
+      res = await post(url, form);
     } catch (err) {
       stopProgress();
       if (err.name !== "AbortError") showError("Request failed", err.message);
       else showError("Cancelled", "The request was cancelled; nothing was drawn.");
       return;
-    } finally {
-      state.xhr = null;
     }
     if (res.status !== 200) {
       stopProgress();

@@ -15,10 +15,13 @@ from rasterio.io import MemoryFile
 from rasterio.transform import Affine
 
 from shared.geotiff import (
+    GeoImage,
     RasterOptionError,
     Scale,
+    decode_raster,
     is_geotiff,
     is_tiff,
+    mask_invalid,
     parse_bands,
     parse_scale,
     read_geotiff,
@@ -361,3 +364,38 @@ def test_mask_must_be_uint8_and_match_the_profile():
         write_geotiff_mask(np.zeros((64, 96), dtype=np.int64), profile)
     with pytest.raises(ValueError, match="95x64"):
         write_geotiff_mask(np.zeros((64, 95), dtype=np.uint8), profile)
+
+
+# -- dispatch and nodata -----------------------------------------------------------------------
+
+
+def test_decode_raster_sends_tiffs_to_rasterio_and_the_rest_to_pil(bluemarble_tile):
+    buffer = io.BytesIO()
+    Image.fromarray(bluemarble_tile).save(buffer, format="PNG")
+    rgb, geo = decode_raster(buffer.getvalue(), bands="3,2,1")  # bands only apply to TIFFs
+    assert geo is None
+    np.testing.assert_array_equal(rgb, bluemarble_tile)
+
+    tiff = geotiff_bytes(bluemarble_tile.transpose(2, 0, 1).copy())
+    rgb, geo = decode_raster(tiff, bands="3,2,1")
+    assert geo is not None and geo.crs == CRS.from_epsg(4326)
+    np.testing.assert_array_equal(rgb, bluemarble_tile[:, :, ::-1])
+
+    with pytest.raises(RasterOptionError):  # checked whatever the format
+        decode_raster(buffer.getvalue(), scale="loud")
+
+
+def test_mask_invalid_fills_only_nodata_pixels():
+    mask = np.array([[0, 1], [2, 1]], dtype=np.uint8)
+    rgb = np.zeros((2, 2, 3), dtype=np.uint8)
+    everywhere = GeoImage(rgb=rgb, crs=None, transform=Affine.identity())
+    assert mask_invalid(mask, None, 255) is mask
+    assert mask_invalid(mask, everywhere, 255) is mask
+    holes = GeoImage(
+        rgb=rgb,
+        crs=None,
+        transform=Affine.identity(),
+        valid=np.array([[True, False], [True, True]]),
+    )
+    assert mask_invalid(mask, holes, 255).tolist() == [[0, 255], [2, 1]]
+    assert mask.tolist() == [[0, 1], [2, 1]]  # the input is left alone

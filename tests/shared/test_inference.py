@@ -169,6 +169,7 @@ def test_bf16_autocast_close_to_fp32(tiny_checkpoint: Path, rng) -> None:
     a, b = fp32.run_batch(batch), bf16.run_batch(batch)
     assert b.dtype == torch.float32
     assert not torch.equal(a, b)  # bf16 really ran
+    assert ((a - b).norm() / a.norm()).item() < 5e-2
     assert (a.argmax(1) == b.argmax(1)).float().mean() > 0.9
 
 
@@ -222,13 +223,26 @@ def test_broken_checkpoint_is_a_checkpoint_error(tmp_path: Path) -> None:
         Predictor.from_checkpoint(path, fp32_options())
 
 
+def test_to_device_is_a_no_op_on_the_same_device(predictor: Predictor) -> None:
+    tensor = torch.zeros(3, 4, 5, dtype=torch.uint8)
+    assert predictor.to_device(tensor) is tensor
+
+
+def test_dense_view_detection() -> None:
+    hwc = torch.zeros(5, 7, 3)
+    assert inference._is_dense(hwc.permute(2, 0, 1))  # uploaded as it lies, no host copy
+    assert inference._is_dense(hwc[1:3])
+    assert not inference._is_dense(hwc[:, 1:3])  # a crop: copied before pinning
+    assert not inference._is_dense(hwc[..., 0])
+
+
 # -- CUDA ----------------------------------------------------------------------------------------
 
 
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
-def test_cuda_segment_agrees_with_cpu(tiny_checkpoint: Path, rng, precision: str) -> None:
+def test_cuda_agrees_with_cpu(tiny_checkpoint: Path, rng, precision: str) -> None:
     if precision == "bf16" and not torch.cuda.is_bf16_supported():
         pytest.skip("GPU without bf16")
     cpu = Predictor.from_checkpoint(tiny_checkpoint, fp32_options(tile=64, overlap=16))
@@ -236,13 +250,18 @@ def test_cuda_segment_agrees_with_cpu(tiny_checkpoint: Path, rng, precision: str
         tiny_checkpoint, InferenceOptions(device="cuda", precision=precision, tile=64, overlap=16)
     )
     assert gpu.device.type == "cuda" and gpu.precision == precision
+    batch = torch.from_numpy(rng.integers(0, 256, (2, 3, 64, 64), dtype=np.uint8))
+    expected = cpu.run_batch(batch)
+    got = gpu.run_batch(batch)
+    assert got.device.type == "cuda" and got.dtype == torch.float32
+    # TF32 (allowed by default for cuDNN convolutions) and half precision change the last digits.
+    relative = ((got.cpu() - expected).norm() / expected.norm()).item()
+    assert relative < (1e-2 if precision == "fp32" else 5e-2)
+
     image = rng.integers(0, 256, (150, 90, 3), dtype=np.uint8)
-
     mask = gpu.segment(image)
-
     assert isinstance(mask, np.ndarray) and mask.dtype == np.uint8 and mask.shape == (150, 90)
-    agreement = (mask == cpu.segment(image)).mean()
-    assert agreement > (0.999 if precision == "fp32" else 0.95)
+    assert (mask == cpu.segment(image)).mean() > 0.95
 
 
 @pytest.mark.gpu
@@ -256,6 +275,10 @@ def test_cuda_run_batch_from_host_and_device(tiny_checkpoint: Path) -> None:
     assert a.device.type == "cuda" and a.dtype == torch.float32
     assert torch.equal(a, b)
     gpu.warmup()
+    hwc = torch.randint(0, 256, (33, 17, 3), dtype=torch.uint8)
+    for view in (hwc.permute(2, 0, 1), hwc[:, 1:9].permute(2, 0, 1)):
+        uploaded = gpu.to_device(view)
+        assert uploaded.device == gpu.device and torch.equal(uploaded.cpu(), view)
     assert resolve_device("cuda").index == torch.cuda.current_device()
     assert resolve_precision("auto", resolve_device("cuda")) == (
         "bf16" if torch.cuda.is_bf16_supported() else "fp32"

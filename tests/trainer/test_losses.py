@@ -85,7 +85,7 @@ def test_classes_absent_from_the_target_are_left_out() -> None:
 def test_class_weights_select_classes() -> None:
     target = torch.tensor([[[0, 0, 1, 1]]])
     logits = torch.zeros(1, 2, 1, 4)
-    logits[0, 0, 0, 2:] = 50.0  # class 1 pixels predicted as class 0; class 0 is fully right
+    logits[0, 0, 0, :] = 50.0  # every pixel predicted as class 0
     class0 = soft_dice_loss(logits, target, class_weights=torch.tensor([1.0, 0.0]))
     class1 = soft_dice_loss(logits, target, class_weights=torch.tensor([0.0, 1.0]))
     # class 0: I=2, card=4+2 -> 1 - 5/7; class 1: I=0, card=0+2 -> 1 - 1/3

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 
@@ -75,6 +76,14 @@ def checkpoint(tmp_path_factory, tiles) -> Path:
     path = tmp_path_factory.mktemp("predict") / "model.pt"
     save_checkpoint(payload, path)
     return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _restore_threads() -> Iterator[None]:
+    # `--threads 1` sets torch's global thread count; leave it as it was for other modules.
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -223,8 +232,8 @@ def test_large_image_is_tiled_like_the_engine(tmp_path, checkpoint, tiles, capsy
 
 
 def test_uint16_geotiff_bands_scale_and_nodata(tmp_path, checkpoint, predictor, tiles, capsys):
-    # Four uint16 bands, true colour in 4,3,2 as in Sentinel-2, reflectance x 10 (0..2550).
-    rgb = tiles["atlantic"].astype(np.uint16) * 10
+    # Four uint16 bands, true colour in 4,3,2 as in Sentinel-2: (v + 1) * 10, so 0 is only nodata.
+    rgb = (tiles["atlantic"].astype(np.uint16) + 1) * 10
     bands = np.stack([np.full_like(rgb[:, :, 0], 9999), rgb[:, :, 2], rgb[:, :, 1], rgb[:, :, 0]])
     bands[:, 0, :5] = 0  # five nodata pixels in the first row
     (tmp_path / "in").mkdir()
@@ -232,13 +241,13 @@ def test_uint16_geotiff_bands_scale_and_nodata(tmp_path, checkpoint, predictor, 
     out = tmp_path / "out"
 
     args = ["--checkpoint", str(checkpoint), str(tmp_path / "in" / "s2.tif"), "--out", str(out)]
-    code = main(args + ["--bands", "4,3,2", "--scale", "0,2550"] + FAST)
+    code = main(args + ["--bands", "4,3,2", "--scale", "10,2560"] + FAST)
 
     assert code == EXIT_OK, capsys.readouterr().err
     mask, profile = read_tif(out / "s2.tif")
     assert profile["nodata"] == 255 and profile["transform"] == transform_of("atlantic")
     assert (mask[0, :5] == 255).all()
-    # Elsewhere the scaled bands are the original tile (v * 10 * 255 / 2550 = v), bar nodata.
+    # The scaled bands are the tile again, 255 * ((v + 1) * 10 - 10) / 2550 = v; nodata reads 0.
     expected_input = tiles["atlantic"].copy()
     expected_input[0, :5] = 0
     expected = predictor.segment(expected_input)

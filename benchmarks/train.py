@@ -1,0 +1,310 @@
+"""Training benchmark: the trainer's real step against a plain fp32 eager loop, same run.
+
+    python -m benchmarks.train [--quick] [--json PATH] [--config YAML] [key.path=value ...]
+
+Both loops train the same architecture on the same data (the trainer's dataset and
+augmentations, from ``data.root``) at the same batch size and crop size:
+
+- **trainer**: :class:`trainer.fit.Trainer` wired by trainer.fit's own functions, running its
+  ``train_one_epoch`` -- DataLoader workers, autocast (bf16/fp16), channels_last, the configured
+  loss, gradient clipping and schedule;
+- **plain**: what a first PyTorch loop looks like: ``DataLoader(num_workers=0)``, fp32, NCHW,
+  cross-entropy, Adam.
+
+Each reports images/s over the timed steps (after warm-up steps) and the share of wall time
+spent waiting for the next batch (time blocked in the loader's ``__next__``). The JSON holds
+``trainer_over_plain`` and ``data_wait_share`` for both, and the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from benchmarks.common import REPO, describe, machine, markdown_table, write_json
+from shared.inference import InferenceOptions, Predictor, resolve_device
+from shared.labels import DEFAULT_LABEL_MAPPING, LabelMap
+from shared.model import build_model
+from shared.preprocess import Normalization, normalize
+from trainer import distributed
+from trainer.config import Config, load_config
+from trainer.data import collate
+from trainer.fit import (
+    RunState,
+    Trainer,
+    load_data,
+    make_model,
+    make_optimizer,
+    training_precision,
+)
+from trainer.logging_utils import Board
+from trainer.losses import SegmentationLoss, class_weight_tensor
+from trainer.schedule import LRSchedule
+
+DEFAULT_CONFIG = REPO / "trainer" / "configs" / "quickstart.yaml"
+TARGET = {"trainer_over_plain": 1.5}
+
+
+class TimedLoader:
+    """Wraps a DataLoader and adds up the time spent waiting for each batch."""
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader = loader
+        self.wait_s = 0.0
+        self.batches = 0
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.loader, name)
+
+    def __iter__(self) -> Iterator[Any]:
+        iterator = iter(self.loader)
+        while True:
+            start = time.perf_counter()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            self.wait_s += time.perf_counter() - start
+            self.batches += 1
+            yield batch
+
+
+def build_trainer(cfg: Config, workdir: Path) -> Trainer:
+    """The trainer's pieces, wired the way ``trainer.fit`` wires them (single process)."""
+    device = resolve_device(cfg.train.device)
+    info = distributed.setup(device)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    precision = training_precision(cfg.train.precision, device)
+    label_map = LabelMap.load(cfg.data.label_map or DEFAULT_LABEL_MAPPING)
+    loaders = load_data(cfg, label_map, info)
+    model = make_model(cfg, label_map.num_classes, resuming=False).to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    criterion = SegmentationLoss(
+        cfg.train.loss,
+        num_classes=label_map.num_classes,
+        ignore_index=label_map.ignore_index,
+        smooth=cfg.train.dice_smooth,
+        class_weights=class_weight_tensor(cfg.train.class_weights, label_map.names),
+        aux_weight=cfg.train.aux_weight,
+    ).to(device)
+    optimizer = make_optimizer(model, cfg)
+    schedule = LRSchedule(
+        optimizer,
+        base_lr=cfg.train.lr,
+        total_steps=max(1, cfg.train.epochs * len(loaders.train)),
+        warmup_steps=cfg.train.warmup_steps,
+        kind=cfg.train.schedule,
+        power=cfg.train.poly_power,
+        min_lr=cfg.train.min_lr,
+        budget_s=None,
+    )
+    train_model: nn.Module = torch.compile(model) if cfg.train.compile else model
+    predictor = Predictor(
+        model,
+        label_map,
+        Normalization(),
+        InferenceOptions(device=str(device), precision=precision),
+    )
+    model.train()
+    return Trainer(
+        cfg=cfg,
+        info=info,
+        run_dir=workdir,
+        label_map=label_map,
+        normalization=Normalization(),
+        model=model,
+        train_model=train_model,
+        criterion=criterion,
+        optimizer=optimizer,
+        schedule=schedule,
+        scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
+        loaders=loaders,
+        precision=precision,
+        predictor=predictor,
+        board=Board(None),
+        state=RunState(),
+    )
+
+
+def run_trainer(cfg: Config, warmup: int, steps: int, workdir: Path) -> dict[str, Any]:
+    """Images/s and data-wait share of ``Trainer.train_one_epoch`` over ``steps`` steps."""
+    trainer = build_trainer(cfg, workdir)
+    timed = TimedLoader(trainer.loaders.train)
+    trainer.loaders.train = timed  # type: ignore[assignment]
+    device = trainer.info.device
+
+    def train_until(total_steps: int) -> None:
+        trainer.cfg.train.max_steps = total_steps
+        while trainer.state.step < total_steps:
+            trainer.train_one_epoch()
+
+    train_until(warmup)  # worker start-up, allocator, first kernels
+    _sync(device)
+    timed.wait_s, timed.batches = 0.0, 0
+    start = time.perf_counter()
+    train_until(warmup + steps)
+    _sync(device)
+    wall = time.perf_counter() - start
+    images = steps * cfg.train.batch_size * cfg.train.accumulate
+    return {
+        "what": f"trainer.fit Trainer.train_one_epoch: {trainer.precision}, channels_last "
+        f"{cfg.train.channels_last}, {cfg.data.num_workers} loader worker(s), "
+        f"loss {cfg.train.loss}, compile {cfg.train.compile}",
+        "precision": trainer.precision,
+        "device": str(device),
+        "steps": steps,
+        "images": images,
+        "seconds": wall,
+        "images_per_s": images / wall,
+        "data_wait_s": timed.wait_s,
+        "data_wait_share": timed.wait_s / wall,
+    }
+
+
+def run_plain(cfg: Config, warmup: int, steps: int) -> dict[str, Any]:
+    """A plain loop on the trainer's own training dataset: fp32, NCHW, no workers, CE, Adam."""
+    device = resolve_device(cfg.train.device)
+    info = distributed.setup(device)
+    label_map = LabelMap.load(cfg.data.label_map or DEFAULT_LABEL_MAPPING)
+    dataset = load_data(cfg, label_map, info).train.dataset
+    loader = DataLoader(
+        dataset, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True, collate_fn=collate
+    )
+    timed = TimedLoader(loader)
+    model = build_model(cfg.model.backbone, num_classes=label_map.num_classes).to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    loss_fn = nn.CrossEntropyLoss(ignore_index=label_map.ignore_index)
+    norm = Normalization()
+
+    def train(count: int) -> None:
+        done = 0
+        while done < count:
+            for images, masks in timed:
+                x = normalize(images.to(device), norm)
+                loss = loss_fn(model(x)["out"], masks.to(device).long())
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                done += 1
+                if done == count:
+                    return
+
+    train(warmup)
+    _sync(device)
+    timed.wait_s = 0.0
+    start = time.perf_counter()
+    train(steps)
+    _sync(device)
+    wall = time.perf_counter() - start
+    images = steps * cfg.train.batch_size
+    return {
+        "what": "plain loop: fp32, NCHW, DataLoader(num_workers=0), cross-entropy, Adam",
+        "precision": "fp32",
+        "device": str(device),
+        "steps": steps,
+        "images": images,
+        "seconds": wall,
+        "images_per_s": images / wall,
+        "data_wait_s": timed.wait_s,
+        "data_wait_share": timed.wait_s / wall,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    quick = args.quick
+    warmup = args.warmup if args.warmup is not None else (1 if quick else 3)
+    steps = args.steps or (3 if quick else 20)
+    overrides = ["eval.enabled=false", "log.tensorboard=false", *args.overrides]
+    cfg = load_config(args.config, overrides)
+    cfg.log.progress = "off"  # type: ignore[assignment]  # no bar inside a benchmark
+
+    info = machine()
+    print(f"# training benchmark ({'quick' if quick else 'full'})\n{describe(info)}\n", flush=True)
+    result: dict[str, Any] = {
+        "machine": info,
+        "quick": quick,
+        "config": str(args.config),
+        "overrides": overrides,
+        "backbone": cfg.model.backbone,
+        "batch_size": cfg.train.batch_size,
+        "image_size": cfg.data.image_size,
+        "warmup_steps": warmup,
+        "targets": TARGET,
+    }
+    with tempfile.TemporaryDirectory(prefix="satseg-train-bench-") as workdir:
+        result["trainer"] = run_trainer(cfg, warmup, steps, Path(workdir))
+    result["plain"] = run_plain(cfg, warmup, steps)
+    result["trainer_over_plain"] = (
+        result["trainer"]["images_per_s"] / result["plain"]["images_per_s"]
+    )
+    result["data_wait_share"] = result["trainer"]["data_wait_share"]
+
+    if torch.cuda.is_available() and not args.skip_cuda and cfg.train.device != "cpu":
+        result["cuda"] = {"note": "the rows above ran on CUDA (train.device auto)"}
+
+    rows = [
+        [
+            name,
+            r["precision"],
+            r["device"],
+            r["steps"],
+            r["images_per_s"],
+            r["data_wait_share"],
+        ]
+        for name, r in (("trainer step", result["trainer"]), ("plain fp32 loop", result["plain"]))
+    ]
+    print(
+        markdown_table(
+            ["loop", "precision", "device", "timed steps", "images/s", "data wait share"], rows
+        )
+    )
+    met = result["trainer_over_plain"] >= TARGET["trainer_over_plain"]
+    print(
+        f"\n{cfg.model.backbone}, batch {cfg.train.batch_size}, {cfg.data.image_size}px crops: "
+        f"trainer_over_plain {result['trainer_over_plain']:.2f} (target >= "
+        f"{TARGET['trainer_over_plain']}) {'met' if met else 'NOT met'}; trainer data wait "
+        f"{result['data_wait_share']:.1%}"
+    )
+    if args.json:
+        write_json(args.json, result)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.train", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="a few steps only")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument(
+        "--config", type=Path, default=DEFAULT_CONFIG, help="trainer YAML (default: quickstart)"
+    )
+    parser.add_argument("--steps", type=int, help="timed optimiser steps per loop")
+    parser.add_argument("--warmup", type=int, help="untimed steps first")
+    parser.add_argument("--skip-cuda", action="store_true")
+    parser.add_argument("overrides", nargs="*", metavar="key.path=value")
+    return parser.parse_args(argv)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,135 @@
+"""Bad input gets one JSON error body with the right status; never a 500 or a stack trace."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from service.errors import describe_validation_errors, install_error_handlers
+from tests.service.helpers import encode, scene
+
+HOSTILE = Path(__file__).resolve().parents[1] / "data" / "hostile"
+
+
+def _assert_error(response, status: int, code: str) -> str:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"code", "message"}
+    assert body["error"]["code"] == code
+    assert "Traceback" not in response.text
+    return body["error"]["message"]
+
+
+def _gif() -> bytes:
+    buf = io.BytesIO()
+    Image.new("P", (4, 4)).save(buf, format="GIF")
+    return buf.getvalue()
+
+
+def _truncated() -> bytes:
+    data = encode(scene(64, 64))
+    return data[: len(data) // 2]
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "code", "words"),
+    [
+        (b"", 400, "empty_image", "empty"),
+        (bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)), 400,
+         "corrupt_image", "not a recognised image"),
+        (_truncated(), 400, "corrupt_image", ""),
+        (b"hello, I am text pretending to be a PNG\n" * 10, 400, "corrupt_image", "text"),
+        (_gif(), 415, "unsupported_format", "GIF"),
+    ],
+    ids=["empty", "random", "truncated", "text", "gif"],
+)  # fmt: skip
+def test_hostile_uploads_get_a_clear_4xx(
+    client: TestClient, data: bytes, status: int, code: str, words: str
+) -> None:
+    response = client.post("/segment", files={"image": ("upload.png", data)})
+
+    message = _assert_error(response, status, code)
+    assert "upload.png" in message
+    assert words.lower() in message.lower()
+
+
+@pytest.mark.parametrize(
+    "path", sorted(p for p in HOSTILE.glob("*.*") if p.suffix != ".md"), ids=lambda p: p.name
+)
+def test_every_bundled_hostile_file_gets_an_answer_not_a_500(
+    client: TestClient, path: Path
+) -> None:
+    response = client.post("/segment", files={"image": (path.name, path.read_bytes())})
+
+    if response.status_code == 200:  # odd but valid (16-bit grey, RGBA, CMYK)
+        assert response.headers["content-type"] == "image/png"
+    else:
+        assert response.status_code in (400, 413, 415)
+        _assert_error(response, response.status_code, response.json()["error"]["code"])
+
+
+def test_the_bundled_hostile_files_exist() -> None:
+    names = {p.name for p in HOSTILE.glob("*.png")}
+    assert {"bomb.png", "empty.png", "text.png", "truncated.png"} <= names
+
+
+def test_unknown_format_parameter_is_422(client: TestClient) -> None:
+    response = client.post(
+        "/segment", params={"format": "jpeg"}, files={"image": ("x.png", encode(scene(8, 8)))}
+    )
+
+    assert "'format'" in _assert_error(response, 422, "validation_error")
+
+
+def test_missing_image_field_is_422(client: TestClient) -> None:
+    response = client.post("/segment", files={"picture": ("x.png", encode(scene(8, 8)))})
+
+    assert "'image'" in _assert_error(response, 422, "validation_error")
+
+
+def test_a_json_body_is_422(client: TestClient) -> None:
+    _assert_error(client.post("/segment", json={"image": "x"}), 422, "validation_error")
+
+
+def test_unknown_path_and_method_use_the_error_body(client: TestClient) -> None:
+    _assert_error(client.get("/nothing-here"), 404, "not_found")
+    response = client.get("/segment")
+    _assert_error(response, 405, "method_not_allowed")
+    assert response.headers["allow"] == "POST"
+
+
+def test_an_unexpected_exception_is_a_500_without_internals() -> None:
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.get("/boom")
+    def boom() -> None:
+        raise RuntimeError("secret internal detail /etc/passwd")
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        response = client.get("/boom")
+
+    message = _assert_error(response, 500, "internal_error")
+    assert "secret" not in response.text and "RuntimeError" not in message
+
+
+def test_validation_errors_read_as_one_sentence() -> None:
+    errors = [
+        {"loc": ("query", "format"), "msg": "Input should be 'png' or 'rle'", "type": "enum"},
+        {"loc": ("body", "image"), "msg": "Field required", "type": "missing"},
+    ]
+
+    message = describe_validation_errors(errors)
+
+    assert message == (
+        "query parameter 'format': Input should be 'png' or 'rle'; form field 'image': is "
+        "required (send it as a multipart/form-data file field)"
+    )

@@ -1,0 +1,261 @@
+"""End-to-end runs of ``python -m trainer.fit`` on a tiny synthetic dataset (CPU, seconds each)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from shared.checkpoint import load_checkpoint, model_from_checkpoint
+from shared.inference import InferenceOptions, Predictor
+from tests.trainer.conftest import make_dataset, synthetic_pair, tiny_overrides
+from trainer.config import load_config
+from trainer.fit import main
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def fit(capsys: pytest.CaptureFixture, data: Path, out: Path, **extra: object) -> tuple[int, str]:
+    rc = main(tiny_overrides(data, out, **extra))
+    captured = capsys.readouterr()
+    return rc, captured.err
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def test_tiny_fit_writes_what_the_service_loads(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "runs"
+    rc, err = fit(capsys, dataset, out, model__aux_loss=True, log__tensorboard=True)
+    assert rc == 0, err
+    run = out / "run"
+    for name in ("last.pt", "best.pt", "config.yaml", "train.log", "test_metrics.json"):
+        assert (run / name).is_file(), name
+
+    # Plain weights_only loading works, and the service's builder accepts it.
+    raw = torch.load(run / "best.pt", map_location="cpu", weights_only=True)
+    assert raw["arch"] == {
+        "name": "deeplabv3",
+        "backbone": "mobilenet_v3_large",
+        "num_classes": 3,
+        "aux_loss": True,
+    }
+    assert "training_state" not in raw  # best.pt carries weights and metadata only
+    model, label_map, _ = model_from_checkpoint(load_checkpoint(run / "best.pt"))
+    assert model.aux_classifier is None and label_map.names == ["ocean", "land", "lake"]
+    predictor = Predictor.from_checkpoint(run / "best.pt", InferenceOptions(device="cpu", tile=64, overlap=16))
+    image, _ = synthetic_pair(np.random.default_rng(0), 48)
+    assert predictor.segment(image).shape == (48, 48)
+
+    last = load_checkpoint(run / "last.pt")
+    state = last["training_state"]
+    assert state["step"] == 2 and state["epoch"] == 0 and state["batches_done"] == 2
+    assert {"optimizer", "scheduler", "scaler", "rng"} <= set(state)
+    assert isinstance(state["rng"][0]["numpy"]["keys"], torch.Tensor)
+    assert last["metrics"]["val"]["miou"] is not None
+
+    # The resolved config is written beside the run and is the one in the checkpoint.
+    resolved = load_config(run / "config.yaml")
+    assert resolved.model.aux_loss is True and resolved.train.max_steps == 2
+    assert last["config"]["model"]["aux_loss"] is True
+
+    result = json.loads((run / "test_metrics.json").read_text())
+    assert result["split"] == "test" and result["images"] == 2
+    assert {"miou", "pixel_accuracy", "mean_boundary_iou"} <= set(result)
+    assert {"iou", "dice", "precision", "recall", "boundary_iou"} <= set(result["per_class"][0])
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    tags = events.Tags()
+    for tag in ("train/total", "train/lr", "train/images_per_s", "val/miou", "val/iou/land"):
+        assert tag in tags["scalars"], tag
+    assert "val/input_truth_prediction" in tags["images"]
+
+
+@pytest.mark.parametrize("stop_at", [4, 2], ids=["epoch-boundary", "mid-epoch"])
+def test_resumed_run_matches_a_straight_run(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture, stop_at: int
+) -> None:
+    # 9 training tiles, batch 2: 4 steps per epoch. Dropout, augmentation and the weighted
+    # sampler all draw random numbers, so matching weights means every RNG was restored.
+    common = {
+        "train__epochs": 2,
+        "train__max_steps": None,
+        "train__deterministic": True,
+        "train__checkpoint_every": 1,
+        "data__oversample": "{lake: 3}",
+        "augment__affine": 0.5,
+        "eval__enabled": False,
+    }
+    rc, err = fit(capsys, dataset, tmp_path / "a", **common)
+    assert rc == 0, err
+    rc, err = fit(capsys, dataset, tmp_path / "b", **{**common, "train__max_steps": stop_at})
+    assert rc == 0, err
+    first = load_checkpoint(tmp_path / "b" / "run" / "last.pt")["training_state"]
+    assert first["step"] == stop_at
+    resume = tmp_path / "b" / "run" / "last.pt"
+    rc, err = fit(capsys, dataset, tmp_path / "b", **{**common, "train__resume": resume})
+    assert rc == 0, err
+
+    straight = weights(tmp_path / "a" / "run" / "last.pt")
+    resumed = weights(tmp_path / "b" / "run" / "last.pt")
+    assert straight.keys() == resumed.keys()
+    different = [k for k in straight if not torch.equal(straight[k], resumed[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+    assert load_checkpoint(resume)["training_state"]["step"] == 8
+
+
+def test_killed_mid_training_resumes_to_the_end(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    data = make_dataset(tmp_path / "data", n_train=12)
+    out = tmp_path / "runs"
+    args = tiny_overrides(
+        data, out, train__epochs=4, train__max_steps=None, train__checkpoint_every=1
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trainer.fit", *args],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    last = out / "run" / "last.pt"
+    deadline = time.monotonic() + 120
+    try:
+        while not last.exists():
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "no checkpoint within 2 minutes"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL  # it was killed, not finished
+    killed_at = load_checkpoint(last)["training_state"]
+    assert killed_at["step"] < 16
+
+    rc, err = fit(
+        capsys, data, out, train__epochs=4, train__max_steps=None, train__resume=last
+    )
+    assert rc == 0, err
+    done = load_checkpoint(last)["training_state"]
+    assert (done["epoch"], done["step"], done["batches_done"]) == (4, 16, 0)
+    assert (out / "run" / "test_metrics.json").is_file()
+
+
+def test_corrupt_image_stops_before_training_and_names_it(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    bad = dataset / "TAIN_VAL_SET" / "IMAGES" / "tile004.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    rc, err = fit(capsys, dataset, tmp_path / "runs")
+    assert rc == 2
+    assert "tile004.png" in err and "Traceback" not in err
+    assert not (tmp_path / "runs" / "run" / "last.pt").exists()
+
+
+def test_bad_files_are_skipped_when_configured(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    (dataset / "TAIN_VAL_SET" / "IMAGES" / "tile004.png").write_bytes(b"garbage")
+    rc, err = fit(capsys, dataset, tmp_path / "runs", data__on_bad_file="skip")
+    assert rc == 0, err
+    log = (tmp_path / "runs" / "run" / "train.log").read_text()
+    assert "skipping" in log and "tile004.png" in log
+
+
+def test_unwritable_out_dir_fails_at_start_up(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    # The data folder does not even exist: the output check comes first, before any data work.
+    rc, err = fit(capsys, tmp_path / "no-data", blocker / "runs")
+    assert rc == 2
+    assert "out_dir" in err and str(blocker) in err and "Traceback" not in err
+
+
+def test_read_only_out_dir_fails_at_start_up(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import trainer.outputs
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    # chmod cannot stop root, so the refusal is simulated where the probe file is created.
+    monkeypatch.setattr(trainer.outputs.tempfile, "mkstemp", refuse)
+    rc, err = fit(capsys, tmp_path / "no-data", tmp_path / "runs")
+    assert rc == 2 and "not writable" in err and "Permission denied" in err
+
+
+def test_full_disk_fails_before_training(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    import trainer.outputs
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(
+        trainer.outputs.shutil, "disk_usage", lambda p: usage._replace(free=1024 * 1024)
+    )
+    rc, err = fit(capsys, dataset, tmp_path / "runs")
+    assert rc == 2 and "1 MiB free" in err
+    assert not (tmp_path / "runs" / "run" / "last.pt").exists()
+
+
+def test_an_existing_run_is_not_overwritten(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert fit(capsys, dataset, tmp_path / "runs", eval__enabled=False)[0] == 0
+    rc, err = fit(capsys, dataset, tmp_path / "runs", eval__enabled=False)
+    assert rc == 2 and "already holds" in err and "train.resume" in err
+    assert fit(capsys, dataset, tmp_path / "runs", eval__enabled=False, overwrite=True)[0] == 0
+
+
+def test_resuming_from_best_is_refused(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert fit(capsys, dataset, tmp_path / "runs", eval__enabled=False)[0] == 0
+    best = tmp_path / "runs" / "run" / "best.pt"
+    rc, err = fit(capsys, dataset, tmp_path / "runs", eval__enabled=False, train__resume=best)
+    assert rc == 2 and "no training state" in err
+
+
+def test_time_budget_stops_training(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    rc, err = fit(
+        capsys, dataset, tmp_path / "runs",
+        train__epochs=50, train__max_steps=None, train__max_minutes=0.0001, eval__enabled=False,
+    )  # fmt: skip
+    assert rc == 0, err
+    state = load_checkpoint(tmp_path / "runs" / "run" / "last.pt")["training_state"]
+    assert state["step"] == 1  # the budget (6 ms) is spent after the first step
+
+
+def test_early_stopping_and_accumulation(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    # min_delta 1.0: no epoch can beat the first, so patience 1 stops after epoch 2.
+    rc, err = fit(
+        capsys, dataset, tmp_path / "runs",
+        train__epochs=10, train__max_steps=None, train__patience=1, train__min_delta=1.0,
+        train__accumulate=2, eval__enabled=False,
+    )  # fmt: skip
+    assert rc == 0, err
+    state = load_checkpoint(tmp_path / "runs" / "run" / "last.pt")["training_state"]
+    # 4 batches per epoch, 2 per optimiser step: 2 steps per epoch, 2 epochs.
+    assert (state["epoch"], state["step"], state["bad_epochs"]) == (2, 4, 1)
