@@ -153,7 +153,8 @@ class Engine:
             predictor = self._load_fn(self.options)
             predictor.warmup()
         except CheckpointError as exc:
-            self._fail(f"checkpoint refused: {exc}")
+            hint = "" if path.exists() else " Set SATSEG_CHECKPOINT to a trainer checkpoint"
+            self._fail(f"checkpoint refused: {exc}{hint}")
             return
         except Exception as exc:  # a bad device/precision setting, a broken model...
             self._fail(f"could not load the model from {path}: {type(exc).__name__}: {exc}")

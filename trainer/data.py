@@ -367,8 +367,6 @@ def make_loaders(
             f"the training split has {len(train_set)} samples ({sampler.num_samples} per process), "
             f"fewer than train.batch_size={batch_size}"
         )
-    generator = torch.Generator()
-    generator.manual_seed(seed)
     common: dict[str, Any] = {
         "num_workers": num_workers,
         "collate_fn": collate,
@@ -383,7 +381,7 @@ def make_loaders(
         batch_size=batch_size,
         sampler=sampler,
         drop_last=True,
-        generator=generator,
+        generator=_generator(seed),
         **common,
     )
     val = None
@@ -392,9 +390,21 @@ def make_loaders(
         shard = list(range(rank, len(val_set), world_size))
         val_size = len(val_set)
         val = DataLoader(
-            torch.utils.data.Subset(val_set, shard), batch_size=batch_size, shuffle=False, **common
+            torch.utils.data.Subset(val_set, shard),
+            batch_size=batch_size,
+            shuffle=False,
+            generator=_generator(seed + 1),
+            **common,
         )
     return Loaders(train, val, sampler, len(train_set), val_size)
+
+
+def _generator(seed: int) -> torch.Generator:
+    # Each DataLoader iterator draws its workers' base seed from this generator; without one it
+    # would draw from the global RNG, so merely validating would shift dropout's random stream.
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return g
 
 
 def iterate_batches(batch: tuple[Any, Any]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -599,7 +599,7 @@
       lut: colorTable(),
       prediction: indexFromClasses(segment, ignoreIndex()),
       truth: null,
-      timing: evaluated ? body.timing_ms : body.timing_ms,
+      timing: body.timing_ms,
     };
     view.map = sampleMap(view);
     if (pair && pair.truth) {
@@ -630,6 +630,9 @@
     drawOverlay();
     $("canvas-errors").hidden = !view.truth;
     $("errors-missing").hidden = Boolean(view.truth);
+    $("errors-missing").textContent = maskFile && !view.truth
+      ? "The browser cannot display this mask, so there is no error map"
+      : "Give a ground-truth mask to see where the prediction is wrong";
     $("error-mode").disabled = !view.truth;
     $("error-legend").replaceChildren();
     $("error-legend-heading").hidden = !view.truth;

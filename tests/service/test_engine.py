@@ -53,6 +53,12 @@ class Gate:
     def open(self) -> None:
         self._open.set()
 
+    def arm(self) -> None:
+        """Hold the next forward pass again and forget what was recorded."""
+        self.sizes.clear()
+        self.entered.clear()
+        self._open.clear()
+
 
 @pytest.fixture
 def gated(app_factory, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., tuple]]:
@@ -117,10 +123,9 @@ def test_given_up_and_expired_jobs_are_never_computed(idle_engine: Engine) -> No
 
 def test_concurrent_requests_share_one_forward_pass(gated) -> None:
     client, engine, gate = gated(batch_max_tiles=4)
+    gate.open()
     expected = png_mask(_post(client).content)
-    gate.sizes.clear()
-    gate.entered.clear()
-    gate._hold = 1
+    gate.arm()
     with ThreadPoolExecutor(4) as pool:
         first = pool.submit(_post, client)
         assert gate.entered.wait(30)  # the batcher is busy with the first request

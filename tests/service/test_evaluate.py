@@ -76,7 +76,9 @@ def test_scores_equal_an_independent_numpy_computation(
     truths = [_truth((60, 80), 1), _truth((100, 150), 2)]
     preds = [_predict(client, image) for image in images]
 
-    response = _evaluate(client, [(encode(i), encode(t)) for i, t in zip(images, truths, strict=True)])
+    response = _evaluate(
+        client, [(encode(i), encode(t)) for i, t in zip(images, truths, strict=True)]
+    )
 
     assert response.status_code == 200
     body = response.json()

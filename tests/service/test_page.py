@@ -400,3 +400,24 @@ def test_page_asks_for_the_api_key_when_the_service_wants_one(
         assert pg.locator("#miou").count() == 1
         # Only the refused /model request before the key was given.
         assert all("status of 401" in e for e in errors) and len(errors) == 1, errors
+
+
+def test_grey_index_mask_is_drawn_in_the_label_colours(
+    page: PageAndErrors, service: Service, tile: Tile, tmp_path: Path
+) -> None:
+    """An 'L' PNG of class ids (0, 1, 2: near-black to the eye) is read as the server reads it."""
+    from shared.labels import LabelMap
+
+    label_map = LabelMap.load()
+    truth = label_map.to_index(np.asarray(Image.open(tile.mask)))
+    grey = tmp_path / f"{tile.name}_ids.png"
+    Image.fromarray(truth, "L").save(grey)
+    pg, errors = page
+    pg.set_input_files("#image-input", str(tile.image))
+    pg.set_input_files("#mask-input", str(grey))
+    pg.click("#run-button")
+    _wait_for_result(pg)
+    np.testing.assert_array_equal(_canvas_pixels(pg, "canvas-truth"), label_map.to_color(truth))
+    # Same truth as the palette mask, so the same scores.
+    _check_scores_match(pg, _evaluate(service, tile)["pairs"][0]["scores"])
+    assert errors == []
