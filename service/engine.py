@@ -133,7 +133,11 @@ class Engine:
     # ----- life cycle -------------------------------------------------------------------
 
     def start(self) -> None:
-        """Load, warm up and start batching in a background thread; returns at once."""
+        """Load, warm up and start batching in a background thread; returns at once.
+
+        Calling it again does nothing (one model per engine)."""
+        if self._loader is not None:
+            return
         self._loader = threading.Thread(target=self._load, name="satseg-loader", daemon=True)
         self._loader.start()
 

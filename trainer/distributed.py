@@ -95,6 +95,22 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(tensor.item())
 
 
+def average_buffers(module: torch.nn.Module) -> None:
+    """Average floating-point buffers (BatchNorm running statistics) over all ranks, in place.
+
+    DDP keeps parameters identical but lets every rank update its running statistics from its
+    own batches; averaging them before validation and checkpoints gives every rank the same
+    model, and statistics drawn from all of the data rather than rank 0's share.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    world = dist.get_world_size()
+    for buffer in module.buffers():
+        if buffer.is_floating_point():
+            dist.all_reduce(buffer.data, op=dist.ReduceOp.SUM)
+            buffer.data.div_(world)
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """``obj`` of rank ``src`` on every rank (picklable objects only; small ones)."""
     if not (dist.is_available() and dist.is_initialized()):

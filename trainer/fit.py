@@ -386,6 +386,8 @@ class Trainer:
     @torch.inference_mode()
     def validate(self) -> dict[str, Any] | None:
         """Score this rank's share of the validation set; matrices are summed over ranks."""
+        # Replicas share parameters but not BatchNorm statistics; align them first.
+        distributed.average_buffers(self.model)
         loader = self.loaders.val
         if loader is None:
             return None
@@ -727,6 +729,7 @@ def _train(cfg: Config, info: DistInfo) -> dict[str, Any]:
         "best_miou": trainer.state.best_miou,
         "best_epoch": trainer.state.best_epoch,
     }
+    distributed.average_buffers(model)
     dump_dir = os.environ.get(RANK_STATE_ENV)
     if dump_dir:
         Path(dump_dir).mkdir(parents=True, exist_ok=True)
