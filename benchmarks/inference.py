@@ -218,9 +218,13 @@ def run_candidates(
     )
     variants: list[tuple[str, dict[str, Any]]] = [
         ("fp32 channels_last", {"precision": "fp32", "fold_batchnorm": False}),
-        ("fp32 channels_last + BN folded", {"precision": "fp32"}),
-        ("bf16 channels_last", {"precision": "bf16", "fold_batchnorm": False}),
-        ("bf16 channels_last + BN folded", {"precision": "bf16"}),
+        ("fp32 channels_last, BN folded", {"precision": "fp32"}),
+        (
+            "bf16 autocast, channels_last",
+            {"precision": "bf16", "fold_batchnorm": False, "cast_weights": False},
+        ),
+        ("bf16 autocast, channels_last, BN folded", {"precision": "bf16", "cast_weights": False}),
+        ("bf16 weights, channels_last, BN folded", {"precision": "bf16"}),
         (
             "int8 static (calibrated), channels_last",
             {"quantize": "int8", "calibration": calibration},

@@ -9,7 +9,7 @@ Shutdown on SIGTERM (what orchestrators send) happens in two steps, all within
    ``timeout_graceful_shutdown`` gets what is left of the grace period), the model is released,
    and the process exits with status 0.
 
-A second signal skips the drain; a second Ctrl-C exits at once.
+Ctrl-C (SIGINT) skips the drain, as does a second SIGTERM; a second Ctrl-C exits at once.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ log = logging.getLogger("service")
 
 
 class GracefulServer(uvicorn.Server):
-    """A uvicorn server whose first SIGTERM/SIGINT starts a drain period before stopping."""
+    """A uvicorn server that reports not-ready on the first SIGTERM/SIGINT, keeps serving for
+    the drain period (SIGTERM only), then stops within what is left of the grace period."""
 
     def __init__(
         self,
@@ -50,16 +51,18 @@ class GracefulServer(uvicorn.Server):
             self._drain_started = time.monotonic()
             self._on_drain()
             log.info(
-                "received %s: not ready; draining for %.1f s, then stopping within %.1f s",
+                "received %s: readiness is now 503; stopping within %.1f s",
                 signal.Signals(sig).name,
-                self._drain_s,
                 self._grace_s,
             )
-            if self._drain_s > 0:
-                return  # on_tick ends the drain
+            if self._drain_s > 0 and sig != signal.SIGINT:
+                return  # on_tick ends the drain; Ctrl-C at a terminal skips it
             self._stop_accepting()
             return
-        super().handle_exit(sig, frame)  # a second signal: stop now (twice Ctrl-C: force)
+        if not self.should_exit:  # a second signal during the drain: stop accepting now
+            self._stop_accepting()
+            return
+        super().handle_exit(sig, frame)  # during the stop: uvicorn's (Ctrl-C again forces)
 
     async def on_tick(self, counter: int) -> bool:
         if (

@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import importlib.util
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import APIRouter, FastAPI
 
@@ -41,7 +42,7 @@ def routers() -> list[tuple[APIRouter, frozenset[str]]]:
     """Routers to include, each with the paths of it that need no API key.
 
     The browser page (``service/page.py``) joins when it exists; its ``PUBLIC_PATHS``
-    (exact paths, or prefixes ending in ``/``) stay open.
+    stay open: exact paths, or prefixes ending in ``/`` (``"/"`` itself is exact).
     """
     found: list[tuple[APIRouter, frozenset[str]]] = [(routes.router, frozenset())]
     if importlib.util.find_spec("service.page") is not None:
@@ -63,8 +64,11 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             yield
         finally:
             # The server has stopped taking requests; let admitted ones finish, then stop.
+            # A load still in progress is waited for too: torch threads killed mid-call at
+            # interpreter exit abort the process instead of letting it exit cleanly.
             engine.begin_drain()
             await asyncio.to_thread(engine.wait_idle, settings.shutdown_grace_s)
+            await asyncio.to_thread(engine.wait_loaded, settings.shutdown_grace_s)
             engine.stop()
 
     app = FastAPI(
@@ -81,20 +85,52 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     for router, open_paths in routers():
         app.include_router(router)
         public |= open_paths
-    exact = frozenset(p for p in public if not p.endswith("/"))
-    prefixes = tuple(p for p in public if p.endswith("/"))
 
-    def is_public(path: str) -> bool:
-        return path in exact or path.startswith(prefixes)
+    if not settings.api_keys:
+        _document_open_access(app)
 
     # The last added runs first: the key check, then the body cap, then FastAPI.
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(
         ApiKeyMiddleware,
         keys=[k.get_secret_value() for k in settings.api_keys],
-        is_public=is_public,
+        is_public=public_path_matcher(public),
     )
     return app
+
+
+def public_path_matcher(paths: Iterable[str]) -> Callable[[str], bool]:
+    """``paths`` -> a test for "needs no API key": exact paths, and prefixes ending in ``/``.
+
+    ``"/"`` alone is the page itself, never a prefix (that would open every path).
+    """
+    paths = set(paths)
+    prefixes = tuple(p for p in paths if p.endswith("/") and p != "/")
+    exact = frozenset(paths - set(prefixes))
+
+    def is_public(path: str) -> bool:
+        return path in exact or path.startswith(prefixes)
+
+    return is_public
+
+
+def _document_open_access(app: FastAPI) -> None:
+    """Leave the API-key schemes out of OpenAPI when no keys are set: the docs then say what
+    the service does (no authentication), and clients are not told to send a key."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            for path in schema.get("paths", {}).values():
+                for operation in path.values():
+                    operation.pop("security", None)
+                    operation.get("responses", {}).pop("401", None)
+            schema.get("components", {}).pop("securitySchemes", None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _version() -> str:

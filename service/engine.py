@@ -65,9 +65,6 @@ class Ticket:
 
     deadline: float  # time.monotonic() value
 
-    def remaining(self) -> float:
-        return self.deadline - time.monotonic()
-
 
 @dataclass
 class _Job:

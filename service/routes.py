@@ -164,12 +164,14 @@ async def segment(
 async def evaluate(
     engine: EngineDep,
     image: Annotated[
-        list[UploadFile], File(description="Images; repeat the field for several pairs.")
+        list[UploadFile],
+        File(min_length=1, description="Images; repeat the field for several pairs."),
     ],
     mask: Annotated[
         list[UploadFile],
         File(
-            description="Ground-truth masks (index or colour PNG), paired with the images in order."
+            min_length=1,
+            description="Ground-truth masks (index or colour PNG), paired with images in order.",
         ),
     ],
     format: Annotated[

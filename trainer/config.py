@@ -42,6 +42,8 @@ class DataConfig:
     # Sampling weight per class name: a tile is drawn with the largest factor among the classes
     # it contains (1.0 when none is listed), so tiles holding rare classes are seen more often.
     oversample: dict[str, float] = field(default_factory=dict)
+    # A tile "contains" a class for oversampling when it holds at least this many of its pixels.
+    oversample_min_pixels: int = 1
 
 
 @dataclass
@@ -256,6 +258,7 @@ def check_values(cfg: Config) -> None:
         "train.accumulate": cfg.train.accumulate,
         "train.log_every": cfg.train.log_every,
         "eval.tile": cfg.eval.tile,
+        "data.oversample_min_pixels": cfg.data.oversample_min_pixels,
         "eval.tile_batch": cfg.eval.tile_batch,
         "eval.boundary_width": cfg.eval.boundary_width,
     }

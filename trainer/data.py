@@ -224,8 +224,8 @@ class SegmentationDataset(Dataset):
             image, mask = out["image"], out["mask"]
         return image, mask
 
-    def class_presence(self) -> np.ndarray:
-        """(N, C) bool: which classes each (unaugmented) mask contains."""
+    def class_presence(self, min_pixels: int = 1) -> np.ndarray:
+        """(N, C) bool: which classes each (unaugmented) mask holds at least ``min_pixels`` of."""
         c = self.label_map.num_classes
         present = np.zeros((len(self), c), dtype=bool)
         for i in range(len(self)):
@@ -237,7 +237,7 @@ class SegmentationDataset(Dataset):
                     mask = self.label_map.to_index(read_mask(mask_path))
                 except (ImageError, OSError, MaskValueError) as err:
                     raise DatasetError(f"{mask_path}: {err}") from None
-            present[i] = np.bincount(mask.ravel(), minlength=256)[:c] > 0
+            present[i] = np.bincount(mask.ravel(), minlength=256)[:c] >= min_pixels
         return present
 
 

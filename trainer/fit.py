@@ -66,7 +66,6 @@ from trainer.evaluate import evaluate_checkpoint, format_table, write_json
 from trainer.logging_utils import (
     Board,
     Progress,
-    format_scalars,
     metric_scalars,
     overlay_grid,
     setup_logging,
@@ -101,6 +100,14 @@ USER_ERRORS = (
 
 class RemoteRankError(RuntimeError):
     """Another rank hit a user error during start-up; its message is relayed here."""
+
+
+@dataclass
+class EpochResult:
+    finished: bool  # the epoch ran to its end (no step or time limit hit)
+    images: int  # training images seen, all ranks together
+    seconds: float
+    loss: float  # mean total loss over the epoch's batches
 
 
 @dataclass
@@ -191,7 +198,7 @@ def load_data(cfg: Config, label_map: LabelMap, info: DistInfo) -> Loaders:
     val_set = SegmentationDataset(val_pairs, label_map, None, cache=cfg.data.cache)
     weights = None
     if cfg.data.oversample:
-        presence = train_set.class_presence()
+        presence = train_set.class_presence(cfg.data.oversample_min_pixels)
         weights = sampling_weights(presence, cfg.data.oversample, label_map.names)
         boosted = int((weights > 1).sum()) if weights is not None else 0
         log.info("oversampling: %d of %d training tiles weighted up", boosted, len(train_set))
@@ -272,6 +279,9 @@ class Trainer:
     board: Board
     state: RunState
     started: float = field(default_factory=time.perf_counter)
+    # This process's training throughput (not counting validation and checkpoints).
+    images_trained: int = 0
+    train_seconds: float = 0.0
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -297,8 +307,8 @@ class Trainer:
 
     # -- one epoch --
 
-    def train_one_epoch(self) -> bool:
-        """Train the rest of the current epoch; True when it ran to its end."""
+    def train_one_epoch(self) -> EpochResult:
+        """Train the rest of the current epoch (all of it unless a limit is reached)."""
         cfg, state, device = self.cfg, self.state, self.info.device
         accumulate = cfg.train.accumulate
         loader = self.loaders.train
@@ -316,6 +326,11 @@ class Trainer:
         )
         sums: dict[str, torch.Tensor] = {}
         seen, window_images, window_start = 0, 0, time.perf_counter()
+        epoch_start, epoch_images, epoch_loss = (
+            time.perf_counter(),
+            0,
+            torch.zeros((), device=device),
+        )
         finished = True
         for i, (images, masks) in enumerate(loader):
             images = images.to(device, non_blocking=True)
@@ -343,6 +358,8 @@ class Trainer:
                 sums[k] = sums.get(k, 0.0) + v
             seen += 1
             window_images += images.shape[0] * self.info.world_size
+            epoch_images += images.shape[0] * self.info.world_size
+            epoch_loss += parts["total"]
             if not sync:
                 continue
             lr = self.schedule.apply(self.elapsed())
@@ -379,7 +396,13 @@ class Trainer:
         if finished:
             state.epoch += 1
             state.batches_done = 0
-        return finished
+        batches = max(1, epoch_images // (cfg.train.batch_size * self.info.world_size))
+        return EpochResult(
+            finished=finished,
+            images=epoch_images,
+            seconds=time.perf_counter() - epoch_start,
+            loss=float(epoch_loss) / batches,
+        )
 
     # -- validation --
 
@@ -527,27 +550,25 @@ class Trainer:
             if self.out_of_steps() or self.out_of_time_all_ranks():
                 break
             epoch = state.epoch
-            t0 = time.perf_counter()
-            finished = self.train_one_epoch()
-            train_s = time.perf_counter() - t0
-            images = (
-                (len(self.loaders.train) * cfg.train.batch_size * self.info.world_size)
-                if finished
-                else None
-            )
+            result = self.train_one_epoch()
+            finished = result.finished
+            rate = result.images / max(result.seconds, 1e-9)
+            self.images_trained += result.images
+            self.train_seconds += result.seconds
             val = self.validate()
             improved = self.record(val, epoch)
             self.save(best=improved)
-            if images is not None:
-                self.board.scalars(
-                    {"train/epoch_images_per_s": images / max(train_s, 1e-9)}, state.step
-                )
+            self.board.scalars(
+                {"train/epoch_loss": result.loss, "train/epoch_images_per_s": rate}, state.step
+            )
             if val is not None:
                 log.info(
-                    "epoch %d/%d done in %.0fs (val %.1fs): val %s mIoU %.4f%s",
+                    "epoch %d/%d: train loss %.4f, %.1f img/s, %.0fs | val %.1fs: %s mIoU %.4f%s",
                     epoch + 1,
                     cfg.train.epochs,
-                    train_s,
+                    result.loss,
+                    rate,
+                    result.seconds,
                     val["seconds"],
                     " ".join(
                         f"{c['name']} {c['iou'] if c['iou'] is not None else float('nan'):.4f}"
@@ -726,6 +747,7 @@ def _train(cfg: Config, info: DistInfo) -> dict[str, Any]:
         "epochs": trainer.state.epoch,
         "steps": trainer.state.step,
         "train_minutes": round(trainer.elapsed() / 60.0, 2),
+        "train_images_per_s": round(trainer.images_trained / max(trainer.train_seconds, 1e-9), 2),
         "best_miou": trainer.state.best_miou,
         "best_epoch": trainer.state.best_epoch,
     }
@@ -814,7 +836,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; resume with train.resume=<run folder>/last.pt", file=sys.stderr)
         return 130
-    log.info("done: %s", format_scalars({k: v for k, v in summary.items() if isinstance(v, float)}))
+    log.info(
+        "done: %d epoch(s), %d steps, %.1f min of training at %.1f img/s; best val mIoU %s",
+        summary["epochs"],
+        summary["steps"],
+        summary["train_minutes"],
+        summary["train_images_per_s"],
+        "-" if summary["best_miou"] is None else f"{summary['best_miou']:.4f}",
+    )
     return EXIT_OK
 
 

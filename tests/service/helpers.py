@@ -9,11 +9,15 @@ from __future__ import annotations
 import io
 import os
 import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -98,3 +102,56 @@ def peak_rss_bytes() -> int:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError("VmHWM missing from /proc/self/status")
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def service_env(checkpoint: Path, port: int, **settings: object) -> dict[str, str]:
+    """Environment for ``python -m service``: the test checkpoint on CPU, ``SATSEG_*`` overrides
+    given as keyword arguments (``tile=64`` -> ``SATSEG_TILE=64``)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SATSEG_")}
+    env.update(
+        {
+            "SATSEG_CHECKPOINT": str(checkpoint),
+            "SATSEG_HOST": "127.0.0.1",
+            "SATSEG_PORT": str(port),
+            "SATSEG_DEVICE": "cpu",
+            "SATSEG_PRECISION": "fp32",
+        }
+    )
+    env.update({f"SATSEG_{k.upper()}": str(v) for k, v in settings.items()})
+    return env
+
+
+def start_service(env: dict[str, str], log: Path) -> subprocess.Popen:
+    """``python -m service`` from the repository root, output to ``log``."""
+    with log.open("w") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "service"], cwd=ROOT, env=env, stdout=out, stderr=out
+        )
+
+
+def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 180) -> None:
+    """Poll ``/readyz`` until 200; fail if the process exits first."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        assert proc.poll() is None, "the service exited during start-up"
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("the service did not become ready")
+
+
+def process_memory(pid: int) -> dict[str, int]:
+    """``{"rss": bytes, "peak": bytes}`` of a live process (Linux VmRSS / VmHWM)."""
+    values = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                values["rss" if key == "VmRSS" else "peak"] = int(rest.split()[0]) * 1024
+    return values

@@ -11,6 +11,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from service import limits, routes
+from service.app import public_path_matcher
 from service.settings import Settings
 from shared.checkpoint import load_checkpoint, save_checkpoint
 from tests.service.helpers import encode, running_app, scene, settings_for
@@ -112,6 +113,13 @@ def test_keys_never_reach_the_logs_or_the_settings_repr(
         assert key not in caplog.text
         assert key not in repr(settings) and key not in str(settings)
         assert key not in settings.model_dump_json()
+
+
+def test_public_paths_are_exact_or_explicit_prefixes() -> None:
+    is_public = public_path_matcher({"/healthz", "/", "/static/"})
+
+    assert is_public("/healthz") and is_public("/") and is_public("/static/app.js")
+    assert not is_public("/healthz/x") and not is_public("/segment") and not is_public("/static")
 
 
 def test_keys_come_from_the_environment_comma_separated(monkeypatch: pytest.MonkeyPatch) -> None:

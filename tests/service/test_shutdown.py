@@ -3,9 +3,8 @@ and the process exits 0 within the grace period."""
 
 from __future__ import annotations
 
-import os
+import asyncio
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -13,25 +12,21 @@ from pathlib import Path
 
 import httpx
 import pytest
+import uvicorn
 
-from tests.service.helpers import encode, free_port, png_mask, scene
+from service.__main__ import GracefulServer
+from tests.service.helpers import (
+    encode,
+    free_port,
+    png_mask,
+    scene,
+    service_env,
+    start_service,
+    wait_ready,
+)
 
-ROOT = Path(__file__).resolve().parents[2]
 GRACE_S = 30.0
 DRAIN_S = 1.5
-
-
-def _wait_ready(base: str, proc: subprocess.Popen, timeout: float = 180) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        assert proc.poll() is None, "the service exited during start-up"
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError("the service did not become ready")
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
@@ -40,26 +35,19 @@ def test_sigterm_drains_finishes_in_flight_requests_and_exits(
 ) -> None:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    env = {
-        **os.environ,
-        "SATSEG_CHECKPOINT": str(varied_checkpoint),
-        "SATSEG_HOST": "127.0.0.1",
-        "SATSEG_PORT": str(port),
-        "SATSEG_DEVICE": "cpu",
-        "SATSEG_PRECISION": "fp32",
-        "SATSEG_TILE": "64",
-        "SATSEG_OVERLAP": "16",
-        "SATSEG_BATCH_MAX_TILES": "2",
-        "SATSEG_SHUTDOWN_DRAIN_S": str(DRAIN_S),
-        "SATSEG_SHUTDOWN_GRACE_S": str(GRACE_S),
-        "SATSEG_API_KEYS": "",
-    }
-    log = (tmp_path / "service.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service"], cwd=ROOT, env=env, stdout=log, stderr=log
+    env = service_env(
+        varied_checkpoint,
+        port,
+        tile=64,
+        overlap=16,
+        batch_max_tiles=2,
+        shutdown_drain_s=DRAIN_S,
+        shutdown_grace_s=GRACE_S,
     )
+    log = tmp_path / "service.log"
+    proc = start_service(env, log)
     try:
-        _wait_ready(base, proc)
+        wait_ready(base, proc)
         # Hundreds of 64 px tiles: long enough to still be running when SIGTERM arrives.
         image = encode(scene(1200, 1200, seed=11))
         result: dict = {}
@@ -95,9 +83,8 @@ def test_sigterm_drains_finishes_in_flight_requests_and_exits(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        log.close()
 
-    output = (tmp_path / "service.log").read_text()
+    output = log.read_text()
     assert "error" not in result, f"{result.get('error')!r}\n{output}"
     response = result["response"]
     assert response.status_code == 200, output
@@ -110,3 +97,32 @@ def test_sigterm_drains_finishes_in_flight_requests_and_exits(
     assert result["done"] - signalled > DRAIN_S, result["done"] - signalled
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{base}/healthz", timeout=2)
+
+
+def _server(drain_s: float) -> tuple[GracefulServer, list[int]]:
+    drained: list[int] = []
+    config = uvicorn.Config(lambda scope, receive, send: None, timeout_graceful_shutdown=30)
+    server = GracefulServer(config, on_drain=lambda: drained.append(1), drain_s=drain_s, grace_s=30)
+    return server, drained
+
+
+def test_sigterm_first_drains_then_stops() -> None:
+    server, drained = _server(drain_s=60)
+
+    server.handle_exit(signal.SIGTERM, None)
+    assert drained == [1] and not server.should_exit
+    assert asyncio.run(server.on_tick(1)) is False  # still draining
+
+    server.handle_exit(signal.SIGTERM, None)  # a second signal ends the drain
+    assert server.should_exit and drained == [1]
+    assert server.config.timeout_graceful_shutdown <= 30
+
+
+def test_ctrl_c_and_a_zero_drain_stop_at_once() -> None:
+    server, drained = _server(drain_s=60)
+    server.handle_exit(signal.SIGINT, None)
+    assert drained == [1] and server.should_exit
+
+    server, drained = _server(drain_s=0)
+    server.handle_exit(signal.SIGTERM, None)
+    assert drained == [1] and server.should_exit

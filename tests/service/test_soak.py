@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -25,7 +26,7 @@ def _gif() -> bytes:
     return buf.getvalue()
 
 
-def test_soak_of_mixed_requests(client: TestClient) -> None:
+def test_soak_of_mixed_requests(client: TestClient, capsys: pytest.CaptureFixture) -> None:
     images = [
         encode(scene(h, w, seed=s)) for s, (h, w) in enumerate([(32, 48), (70, 90), (130, 20)])
     ]
@@ -102,4 +103,9 @@ def test_soak_of_mixed_requests(client: TestClient) -> None:
     assert sum(statuses.values()) == TOTAL
     assert not [s for s in statuses if s >= 500], statuses
     assert wrong == [], f"wrong answers at requests {wrong[:10]}"
+    with capsys.disabled():
+        print(
+            f"\nsoak: {dict(sorted(statuses.items()))}; RSS {baseline / 2**20:.0f} MiB after "
+            f"{WARMUP} requests, {growth:+.1%} after {TOTAL}"
+        )
     assert growth < 0.10, f"RSS grew {growth:.1%} (from {baseline / 2**20:.0f} MiB)"

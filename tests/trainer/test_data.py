@@ -82,7 +82,9 @@ def test_augmentations_keep_masks_aligned_and_in_the_label_set(crop: str) -> Non
 
 def test_random_crop_pads_small_images_with_ignore() -> None:
     transform = build_train_transform(
-        AugmentConfig(crop="random", hflip=0, vflip=0, rotate90=0), image_size=96, ignore_index=IGNORE
+        AugmentConfig(crop="random", hflip=0, vflip=0, rotate90=0),
+        image_size=96,
+        ignore_index=IGNORE,
     )
     mask = np.ones((64, 64), dtype=np.uint8)
     out = transform(image=CLASS_RGB[mask], mask=mask)
@@ -93,7 +95,9 @@ def test_random_crop_pads_small_images_with_ignore() -> None:
 
 def test_colour_jitter_changes_only_the_image() -> None:
     transform = build_train_transform(
-        AugmentConfig(crop="random", hflip=0, vflip=0, rotate90=0, color_jitter=1.0, brightness=0.5),
+        AugmentConfig(
+            crop="random", hflip=0, vflip=0, rotate90=0, color_jitter=1.0, brightness=0.5
+        ),
         image_size=64,
         ignore_index=IGNORE,
     )
@@ -164,7 +168,9 @@ def test_sampler_splits_an_epoch_across_ranks() -> None:
 
 
 def test_weighted_sampler_oversamples() -> None:
-    s = TrainSampler(list(range(3)), seed=0, weights=torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64))
+    s = TrainSampler(
+        list(range(3)), seed=0, weights=torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
+    )
     assert {i for i, _ in s} == {2}
 
 

@@ -47,7 +47,10 @@ def test_collectives_in_a_one_process_group(tmp_path: Path) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(), reason="torchrun not installed")
+@pytest.mark.skipif(
+    shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
+    reason="torchrun not installed",
+)
 def test_torchrun_two_cpu_processes_end_with_identical_weights(
     dataset: Path, tmp_path: Path
 ) -> None:

@@ -54,7 +54,9 @@ def test_tiny_fit_writes_what_the_service_loads(
     assert "training_state" not in raw  # best.pt carries weights and metadata only
     model, label_map, _ = model_from_checkpoint(load_checkpoint(run / "best.pt"))
     assert model.aux_classifier is None and label_map.names == ["ocean", "land", "lake"]
-    predictor = Predictor.from_checkpoint(run / "best.pt", InferenceOptions(device="cpu", tile=64, overlap=16))
+    predictor = Predictor.from_checkpoint(
+        run / "best.pt", InferenceOptions(device="cpu", tile=64, overlap=16)
+    )
     image, _ = synthetic_pair(np.random.default_rng(0), 48)
     assert predictor.segment(image).shape == (48, 48)
 
@@ -147,9 +149,7 @@ def test_killed_mid_training_resumes_to_the_end(
     killed_at = load_checkpoint(last)["training_state"]
     assert killed_at["step"] < 16
 
-    rc, err = fit(
-        capsys, data, out, train__epochs=4, train__max_steps=None, train__resume=last
-    )
+    rc, err = fit(capsys, data, out, train__epochs=4, train__max_steps=None, train__resume=last)
     assert rc == 0, err
     done = load_checkpoint(last)["training_state"]
     assert (done["epoch"], done["step"], done["batches_done"]) == (4, 16, 0)
@@ -177,7 +177,9 @@ def test_bad_files_are_skipped_when_configured(
     assert "skipping" in log and "tile004.png" in log
 
 
-def test_unwritable_out_dir_fails_at_start_up(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_unwritable_out_dir_fails_at_start_up(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     # The data folder does not even exist: the output check comes first, before any data work.

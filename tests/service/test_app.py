@@ -1,0 +1,79 @@
+"""The app factory: routers, and an OpenAPI document that describes every answer."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from service.app import create_app, routers
+from service.settings import Settings
+from tests.service.helpers import settings_for
+
+API = {
+    ("post", "/segment"): {"200", "400", "413", "415", "422", "500", "503", "504"},
+    ("post", "/evaluate"): {"200", "400", "413", "415", "422", "500", "503", "504"},
+    ("get", "/model"): {"200", "503"},
+    ("get", "/healthz"): {"200"},
+    ("get", "/readyz"): {"200", "503"},
+}
+
+
+@pytest.fixture(scope="module")
+def open_schema() -> dict:
+    return create_app(settings_for("unused.pt")).openapi()
+
+
+def test_every_endpoint_documents_its_answers_with_the_error_model(open_schema: dict) -> None:
+    for (method, path), statuses in API.items():
+        responses = open_schema["paths"][path][method]["responses"]
+        assert statuses <= set(responses), (method, path)
+        for status in statuses - {"200"}:
+            ref = responses[status]["content"]["application/json"]["schema"]["$ref"]
+            assert ref.endswith("/ErrorResponse"), (method, path, status)
+
+
+def test_segment_documents_both_answer_formats(open_schema: dict) -> None:
+    operation = open_schema["paths"]["/segment"]["post"]
+    content = operation["responses"]["200"]["content"]
+
+    assert set(content) == {"image/png", "application/json"}
+    assert content["application/json"]["schema"]["$ref"].endswith("/SegmentRle")
+    fmt = next(p for p in operation["parameters"] if p["name"] == "format")
+    assert open_schema["components"]["schemas"]["SegmentFormat"]["enum"] == ["png", "rle"]
+    assert fmt["schema"]["default"] == "png"
+
+
+def test_response_models_describe_their_fields(open_schema: dict) -> None:
+    schemas = open_schema["components"]["schemas"]
+    for name in ("SegmentRle", "EvaluateResponse", "ModelInfo", "Ready", "ErrorResponse"):
+        assert schemas[name]["properties"], name
+    assert "description" in schemas["ClassScore"]["properties"]["iou"]
+
+
+def test_api_keys_appear_in_the_docs_only_when_required(open_schema: dict) -> None:
+    keyed = create_app(settings_for("unused.pt", api_keys=["k"])).openapi()
+
+    assert "securitySchemes" not in open_schema.get("components", {})
+    assert "401" not in open_schema["paths"]["/segment"]["post"]["responses"]
+    assert set(keyed["components"]["securitySchemes"]) == {"APIKeyHeader", "HTTPBearer"}
+    assert "401" in keyed["paths"]["/segment"]["post"]["responses"]
+    assert "security" not in keyed["paths"]["/healthz"]["get"]
+
+
+def test_the_page_router_is_included_when_it_exists() -> None:
+    included = routers()
+    has_page = importlib.util.find_spec("service.page") is not None
+
+    assert len(included) == 1 + has_page
+
+
+def test_create_app_reads_the_environment_when_given_no_settings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SATSEG_MAX_PAIRS", "3")
+
+    app = create_app()
+
+    assert isinstance(app.state.settings, Settings)
+    assert app.state.settings.max_pairs == 3
