@@ -33,9 +33,9 @@ STATIC_FILES: dict[str, str] = {
 
 # Open even when the service asks for API keys (entries ending in "/" are prefixes, others
 # exact paths): the page's files hold no model output, and the examples are the bundled
-# public data set. The page asks for a key when /model answers 401. "/" itself is left out:
-# as a prefix it would open every route.
-PUBLIC_PATHS = frozenset({"/static/", "/examples", "/examples/"})
+# public data set. The page asks for a key when /model answers 401. "/" is the page alone
+# (the app never reads it as a prefix).
+PUBLIC_PATHS = frozenset({"/", "/static/", "/examples", "/examples/"})
 
 EXAMPLES_ENV = "SATSEG_EXAMPLES_DIR"
 DEFAULT_EXAMPLES_DIR = Path("data/bluemarble/TEST_SET")

@@ -372,11 +372,6 @@ def test_two_files_dropped_together_become_image_and_mask(page: PageAndErrors, t
     assert errors == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="service/app.py reads every PUBLIC_PATHS entry ending in '/' as a prefix, so the "
-    "page cannot open '/' alone yet",
-)
 def test_page_asks_for_the_api_key_when_the_service_wants_one(
     browser,
     tiny_checkpoint: Path,

@@ -198,10 +198,5 @@ def test_with_api_keys_the_page_files_and_examples_stay_open(
     assert keyed_client.post("/segment").status_code == 401
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="service/app.py reads every PUBLIC_PATHS entry ending in '/' as a prefix, so the "
-    "page cannot open '/' alone yet",
-)
 def test_with_api_keys_the_page_itself_is_open(keyed_client: TestClient) -> None:
     assert keyed_client.get("/").status_code == 200
