@@ -153,16 +153,32 @@ def torchvision_baseline(ckpt: dict) -> nn.Module:
     return model.eval()
 
 
-def service_options() -> InferenceOptions:
-    """The options the service's engine builds its Predictor with (``SATSEG_*`` settings)."""
+def service_options(precision: str | None = None, optimize: bool | None = None) -> InferenceOptions:
+    """The options the service's engine builds its Predictor with (``SATSEG_*`` settings),
+    with ``precision`` and ``optimize`` replaced where given."""
     from service.engine import Engine
     from service.settings import Settings
 
     engine = Engine(Settings())
     try:
-        return engine.options
+        options = engine.options
     finally:
         engine.stop()
+    if precision is not None:
+        options = replace(options, precision=precision)
+    if optimize is not None:
+        options = replace(options, optimize=optimize)
+    return options
+
+
+def service_env(precision: str | None, optimize: bool | None) -> dict[str, str]:
+    """``SATSEG_*`` variables that give the service subprocess the same overrides."""
+    env = {}
+    if precision is not None:
+        env["SATSEG_PRECISION"] = precision
+    if optimize is not None:
+        env["SATSEG_OPTIMIZE"] = "true" if optimize else "false"
+    return env
 
 
 def baseline_run(model: nn.Module, norm: Normalization) -> Run:
@@ -305,7 +321,7 @@ def run_scaling(
     return rows
 
 
-def scene_memory(checkpoint: Path, width: int, height: int) -> dict[str, Any]:
+def scene_memory(checkpoint: Path, width: int, height: int, overrides: list[str]) -> dict[str, Any]:
     """Peak RSS of a fresh process that loads the engine and segments one scene."""
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     cmd = [
@@ -317,6 +333,7 @@ def scene_memory(checkpoint: Path, width: int, height: int) -> dict[str, Any]:
         str(checkpoint),
         "--scene",
         f"{width}x{height}",
+        *overrides,
     ]
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
@@ -324,9 +341,9 @@ def scene_memory(checkpoint: Path, width: int, height: int) -> dict[str, Any]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def scene_worker(checkpoint: Path, width: int, height: int) -> None:
+def scene_worker(checkpoint: Path, width: int, height: int, options: InferenceOptions) -> None:
     """Child side of :func:`scene_memory`: prints one JSON line."""
-    predictor = Predictor.from_checkpoint(checkpoint, service_options())
+    predictor = Predictor.from_checkpoint(checkpoint, options)
     predictor.warmup()
     image = scene(width, height)
     ready = _current_rss_mib()
@@ -354,6 +371,7 @@ def run_service(
     requests: int,
     scene_bytes: bytes | None,
     ready_timeout: float,
+    extra_env: dict[str, str],
 ) -> dict[str, Any]:
     """Start ``python -m service`` and load it from 1..N concurrent httpx clients."""
     import httpx
@@ -365,6 +383,7 @@ def run_service(
         SATSEG_HOST="127.0.0.1",
         SATSEG_PORT=str(port),
         SATSEG_LOG_LEVEL="warning",
+        **extra_env,
     )
     bodies = [jpeg(i) for i in images]
     base = f"http://127.0.0.1:{port}"
@@ -372,12 +391,18 @@ def run_service(
         startup = _wait_ready(base, proc, ready_timeout)
         rows = []
         with httpx.Client(base_url=base, timeout=600) as warm:
+            info = warm.get("/model").json()
             for body in bodies[:2]:
                 _post(warm, body, "png")
         for fmt in ("png", "rle"):
             for n in clients:
                 rows.append(_load(base, bodies, fmt, n, requests))
-        result: dict[str, Any] = {"startup_s": startup, "rows": rows}
+        result: dict[str, Any] = {
+            "startup_s": startup,
+            "device": info.get("device"),
+            "precision": info.get("precision"),
+            "rows": rows,
+        }
         if scene_bytes is not None:
             with httpx.Client(base_url=base, timeout=600) as client:
                 start = time.perf_counter()
@@ -470,8 +495,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.scene_worker:
         width, height = _size(args.scene)
-        scene_worker(args.checkpoint, width, height)
+        options = service_options(args.precision, args.optimize)
+        scene_worker(args.checkpoint, width, height, options)
         return 0
+    overrides = []
+    if args.precision is not None:
+        overrides += ["--precision", args.precision]
+    if args.optimize is not None:
+        overrides.append("--optimize" if args.optimize else "--no-optimize")
 
     quick = args.quick
     size = args.size
@@ -526,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(_candidates_table(result["candidates"]) + "\n", flush=True)
 
-    options = service_options()
+    options = service_options(args.precision, args.optimize)
     start = time.perf_counter()
     predictor = Predictor.from_checkpoint(checkpoint, options)
     predictor.warmup()
@@ -534,6 +565,7 @@ def main(argv: list[str] | None = None) -> int:
     engine_agreement = agreement(reference, engine_run(predictor), images[:n_agree])
     result["engine"] = {
         "options": vars(options),
+        "options_overridden": {"precision": args.precision, "optimize": args.optimize},
         "device": str(predictor.device),
         "precision": predictor.precision,
         "forward": repr(getattr(predictor.forward, "description", predictor.forward)),
@@ -547,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.skip_scaling:
         result["scaling"] = run_scaling(predictor, scales, repeat=1 if not quick else 1)
-        result["scene_memory"] = scene_memory(checkpoint, *scene_size)
+        result["scene_memory"] = scene_memory(checkpoint, *scene_size, overrides)
         print(_scaling_table(result), flush=True)
 
     if result["engine_over_baseline"] < TARGETS["engine_over_baseline"] or args.profile:
@@ -559,23 +591,29 @@ def main(argv: list[str] | None = None) -> int:
         scene_bytes = None
         if not args.skip_scaling:
             scene_bytes = jpeg(scene(*scene_size))
-        service = run_service(
-            checkpoint,
-            [np.ascontiguousarray(i.permute(1, 2, 0).numpy()) for i in images],
-            clients,
-            requests=args.requests or (4 if quick else 24),
-            scene_bytes=scene_bytes,
-            ready_timeout=args.ready_timeout,
-        )
+        try:
+            service = run_service(
+                checkpoint,
+                [np.ascontiguousarray(i.permute(1, 2, 0).numpy()) for i in images],
+                clients,
+                requests=args.requests or (4 if quick else 24),
+                scene_bytes=scene_bytes,
+                ready_timeout=args.ready_timeout,
+                extra_env=service_env(args.precision, args.optimize),
+            )
+        except RuntimeError as exc:  # the service did not start: say why, keep the rest
+            service = {"error": str(exc), "rows": []}
         result["service"] = service
         tile_batch = options.tile_batch
         engine_at = {r["batch"]: r["images_per_s"] for r in engine_rows}
-        reference_ips = engine_at.get(tile_batch) or max(engine_at.values())
+        reference_batch = tile_batch if tile_batch in engine_at else max(engine_at)
         four = [r for r in service["rows"] if r["format"] == "png" and r["clients"] == max(clients)]
-        result["service_over_engine"] = four[0]["images_per_s"] / reference_ips if four else None
+        result["service_over_engine"] = (
+            four[0]["images_per_s"] / engine_at[reference_batch] if four else None
+        )
         result["service_over_engine_reference"] = (
             f"service images/s with {max(clients)} clients (PNG) / engine images/s at batch "
-            f"{tile_batch if tile_batch in engine_at else max(engine_at, key=engine_at.get)}"
+            f"{reference_batch}"
         )
         print(_service_table(result), flush=True)
 
@@ -613,6 +651,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "model of --backbone when that does not exist)",
     )
     parser.add_argument("--backbone", default="resnet50", help="backbone of the random model")
+    parser.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16", "fp16", "int8"],
+        help="engine and service precision (default: the service's SATSEG_PRECISION)",
+    )
+    parser.add_argument(
+        "--optimize",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="engine and service optimised forward (default: the service's settings)",
+    )
     parser.add_argument("--size", type=int, default=512, help="tile side of the inputs")
     parser.add_argument("--repeat", type=int, help="timed calls per measurement")
     parser.add_argument("--requests", type=int, help="requests per client configuration")
@@ -686,6 +735,8 @@ def _scaling_table(result: dict[str, Any]) -> str:
 
 def _service_table(result: dict[str, Any]) -> str:
     service = result["service"]
+    if "error" in service:
+        return f"service: {service['error']}\n"
     rows = [
         [
             r["format"],
@@ -702,7 +753,10 @@ def _service_table(result: dict[str, Any]) -> str:
         ["format", "clients", "requests", "images/s", "p50 ms", "p95 ms", "errors"], rows
     )
     ratio = result.get("service_over_engine")
-    text = f"{table}\n\nservice start-up {service['startup_s']:.1f} s; service_over_engine "
+    text = (
+        f"{table}\n\nservice ({service['precision']} on {service['device']}) start-up "
+        f"{service['startup_s']:.1f} s; service_over_engine "
+    )
     text += f"{ratio:.2f} ({result['service_over_engine_reference']})" if ratio else "n/a"
     if "scene" in service:
         text += f"\nscene over HTTP: {service['scene']['seconds']:.1f} s"

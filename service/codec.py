@@ -1,7 +1,8 @@
 """Arrays to answer bodies: the encoding half of the HTTP seam (the model never sees these).
 
-Decoding is ``shared.imaging``; here the ``(H, W)`` uint8 class-id mask becomes a palette
-PNG or per-class COCO RLE, and checkpoint metadata becomes plain JSON.
+Decoding is ``shared.imaging`` and ``shared.geotiff``; here the ``(H, W)`` uint8 class-id mask
+becomes a palette PNG, a GeoTIFF on the input's footprint or per-class COCO RLE, and checkpoint
+metadata becomes plain JSON.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from shared import rle
+from shared.geotiff import GeoImage, write_geotiff_mask
 from shared.imaging import encode_png
 from shared.labels import LabelMap
 
@@ -19,6 +21,26 @@ from shared.labels import LabelMap
 def mask_to_png(mask: np.ndarray, label_map: LabelMap) -> bytes:
     """``(H, W)`` uint8 class ids -> single-channel 'P' PNG whose palette is the label colours."""
     return encode_png(mask, palette=label_map.palette())
+
+
+def mask_to_geotiff(mask: np.ndarray, geo: GeoImage, label_map: LabelMap) -> bytes:
+    """``(H, W)`` uint8 class ids -> single-band uint8 GeoTIFF with ``geo``'s CRS, transform
+    (or GCPs) and size, the label colours as its colour table.
+
+    ``ignore_index`` is declared nodata only when the input had nodata pixels, so a mask of a
+    fully valid scene carries no nodata value that GIS tools would hide.
+    """
+    nodata = label_map.ignore_index if geo.valid is not None else None
+    return write_geotiff_mask(mask, geo.profile, label_map=label_map, nodata=nodata)
+
+
+def mask_to_rle(mask: np.ndarray, label_map: LabelMap) -> dict[str, Any]:
+    """``(H, W)`` uint8 class ids -> ``{"height", "width", "classes": mask_to_classes(...)}``."""
+    return {
+        "height": int(mask.shape[0]),
+        "width": int(mask.shape[1]),
+        "classes": mask_to_classes(mask, label_map),
+    }
 
 
 def mask_to_classes(mask: np.ndarray, label_map: LabelMap) -> list[dict[str, Any]]:

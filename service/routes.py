@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, TypeVar
 
+import numpy as np
 from fastapi import APIRouter, Depends, File, Query, Request, Security, UploadFile
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
-from service.codec import mask_to_classes, mask_to_png
+from service.codec import mask_to_classes, mask_to_geotiff, mask_to_png, mask_to_rle
 from service.engine import Engine
 from service.errors import ApiError, UnprocessableError
 from service.schemas import (
     ErrorResponse,
+    EvaluateFormat,
     EvaluateResponse,
     Health,
     ModelInfo,
@@ -21,11 +25,21 @@ from service.schemas import (
     SegmentFormat,
     SegmentRle,
 )
-from shared.imaging import ImageError, decode_image, decode_mask
+from shared.geotiff import (
+    GeoImage,
+    RasterOptionError,
+    Scale,
+    decode_raster,
+    mask_invalid,
+    parse_bands,
+    parse_scale,
+)
+from shared.imaging import ImageError, decode_mask
 from shared.labels import LabelMap, MaskValueError
 from shared.metrics import ConfusionMatrix, scores
 
 router = APIRouter()
+T = TypeVar("T")
 
 
 def get_engine(request: Request) -> Engine:
@@ -58,7 +72,8 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
         401: "Missing or wrong API key (only when SATSEG_API_KEYS is set).",
         413: "The body exceeds SATSEG_MAX_BODY_BYTES or the image exceeds SATSEG_MAX_PIXELS.",
         415: "An image format outside PNG, JPEG, TIFF, WebP and BMP.",
-        422: "Invalid parameters, or inputs that do not fit together.",
+        422: "Invalid parameters (`bands`, `scale`, `format=geotiff` for an image without "
+        "georeferencing), or inputs that do not fit together.",
         500: "An unexpected server error (the body carries no internals).",
         503: "Not ready, at capacity or out of device memory; see Retry-After.",
         504: "The request passed its deadline (SATSEG_REQUEST_TIMEOUT_S).",
@@ -70,31 +85,107 @@ _INFERENCE_ERRORS = _errors(400, 401, 413, 415, 422, 500, 503, 504)
 
 ImageUpload = Annotated[
     UploadFile,
-    File(description="The image: PNG, JPEG, TIFF, WebP or BMP, any size up to SATSEG_MAX_PIXELS."),
+    File(
+        description="The image: PNG, JPEG, TIFF, WebP or BMP, any size up to SATSEG_MAX_PIXELS. "
+        "TIFFs (GeoTIFFs) may have any number of bands and any numeric type; see `bands` and "
+        "`scale`."
+    ),
 ]
 FormatQuery = Annotated[
     SegmentFormat,
-    Query(description="`png`: a palette PNG of class ids; `rle`: JSON with COCO RLE per class."),
+    Query(
+        description="`png`: a palette PNG of class ids; `rle`: JSON with COCO RLE per class; "
+        "`geotiff`: a single-band uint8 GeoTIFF of class ids with the input's CRS and "
+        "geotransform (for georeferenced TIFF input only)."
+    ),
 ]
+
+
+@dataclass(frozen=True)
+class RasterOptions:
+    """How a TIFF upload becomes RGB (see ``shared.geotiff``); other formats ignore it."""
+
+    bands: tuple[int, ...] | None
+    scale: Scale
+
+
+def raster_options(
+    bands: Annotated[
+        str | None,
+        Query(
+            description="TIFF bands for R,G,B, 1-based, e.g. `4,3,2` (Sentinel-2 true colour), "
+            "or one band shown as grey. Default: 1,2,3; band 1 for files of 1 or 2 bands."
+        ),
+    ] = None,
+    scale: Annotated[
+        str,
+        Query(
+            description="How TIFF values become 0..255: `auto` (uint8 unchanged, other types a "
+            "per-band 2-98 percentile stretch), `minmax`, `percentile:LOW,HIGH`, or one fixed "
+            "range `LOW,HIGH` for every band, e.g. `0,3000` for Sentinel-2 L2A reflectance."
+        ),
+    ] = "auto",
+) -> RasterOptions:
+    """Parsed before any upload is decoded, so a malformed choice costs nothing."""
+    try:
+        return RasterOptions(bands=parse_bands(bands), scale=parse_scale(scale))
+    except RasterOptionError as exc:
+        raise UnprocessableError(str(exc), code=exc.code) from exc
+
+
+RasterDep = Annotated[RasterOptions, Depends(raster_options)]
 
 
 def _ms(seconds: float) -> float:
     return round(seconds * 1000, 2)
 
 
-async def _decode(engine: Engine, upload: UploadFile, what: str, mask: bool = False) -> Any:
+async def _decode(
+    engine: Engine, upload: UploadFile, what: str, decode: Callable[..., T], **options: Any
+) -> T:
     data = await upload.read()
-    decode = decode_mask if mask else decode_image
     try:
-        return await engine.run_io(decode, data, max_pixels=engine.settings.max_pixels)
+        return await engine.run_io(decode, data, max_pixels=engine.settings.max_pixels, **options)
     except ImageError as exc:
         # Name the upload, which matters when several files come in one request.
         raise ApiError(f"{what}: {exc}", status=exc.status, code=exc.code) from exc
 
 
+async def _decode_image(
+    engine: Engine, upload: UploadFile, what: str, raster: RasterOptions
+) -> tuple[np.ndarray, GeoImage | None]:
+    """``(H, W, 3)`` uint8 RGB and, for a TIFF, its georeferencing and nodata pixels."""
+    return await _decode(
+        engine, upload, what, decode_raster, bands=raster.bands, scale=raster.scale
+    )
+
+
 def _label_map(engine: Engine) -> LabelMap:
     assert engine.predictor is not None  # guaranteed by admission
     return engine.predictor.label_map
+
+
+_FILES = {
+    SegmentFormat.png: ("image/png", "mask.png"),
+    SegmentFormat.geotiff: ("image/tiff", "mask.tif"),
+}
+
+
+def _encode_image(
+    mask: np.ndarray, geo: GeoImage | None, label_map: LabelMap, format: SegmentFormat
+) -> bytes:
+    """The mask as a palette PNG or (``geo`` georeferenced) a GeoTIFF; nodata -> ignore_index."""
+    mask = mask_invalid(mask, geo, label_map.ignore_index)
+    if format is SegmentFormat.geotiff:
+        assert geo is not None  # checked before inference
+        return mask_to_geotiff(mask, geo, label_map)
+    return mask_to_png(mask, label_map)
+
+
+def _encode_rle(
+    mask: np.ndarray, geo: GeoImage | None, label_map: LabelMap
+) -> list[dict[str, Any]]:
+    return mask_to_classes(mask_invalid(mask, geo, label_map.ignore_index), label_map)
 
 
 @router.post(
@@ -105,30 +196,50 @@ def _label_map(engine: Engine) -> LabelMap:
     responses={
         200: {
             "description": "`format=png`: the class-id mask, same height and width as the "
-            "input, with the label colours as its palette. `format=rle`: JSON.",
-            "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+            "input, with the label colours as its palette. `format=rle`: JSON. "
+            "`format=geotiff`: a single-band uint8 GeoTIFF of class ids on the input's CRS, "
+            "geotransform and size, the label colours as its colour table; nodata input "
+            "pixels are ignore_index in every format.",
+            "content": {
+                "image/png": {"schema": {"type": "string", "format": "binary"}},
+                "image/tiff": {"schema": {"type": "string", "format": "binary"}},
+            },
         },
         **_INFERENCE_ERRORS,
     },
 )
 async def segment(
-    engine: EngineDep, image: ImageUpload, format: FormatQuery = SegmentFormat.png
+    engine: EngineDep,
+    image: ImageUpload,
+    raster: RasterDep,
+    format: FormatQuery = SegmentFormat.png,
 ) -> Any:
     """Predict a class for every pixel of the uploaded image.
 
     `curl -F image=@tile.jpg localhost:8000/segment -o mask.png`
+
+    `curl -F image=@scene.tif "localhost:8000/segment?format=geotiff&bands=4,3,2" -o mask.tif`
     """
     start = time.perf_counter()
+    name = f"image '{image.filename}'"
     with engine.admit() as ticket:
-        array = await _decode(engine, image, f"image '{image.filename}'")
+        array, geo = await _decode_image(engine, image, name, raster)
+        if format is SegmentFormat.geotiff and (geo is None or not geo.georeferenced):
+            # Checked before inference: the answer could not be placed on the map anyway.
+            found = "not a TIFF" if geo is None else "a TIFF without a CRS, geotransform or GCPs"
+            raise UnprocessableError(
+                f"format=geotiff needs a georeferenced TIFF; {name} is {found}. "
+                "Ask for format=png or format=rle instead.",
+                code="not_georeferenced",
+            )
         decoded = time.perf_counter()
         mask = await engine.segment(array, ticket)
         inferred = time.perf_counter()
         label_map = _label_map(engine)
-        if format is SegmentFormat.png:
-            body = await engine.run_io(mask_to_png, mask, label_map)
+        if format is SegmentFormat.rle:
+            classes = await engine.run_io(_encode_rle, mask, geo, label_map)
         else:
-            classes = await engine.run_io(mask_to_classes, mask, label_map)
+            body = await engine.run_io(_encode_image, mask, geo, label_map, format)
         end = time.perf_counter()
     timing = {
         "decode": _ms(decoded - start),
@@ -136,14 +247,15 @@ async def segment(
         "encode": _ms(end - inferred),
         "total": _ms(end - start),
     }
-    if format is SegmentFormat.png:
+    if format is not SegmentFormat.rle:
         server_timing = ", ".join(f"{k};dur={v}" for k, v in timing.items())
+        media_type, filename = _FILES[format]
         return Response(
             body,
-            media_type="image/png",
+            media_type=media_type,
             headers={
                 "Server-Timing": server_timing,
-                "Content-Disposition": 'inline; filename="mask.png"',
+                "Content-Disposition": f'inline; filename="{filename}"',
             },
         )
     return {
@@ -174,13 +286,20 @@ async def evaluate(
             description="Ground-truth masks (index or colour PNG), paired with images in order.",
         ),
     ],
+    raster: RasterDep,
     format: Annotated[
-        SegmentFormat,
-        Query(description="`rle` adds each prediction as COCO RLE; `png` leaves it out."),
-    ] = SegmentFormat.png,
+        EvaluateFormat,
+        Query(
+            description="`rle` adds each prediction and ground truth as COCO RLE; `png` "
+            "leaves them out."
+        ),
+    ] = EvaluateFormat.png,
 ) -> Any:
     """Segment each image and compare it with its mask: confusion matrix, IoU, Dice,
-    pixel accuracy per pair and over all pairs."""
+    pixel accuracy per pair and over all pairs.
+
+    Images may be GeoTIFFs (`bands`, `scale` as for `/segment`); their nodata pixels are
+    left out of the scores."""
     if len(image) != len(mask):
         raise UnprocessableError(
             f"Got {len(image)} image(s) and {len(mask)} mask(s); send one mask per image, "
@@ -201,21 +320,25 @@ async def evaluate(
         pairs = []
         for index, (image_file, mask_file) in enumerate(zip(image, mask, strict=True)):
             t0 = time.perf_counter()
-            pixels, truth = await _decode_pair(engine, label_map, index, image_file, mask_file)
+            pixels, geo, truth = await _decode_pair(
+                engine, label_map, index, image_file, mask_file, raster
+            )
             t1 = time.perf_counter()
             prediction = await engine.segment(pixels, ticket)
             t2 = time.perf_counter()
             decode_s, infer_s = decode_s + t1 - t0, infer_s + t2 - t1
             names = (image_file.filename, mask_file.filename)
             pair = await engine.run_io(
-                _score_pair, label_map, total, index, names, prediction, truth
+                _score_pair,
+                label_map,
+                total,
+                index,
+                names,
+                prediction,
+                truth,
+                geo,
+                with_masks=format is EvaluateFormat.rle,
             )
-            if format is SegmentFormat.rle:
-                pair["prediction"] = {
-                    "height": pair["height"],
-                    "width": pair["width"],
-                    "classes": await engine.run_io(mask_to_classes, prediction, label_map),
-                }
             pairs.append(pair)
         aggregate = _scores(total, label_map)
     end = time.perf_counter()
@@ -238,10 +361,14 @@ async def _decode_pair(
     index: int,
     image_file: UploadFile,
     mask_file: UploadFile,
-) -> tuple[Any, Any]:
-    """Decode pair ``index``; its mask must match the image's size and hold only known labels."""
-    pixels = await _decode(engine, image_file, f"image {index} ('{image_file.filename}')")
-    raw = await _decode(engine, mask_file, f"mask {index} ('{mask_file.filename}')", mask=True)
+    raster: RasterOptions,
+) -> tuple[np.ndarray, GeoImage | None, np.ndarray]:
+    """Decode pair ``index`` to ``(rgb, geo, truth)``; its mask must match the image's size and
+    hold only known labels."""
+    pixels, geo = await _decode_image(
+        engine, image_file, f"image {index} ('{image_file.filename}')", raster
+    )
+    raw = await _decode(engine, mask_file, f"mask {index} ('{mask_file.filename}')", decode_mask)
     (ih, iw), (mh, mw) = pixels.shape[:2], raw.shape[:2]
     if (ih, iw) != (mh, mw):
         raise UnprocessableError(
@@ -255,7 +382,7 @@ async def _decode_pair(
         raise UnprocessableError(
             f"Pair {index}: mask '{mask_file.filename}': {exc}", code="unknown_mask_values"
         ) from exc
-    return pixels, truth
+    return pixels, geo, truth
 
 
 def _score_pair(
@@ -263,10 +390,20 @@ def _score_pair(
     total: ConfusionMatrix,
     index: int,
     names: tuple[str | None, str | None],
-    prediction: Any,
-    truth: Any,
+    prediction: np.ndarray,
+    truth: np.ndarray,
+    geo: GeoImage | None,
+    *,
+    with_masks: bool,
 ) -> dict[str, Any]:
-    """Per-pair scores; the pair's confusion matrix is also added to ``total``."""
+    """Per-pair scores, and with ``with_masks`` the prediction and truth as RLE; the pair's
+    confusion matrix is also added to ``total``.
+
+    ``prediction`` and ``truth`` are ``(H, W)`` uint8 ids; ``ignore_index`` truth pixels are
+    not scored. Nodata pixels of a GeoTIFF image become ``ignore_index`` in both first: the
+    model saw no data there."""
+    prediction = mask_invalid(prediction, geo, label_map.ignore_index)
+    truth = mask_invalid(truth, geo, label_map.ignore_index)
     matrix = ConfusionMatrix(label_map.num_classes, label_map.ignore_index)
     matrix.update(prediction, truth)
     total.merge(matrix)
@@ -277,7 +414,8 @@ def _score_pair(
         "height": int(prediction.shape[0]),
         "width": int(prediction.shape[1]),
         "scores": _scores(matrix, label_map),
-        "prediction": None,
+        "prediction": mask_to_rle(prediction, label_map) if with_masks else None,
+        "truth": mask_to_rle(truth, label_map) if with_masks else None,
     }
     return result
 

@@ -9,7 +9,15 @@ from pydantic import BaseModel, Field
 
 
 class SegmentFormat(StrEnum):
-    """How a predicted mask is returned."""
+    """How ``/segment`` returns the predicted mask."""
+
+    png = "png"
+    rle = "rle"
+    geotiff = "geotiff"
+
+
+class EvaluateFormat(StrEnum):
+    """Whether ``/evaluate`` also returns the masks it scored."""
 
     png = "png"
     rle = "rle"
@@ -36,7 +44,7 @@ class Rle(BaseModel):
 class ClassMask(BaseModel):
     id: int
     name: str
-    area: int = Field(description="Pixels predicted as this class.")
+    area: int = Field(description="Pixels of this class in the mask.")
     fraction: float = Field(description="area / (height * width).")
     rle: Rle
 
@@ -50,15 +58,18 @@ class Timing(BaseModel):
     total: float
 
 
-class PredictionRle(BaseModel):
-    """A predicted mask as one RLE per class, in label order (classes with no pixels too)."""
+class MaskRle(BaseModel):
+    """A class-id mask as one RLE per class, in label order (classes with no pixels too).
+
+    Pixels of no class (``ignore_index``, e.g. nodata) are in no RLE.
+    """
 
     height: int
     width: int
     classes: list[ClassMask]
 
 
-class SegmentRle(PredictionRle):
+class SegmentRle(MaskRle):
     """`/segment?format=rle`."""
 
     timing_ms: Timing
@@ -95,8 +106,13 @@ class PairResult(BaseModel):
     height: int
     width: int
     scores: Scores
-    prediction: PredictionRle | None = Field(
+    prediction: MaskRle | None = Field(
         None, description="The predicted mask as RLE, present when `format=rle`."
+    )
+    truth: MaskRle | None = Field(
+        None,
+        description="The ground-truth mask as scored, as RLE, present when `format=rle`; "
+        "ignore_index pixels (and nodata pixels of a GeoTIFF image) are in no class.",
     )
 
 

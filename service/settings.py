@@ -30,7 +30,10 @@ class Settings(BaseSettings):
         "auto", description="auto picks CUDA when it is available."
     )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto: bf16/fp16 autocast on CUDA where supported, fp32 on CPU."
+        "auto",
+        description="auto: bf16 where the hardware computes it natively (CUDA GPUs with bf16, "
+        "CPUs with AVX512-BF16 or AMX), else fp32. fp16 needs CUDA; bf16 on a GPU without it "
+        "is refused at start-up (/readyz says why).",
     )
     host: str = Field("127.0.0.1", description="Bind address; 0.0.0.0 inside a container.")
     port: int = Field(8000, ge=0, le=65535)

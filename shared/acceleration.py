@@ -237,6 +237,10 @@ def quantize_int8(
         QuantizationError: no x86 quantised engine in this PyTorch build.
     """
     engine = quantized_engine()
+    # Every int8 forward would repeat this warning: DeepLabV3's ASPP concatenates branches with
+    # different scales, which quantized cat handles by requantising them (what that costs is
+    # measured by the agreement check, not guessed).
+    warnings.filterwarnings("ignore", message="All inputs of this cat operator must share")
     with warnings.catch_warnings():
         # torch.ao.quantization announces its move to torchao; the FX flow still ships and is
         # the one that runs eagerly on oneDNN without an inductor build.
@@ -248,12 +252,10 @@ def quantize_int8(
 
         torch.backends.quantized.engine = engine
         mapping = get_default_qconfig_mapping(engine)
-        names = dict(net.named_modules())
-        if _HEAD in names:
+        if _HEAD in dict(net.named_modules()):
             mapping = mapping.set_module_name(_HEAD, None)
         net = copy.deepcopy(net).cpu().eval()
-        example = calibration[0][:1]
-        prepared = prepare_fx(net, mapping, example_inputs=(example,))
+        prepared = prepare_fx(net, mapping, example_inputs=(calibration[0][:1],))
         with torch.inference_mode():
             for batch in calibration:
                 if channels_last:

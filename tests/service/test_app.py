@@ -33,15 +33,35 @@ def test_every_endpoint_documents_its_answers_with_the_error_model(open_schema: 
             assert ref.endswith("/ErrorResponse"), (method, path, status)
 
 
-def test_segment_documents_both_answer_formats(open_schema: dict) -> None:
+def test_segment_documents_every_answer_format(open_schema: dict) -> None:
     operation = open_schema["paths"]["/segment"]["post"]
     content = operation["responses"]["200"]["content"]
 
-    assert set(content) == {"image/png", "application/json"}
+    assert set(content) == {"image/png", "image/tiff", "application/json"}
     assert content["application/json"]["schema"]["$ref"].endswith("/SegmentRle")
     fmt = next(p for p in operation["parameters"] if p["name"] == "format")
-    assert open_schema["components"]["schemas"]["SegmentFormat"]["enum"] == ["png", "rle"]
+    schemas = open_schema["components"]["schemas"]
+    assert schemas["SegmentFormat"]["enum"] == ["png", "rle", "geotiff"]
     assert fmt["schema"]["default"] == "png"
+
+
+@pytest.mark.parametrize("path", ["/segment", "/evaluate"])
+def test_raster_options_are_documented(open_schema: dict, path: str) -> None:
+    parameters = {p["name"]: p for p in open_schema["paths"][path]["post"]["parameters"]}
+
+    assert "4,3,2" in parameters["bands"]["description"]
+    assert "percentile:LOW,HIGH" in parameters["scale"]["description"]
+    assert parameters["scale"]["schema"]["default"] == "auto"
+
+
+def test_evaluate_offers_only_its_own_formats(open_schema: dict) -> None:
+    operation = open_schema["paths"]["/evaluate"]["post"]
+    fmt = next(p for p in operation["parameters"] if p["name"] == "format")
+
+    assert fmt["schema"]["$ref"].endswith("/EvaluateFormat")
+    assert open_schema["components"]["schemas"]["EvaluateFormat"]["enum"] == ["png", "rle"]
+    pair = open_schema["components"]["schemas"]["PairResult"]["properties"]
+    assert {"prediction", "truth"} <= set(pair)
 
 
 def test_response_models_describe_their_fields(open_schema: dict) -> None:

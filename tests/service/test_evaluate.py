@@ -121,17 +121,47 @@ def test_colour_masks_score_like_index_masks(client: TestClient, label_map: Labe
     assert by_index["aggregate"] == by_colour["aggregate"]
 
 
-def test_format_rle_returns_each_prediction(client: TestClient) -> None:
+def _assert_rle_mask(got: dict, expected: np.ndarray, label_map: LabelMap) -> None:
+    """``got`` ({"height", "width", "classes"}) decodes with pycocotools to ``expected``."""
+    assert (got["height"], got["width"]) == expected.shape
+    assert [c["id"] for c in got["classes"]] == [c.id for c in label_map.classes]
+    for entry in got["classes"]:
+        rle = {"size": entry["rle"]["size"], "counts": entry["rle"]["counts"].encode()}
+        np.testing.assert_array_equal(coco_mask.decode(rle), expected == entry["id"])
+        assert entry["area"] == int(np.sum(expected == entry["id"]))
+        assert entry["fraction"] == pytest.approx(entry["area"] / expected.size)
+
+
+def test_format_rle_returns_each_prediction_and_truth(
+    client: TestClient, label_map: LabelMap
+) -> None:
     image = scene(45, 65, seed=7)
+    truth = _truth((45, 65), 7)
     pred = _predict(client, image)
 
-    body = _evaluate(client, [(encode(image), encode(_truth((45, 65), 7)))], format="rle").json()
+    body = _evaluate(client, [(encode(image), encode(truth))], format="rle").json()
 
-    prediction = body["pairs"][0]["prediction"]
-    assert (prediction["height"], prediction["width"]) == (45, 65)
-    for entry in prediction["classes"]:
-        rle = {"size": entry["rle"]["size"], "counts": entry["rle"]["counts"].encode()}
-        np.testing.assert_array_equal(coco_mask.decode(rle), pred == entry["id"])
+    _assert_rle_mask(body["pairs"][0]["prediction"], pred, label_map)
+    _assert_rle_mask(body["pairs"][0]["truth"], truth, label_map)
+    # The ignore_index stripe belongs to no class.
+    areas = sum(c["area"] for c in body["pairs"][0]["truth"]["classes"])
+    assert areas == truth.size - int(np.sum(truth == IGNORE)) > 0
+
+
+def test_format_png_leaves_the_masks_out(client: TestClient) -> None:
+    image = scene(20, 30, seed=8)
+
+    body = _evaluate(client, [(encode(image), encode(_truth((20, 30), 8)))]).json()
+
+    assert body["pairs"][0]["prediction"] is None and body["pairs"][0]["truth"] is None
+
+
+def test_format_geotiff_is_not_an_evaluate_format(client: TestClient) -> None:
+    pair = (encode(scene(20, 30)), encode(_truth((20, 30), 8)))
+
+    message = _error(_evaluate(client, [pair], format="geotiff"), 422, "validation_error")
+
+    assert "format" in message
 
 
 def _error(response, status: int, code: str) -> str:

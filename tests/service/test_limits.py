@@ -83,7 +83,7 @@ def test_an_honest_content_length_over_the_limit_is_refused_unread(
     small_limit_app, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     decoded = []
-    monkeypatch.setattr(routes, "decode_image", lambda *a, **k: decoded.append(1))
+    monkeypatch.setattr(routes, "decode_raster", lambda *a, **k: decoded.append(1))
     body = _multipart(LIMIT * 3)
     headers = [*MULTIPART, (b"content-length", str(len(body)).encode())]
 
@@ -100,7 +100,7 @@ def test_bytes_received_over_the_limit_are_refused_mid_stream(
     small_limit_app, monkeypatch: pytest.MonkeyPatch, declared: bytes | None
 ) -> None:
     decoded = []
-    monkeypatch.setattr(routes, "decode_image", lambda *a, **k: decoded.append(1))
+    monkeypatch.setattr(routes, "decode_raster", lambda *a, **k: decoded.append(1))
     body = _multipart(LIMIT * 5)
     chunks = [body[i : i + 1000] for i in range(0, len(body), 1000)]
     headers = [*MULTIPART] + ([(b"content-length", declared)] if declared else [])

@@ -75,7 +75,7 @@ def test_the_key_is_checked_before_the_body_is_parsed(
     keyed: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     decoded = []
-    monkeypatch.setattr(routes, "decode_image", lambda *a, **k: decoded.append(1))
+    monkeypatch.setattr(routes, "decode_raster", lambda *a, **k: decoded.append(1))
 
     assert _segment(keyed, {"X-API-Key": "wrong"}).status_code == 401
     assert decoded == []

@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+import shared.inference as inference
 from shared.acceleration import (
     CALIBRATION_REGION,
     Forward,
     QuantizationError,
     bluemarble_crops,
     calibration_batches,
+    calibration_set,
     configure_threads,
     fold_bn,
     optimize,
     pixel_agreement,
 )
+from shared.inference import InferenceOptions, Predictor
 from shared.model import build_model
 from shared.preprocess import Normalization
 
@@ -210,3 +216,90 @@ def test_cuda_forward_keeps_the_argmax(precision: str) -> None:
     forward = optimize(Toy().eval(), device="cuda", precision=precision)
     out = forward(x.cuda())
     assert out.is_cuda and torch.equal(out.argmax(dim=1).cpu(), labels)
+
+
+# -- the Predictor's optimised path ----------------------------------------------------------
+
+
+@pytest.fixture
+def small_calibration(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Calibrate on two 64x64 Blue Marble crops instead of twelve 256x256 ones (speed)."""
+    import shared.acceleration as acceleration
+
+    real = acceleration.calibration_set
+
+    def small(normalization: Normalization, **kwargs: object) -> tuple[list, list]:
+        return real(normalization, count=2, checks=1, size=64, folder=kwargs.get("folder"))
+
+    monkeypatch.setattr(acceleration, "calibration_set", small)
+
+
+def test_resolve_precision_int8_rules(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = torch.device("cpu")
+    assert inference.resolve_precision("int8", cpu) == "int8"
+    with pytest.raises(ValueError, match="int8 inference runs on the CPU"):
+        inference.resolve_precision("int8", torch.device("cuda", 0))
+    monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(inference, "has_int8_matmul", lambda: True)
+    assert inference.resolve_precision("auto", cpu, optimize=True) == "int8"
+    assert inference.resolve_precision("auto", cpu) == "bf16"  # eager models are never int8
+    monkeypatch.setattr(inference, "has_int8_matmul", lambda: False)
+    assert inference.resolve_precision("auto", cpu, optimize=True) == "bf16"
+
+
+def test_predictor_int8_runs_a_quantised_forward(
+    tiny_checkpoint: Path, small_calibration: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Random weights give near-tied logits, so agreement says nothing here: no floor.
+    monkeypatch.setattr(inference, "INT8_MIN_AGREEMENT", 0.0)
+    options = InferenceOptions(device="cpu", precision="int8", tile=64, overlap=16)
+    predictor = Predictor.from_checkpoint(tiny_checkpoint, options)
+    assert predictor.precision == "int8" and isinstance(predictor.forward, Forward)
+    assert any(isinstance(m, torch.ao.nn.quantized.Conv2d) for m in predictor.forward.modules())
+    logits = predictor.run_batch(torch.zeros((2, 3, 64, 64), dtype=torch.uint8))
+    assert logits.shape == (2, 3, 64, 64) and logits.dtype == torch.float32
+    mask = predictor.segment(np.zeros((70, 150, 3), np.uint8))
+    assert mask.shape == (70, 150) and mask.dtype == np.uint8
+
+
+def test_predictor_auto_falls_back_when_int8_disagrees(
+    tiny_checkpoint: Path, small_calibration: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(inference, "has_int8_matmul", lambda: True)
+    monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(inference, "INT8_MIN_AGREEMENT", 1.01)  # nothing can pass
+    options = InferenceOptions(device="cpu", precision="auto", optimize=True, tile=64, overlap=16)
+    predictor = Predictor.from_checkpoint(tiny_checkpoint, options)
+    assert predictor.precision == "fp32"
+    assert "fp32, batchnorm folded" in predictor.forward.description
+    with pytest.raises(ValueError, match="int8 inference refused"):
+        Predictor.from_checkpoint(tiny_checkpoint, replace(options, precision="int8"))
+
+
+def test_predictor_optimize_fp32_matches_the_eager_path(tiny_checkpoint: Path) -> None:
+    options = InferenceOptions(device="cpu", precision="fp32", tile=64, overlap=16)
+    eager = Predictor.from_checkpoint(tiny_checkpoint, options)
+    fast = Predictor.from_checkpoint(tiny_checkpoint, replace(options, optimize=True))
+    batch = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (1, 3, 64, 64), np.uint8))
+    torch.testing.assert_close(fast.run_batch(batch), eager.run_batch(batch), atol=1e-4, rtol=1e-3)
+
+
+def test_calibration_set_from_a_folder(tmp_path: Path) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (100, 70, 3), np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(rng.integers(0, 256, (300, 300, 3), np.uint8)).save(tmp_path / "b.jpg")
+    (tmp_path / "notes.txt").write_text("not an image")
+    calibration, checks = calibration_set(
+        Normalization(), folder=tmp_path, count=3, checks=1, size=256
+    )
+    # Crops come from a, b, a | b in turn: a gives 96x64 (sides cut to multiples of 32),
+    # b 256x256; crops of one size share a batch.
+    assert sorted(tuple(b.shape) for b in calibration) == [(1, 3, 256, 256), (2, 3, 96, 64)]
+    assert [tuple(b.shape) for b in checks] == [(1, 3, 256, 256)]
+    with pytest.raises(ValueError, match="does not exist"):
+        calibration_set(Normalization(), folder=tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no readable image"):
+        calibration_set(Normalization(), folder=tmp_path / "empty")

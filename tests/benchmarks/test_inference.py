@@ -1,0 +1,87 @@
+"""Smoke tests of ``python -m benchmarks.inference --quick`` on a tiny model: it runs and writes
+the JSON fields the results are read from. Nothing here is timed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import inference
+
+FIELDS = (
+    "machine",
+    "baseline",
+    "engine",
+    "engine_over_baseline",
+    "pixel_agreement",
+    "targets",
+    "targets_met",
+)
+
+
+def run(tmp_path: Path, checkpoint: Path, *extra: str) -> dict:
+    out = tmp_path / "inference.json"
+    args = ["--quick", "--checkpoint", str(checkpoint), "--size", "64", "--json", str(out)]
+    assert inference.main([*args, "--repeat", "1", "--agreement-tiles", "2", *extra]) == 0
+    return json.loads(out.read_text())
+
+
+def test_quick_engine_and_candidates(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    result = run(tmp_path, tiny_checkpoint, "--skip-scaling", "--skip-service")
+    for field in FIELDS:
+        assert field in result, field
+    assert result["trained_weights"] is True
+    assert [r["batch"] for r in result["engine"]["rows"]] == [1, 4]
+    assert all(r["images_per_s"] > 0 for r in result["engine"]["rows"])
+    assert 0.0 <= result["pixel_agreement"] <= 1.0
+    assert result["engine_over_baseline"] > 0
+    variants = [c["variant"] for c in result["candidates"]]
+    assert variants[0].startswith("eager fp32") and any("int8" in v for v in variants)
+    assert all("pixel_agreement" in c or "error" in c for c in result["candidates"])
+
+
+def test_quick_precision_override_reaches_the_engine(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    result = run(
+        tmp_path,
+        tiny_checkpoint,
+        "--skip-scaling",
+        "--skip-service",
+        "--skip-candidates",
+        "--precision",
+        "fp32",
+        "--optimize",
+    )
+    assert result["engine"]["precision"] == "fp32"
+    assert result["engine"]["options"]["optimize"] is True
+    assert "batchnorm folded" in result["engine"]["forward"]
+
+
+@pytest.mark.slow
+def test_quick_full_path_with_service_and_scene(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    result = run(
+        tmp_path,
+        tiny_checkpoint,
+        "--skip-candidates",
+        "--precision",
+        "fp32",
+        "--scene",
+        "256x128",
+        "--requests",
+        "2",
+    )
+    assert [r["size"] for r in result["scaling"]] == ["64x64", "128x128"]
+    assert result["scene_memory"]["peak_rss_mib"] > 0
+    assert result["scene_memory"]["mask_shape"] == [128, 256]
+    service = result["service"]
+    assert "error" not in service, service.get("error")
+    assert {(r["format"], r["clients"]) for r in service["rows"]} == {
+        ("png", 1),
+        ("png", 4),
+        ("rle", 1),
+        ("rle", 4),
+    }
+    assert all(r["errors"] == 0 and r["p95_ms"] >= r["p50_ms"] for r in service["rows"])
+    assert service["precision"] == "fp32"
+    assert result["service_over_engine"] > 0
