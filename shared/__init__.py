@@ -1,1 +1,4 @@
-"""Everything the trainer and the service must agree on: labels, decoding, preprocessing, model, checkpoints, metrics, RLE, tiling."""
+"""Everything the trainer and the service must agree on.
+
+Labels, image decoding, preprocessing, the model, checkpoints, metrics, RLE, tiling and inference.
+"""

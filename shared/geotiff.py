@@ -291,10 +291,18 @@ def decode_raster(
         ImageError: one of its subclasses (RasterOptionError for bad ``bands``/``scale``).
     """
     chosen, how = parse_bands(bands), parse_scale(scale)
-    if is_tiff(data):
-        geo = read_geotiff(data, bands=chosen, scale=how, max_pixels=max_pixels)
-        return geo.rgb, geo
-    return decode_image(data, max_pixels=max_pixels), None
+    if not is_tiff(data):
+        return decode_image(data, max_pixels=max_pixels), None
+    if chosen is None and how.kind == "auto" and not is_geotiff(data):
+        # A plain TIFF (a palette, 1-bit, CMYK or RGBA picture) reads as its colours through
+        # PIL; rasterio would hand over raw palette indices. Only rasters PIL cannot read
+        # (many bands, float samples) go on to rasterio.
+        try:
+            return decode_image(data, max_pixels=max_pixels), None
+        except (UnsupportedFormatError, CorruptImageError):
+            pass
+    geo = read_geotiff(data, bands=chosen, scale=how, max_pixels=max_pixels)
+    return geo.rgb, geo
 
 
 def mask_invalid(mask: np.ndarray, geo: GeoImage | None, fill: int) -> np.ndarray:

@@ -192,6 +192,33 @@ def test_plain_tiff_reads_but_is_not_georeferenced():
     assert not image.georeferenced and image.crs is None
 
 
+def _tiff_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="TIFF")
+    return buffer.getvalue()
+
+
+def test_plain_palette_and_one_bit_tiffs_decode_to_their_colours():
+    palette = Image.fromarray(np.array([[0, 1], [1, 0]], dtype=np.uint8), mode="P")
+    palette.putpalette([200, 10, 20, 5, 250, 30] + [0] * 762)
+    rgb, geo = decode_raster(_tiff_bytes(palette))
+    assert geo is None
+    assert rgb[0, 0].tolist() == [200, 10, 20] and rgb[0, 1].tolist() == [5, 250, 30]
+
+    one_bit = Image.fromarray(np.array([[True, False]])).convert("1")
+    rgb, _ = decode_raster(_tiff_bytes(one_bit))
+    assert rgb[0, 0].tolist() == [255, 255, 255] and rgb[0, 1].tolist() == [0, 0, 0]
+
+
+def test_plain_tiff_with_many_bands_goes_through_rasterio():
+    with MemoryFile() as memory:
+        with memory.open(driver="GTiff", width=4, height=2, count=5, dtype="uint8") as dst:
+            dst.write(np.arange(5, dtype=np.uint8)[:, None, None].repeat(2, 1).repeat(4, 2) * 50)
+        data = memory.read()
+    rgb, geo = decode_raster(data, bands="5,4,3")
+    assert geo is not None and rgb[0, 0].tolist() == [200, 150, 100]
+
+
 def test_is_geotiff_is_false_for_anything_else():
     buffer = io.BytesIO()
     Image.new("RGB", (4, 4)).save(buffer, format="PNG")
