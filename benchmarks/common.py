@@ -91,6 +91,32 @@ def time_calls(
     return Timing(tuple(seconds))
 
 
+def time_interleaved(
+    fns: dict[str, Callable[[], object]],
+    *,
+    repeat: int,
+    warmup: int = 1,
+    device: torch.device | None = None,
+) -> dict[str, Timing]:
+    """Time several functions in turns (a, b, a, b, ...), so that a busy or throttling
+    machine slows them alike and their ratio stays meaningful."""
+    if repeat < 1:
+        raise ValueError(f"repeat must be positive, got {repeat}")
+    device = device or torch.device("cpu")
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    synchronize(device)
+    seconds: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            seconds[name].append(time.perf_counter() - start)
+    return {name: Timing(tuple(values)) for name, values in seconds.items()}
+
+
 def machine() -> dict[str, Any]:
     """Where and when a benchmark ran: CPU, cores, threads, load, memory, GPU, versions."""
     flags = cpu_flags()

@@ -154,8 +154,10 @@ def optimize(
     if quantize not in QUANTIZE:
         raise ValueError(f"unknown quantize mode {quantize!r}; allowed: {', '.join(QUANTIZE)}")
 
+    # One copy of the model, which every step below transforms in place.
     net = _Logits(_without_aux(model)).eval()
-    batches: list[torch.Tensor] = []
+    checks: list[torch.Tensor] = []
+    expected: list[torch.Tensor] = []
     if quantize == "int8":
         if device.type != "cpu":
             raise ValueError(f"int8 quantisation runs on the CPU only, not on {device}")
@@ -164,12 +166,16 @@ def optimize(
         batches = [b.to(device=device, dtype=torch.float32) for b in calibration]
         if not batches:
             raise ValueError("int8 quantisation needs at least one calibration batch")
-        graph = quantize_int8(net, batches, channels_last=channels_last)
+        if min_agreement is not None:
+            checks = batches if validation is None else [b.to(device) for b in validation]
+            expected = [_run(net, b).argmax(dim=1) for b in checks]  # float32 answers
+        graph = quantize_int8(net, batches, channels_last=channels_last, inplace=True)
+        del net
         autocast_dtype = input_dtype = None
         description = f"int8 ({torch.backends.quantized.engine}), head fp32"
     else:
         net = net.to(device)
-        graph = fold_bn(net) if fold_batchnorm else net
+        graph = fold_bn(net, inplace=True) if fold_batchnorm else net
         low = _AUTOCAST_DTYPES.get(precision)
         autocast_dtype = input_dtype = None
         description = precision + (", batchnorm folded" if fold_batchnorm else "")
@@ -197,10 +203,8 @@ def optimize(
         input_dtype=input_dtype,
         description=description,
     )
-    if quantize == "int8" and min_agreement is not None:
-        reference = _Logits(_without_aux(model)).eval().to(device)
-        checks = batches if validation is None else [b.to(device) for b in validation]
-        score = min(pixel_agreement(_run(reference, b), forward(b)) for b in checks)
+    if min_agreement is not None and checks:
+        score = min(pixel_agreement(e, forward(b)) for e, b in zip(expected, checks, strict=True))
         if score < min_agreement:
             raise QuantizationError(
                 f"int8 model agrees with float32 on {score:.4f} of the checked pixels, "
@@ -209,20 +213,25 @@ def optimize(
     return forward
 
 
-def fold_bn(net: nn.Module) -> nn.Module:
-    """A ``torch.fx`` copy of ``net`` (eval mode) with each Conv2d->BatchNorm2d pair merged.
+def fold_bn(net: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """A ``torch.fx`` graph of ``net`` (eval mode) with each Conv2d->BatchNorm2d pair merged.
 
-    Numerically the same function up to float rounding.
+    Numerically the same function up to float rounding. ``inplace`` reuses (and changes)
+    ``net``'s modules instead of copying them first.
     """
     from torch.fx.experimental.optimization import fuse
 
     if net.training:
         raise ValueError("BatchNorm can only be folded in eval mode")
-    return fuse(net, inplace=False)
+    return fuse(net, inplace=inplace)
 
 
 def quantize_int8(
-    net: nn.Module, calibration: Sequence[torch.Tensor], *, channels_last: bool = True
+    net: nn.Module,
+    calibration: Sequence[torch.Tensor],
+    *,
+    channels_last: bool = True,
+    inplace: bool = False,
 ) -> nn.Module:
     """Post-training static int8 quantisation of a float ``(N,3,H,W) -> (N,C,H,W)`` module.
 
@@ -231,7 +240,7 @@ def quantize_int8(
     VNNI computes without overflow). Conv+BN+ReLU are fused. The head's final 1x1 convolution
     (``model.classifier.4`` of a :class:`_Logits`-wrapped DeepLabV3) stays float32.
 
-    Returns a new module; ``net`` is not modified.
+    Returns a new module; ``net`` is copied first unless ``inplace`` (then it is consumed).
 
     Raises:
         QuantizationError: no x86 quantised engine in this PyTorch build.
@@ -254,7 +263,7 @@ def quantize_int8(
         mapping = get_default_qconfig_mapping(engine)
         if _HEAD in dict(net.named_modules()):
             mapping = mapping.set_module_name(_HEAD, None)
-        net = copy.deepcopy(net).cpu().eval()
+        net = (net if inplace else copy.deepcopy(net)).cpu().eval()
         prepared = prepare_fx(net, mapping, example_inputs=(calibration[0][:1],))
         with torch.inference_mode():
             for batch in calibration:

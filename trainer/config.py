@@ -53,6 +53,10 @@ class AugmentConfig:
     crop: Literal["random_resized", "random"] = "random_resized"
     crop_scale: tuple[float, float] = (0.25, 1.0)
     crop_ratio: tuple[float, float] = (0.75, 1.3333333)
+    # Share of crops taken instead at native resolution around a pixel of one of focus_classes
+    # (when the tile has one): rare classes then appear in crops, not only in their tiles.
+    focus_crop: float = 0.0
+    focus_classes: list[str] = field(default_factory=list)
     hflip: float = 0.5
     vflip: float = 0.5
     rotate90: float = 0.5
@@ -75,6 +79,10 @@ class ModelConfig:
     # none | coco_voc | imagenet | path to a local state_dict or checkpoint.
     weights: str = "none"
     aux_loss: bool = False
+    # BatchNorm momentum for every BN layer while training; null keeps torchvision's (0.01 in
+    # the MobileNetV3 backbone: running statistics that trail far behind the weights in a short
+    # from-scratch run, so validation in eval mode sees a different network than training).
+    bn_momentum: float | None = None
 
 
 @dataclass
@@ -295,12 +303,16 @@ def check_values(cfg: Config) -> None:
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{key}: must be >= 0, got {value}")
+    if cfg.model.bn_momentum is not None and not 0.0 < cfg.model.bn_momentum <= 1.0:
+        raise ConfigError(
+            f"model.bn_momentum: must be in (0, 1] or null, got {cfg.model.bn_momentum}"
+        )
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction: must be in [0, 1), got {cfg.data.val_fraction}")
     if cfg.eval.overlap >= cfg.eval.tile:
         raise ConfigError(f"eval.overlap: must be smaller than eval.tile ({cfg.eval.tile})")
     aug = cfg.augment
-    for key in ("hflip", "vflip", "rotate90", "affine", "color_jitter"):
+    for key in ("hflip", "vflip", "rotate90", "affine", "color_jitter", "focus_crop"):
         p = getattr(aug, key)
         if not 0.0 <= p <= 1.0:
             raise ConfigError(f"augment.{key}: a probability in [0, 1], got {p}")
@@ -330,7 +342,12 @@ def check_values(cfg: Config) -> None:
 
 
 def check_class_names(cfg: Config, names: Sequence[str]) -> None:
-    """Class names used as keys in the config must exist in the label map."""
+    """Class names used in the config must exist in the label map."""
+    for i, name in enumerate(cfg.augment.focus_classes):
+        if name not in names:
+            raise ConfigError(
+                f"augment.focus_classes[{i}]: unknown class {name!r}; classes: {list(names)}"
+            )
     for key, weights in (
         ("data.oversample", cfg.data.oversample),
         ("train.class_weights", cfg.train.class_weights),

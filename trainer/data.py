@@ -113,7 +113,14 @@ def load_pair(
 # --- augmentations -----------------------------------------------------------------------------
 
 
-def build_train_transform(aug: AugmentConfig, image_size: int, ignore_index: int) -> A.Compose:
+def build_train_transform(
+    aug: AugmentConfig,
+    image_size: int,
+    ignore_index: int,
+    *,
+    num_classes: int | None = None,
+    focus_ids: Sequence[int] = (),
+) -> A.Compose:
     """Albumentations pipeline for training; image and mask are transformed together.
 
     Masks are always resampled with nearest-neighbour (a blended class id is a wrong class id),
@@ -121,30 +128,48 @@ def build_train_transform(aug: AugmentConfig, image_size: int, ignore_index: int
     the mask so the loss does not learn from it. Validation and test never see this pipeline.
     """
     nearest = cv2.INTER_NEAREST
-    steps: list[A.BasicTransform] = []
+
+    def pad() -> A.PadIfNeeded:
+        return A.PadIfNeeded(
+            min_height=image_size,
+            min_width=image_size,
+            position="random",
+            border_mode=cv2.BORDER_CONSTANT,
+            fill=0,
+            fill_mask=ignore_index,
+        )
+
+    crop: A.BasicTransform | A.BaseCompose
     if aug.crop == "random_resized":
-        steps.append(
-            A.RandomResizedCrop(
-                size=(image_size, image_size),
-                scale=aug.crop_scale,
-                ratio=aug.crop_ratio,
-                interpolation=cv2.INTER_LINEAR,
-                mask_interpolation=nearest,
-                p=1.0,
-            )
+        crop = A.RandomResizedCrop(
+            size=(image_size, image_size),
+            scale=aug.crop_scale,
+            ratio=aug.crop_ratio,
+            interpolation=cv2.INTER_LINEAR,
+            mask_interpolation=nearest,
+            p=1.0,
         )
     else:
-        steps.append(
-            A.PadIfNeeded(
-                min_height=image_size,
-                min_width=image_size,
-                position="random",
-                border_mode=cv2.BORDER_CONSTANT,
-                fill=0,
-                fill_mask=ignore_index,
-            )
+        crop = A.Sequential([pad(), A.RandomCrop(height=image_size, width=image_size)], p=1.0)
+    steps: list[A.BasicTransform | A.BaseCompose] = [crop]
+    if aug.focus_crop > 0 and focus_ids:
+        if num_classes is None:
+            raise ValueError("focus crops need num_classes")
+        # CropNonEmptyMaskIfExists centres on a mask pixel whose value is not ignored; every
+        # value but the focus classes is ignored, so it centres on a focus-class pixel.
+        others = [i for i in range(num_classes) if i not in focus_ids] + [ignore_index]
+        focus = A.Sequential(
+            [
+                pad(),
+                A.CropNonEmptyMaskIfExists(
+                    height=image_size, width=image_size, ignore_values=others
+                ),
+            ],
+            p=aug.focus_crop,
         )
-        steps.append(A.RandomCrop(height=image_size, width=image_size))
+        crop.p = 1.0 - aug.focus_crop
+        # OneOf picks one of them with probability proportional to its p.
+        steps = [A.OneOf([focus, crop], p=1.0)] if aug.focus_crop < 1 else [focus]
     if aug.hflip > 0:
         steps.append(A.HorizontalFlip(p=aug.hflip))
     if aug.vflip > 0:

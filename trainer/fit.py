@@ -192,7 +192,11 @@ def load_data(cfg: Config, label_map: LabelMap, info: DistInfo) -> Loaders:
     pairs, _ = on_main(info, check)
     train_pairs, val_pairs = split_train_val(pairs, cfg.data.val_fraction, cfg.train.seed)
     transform = build_train_transform(
-        cfg.augment, cfg.data.image_size, ignore_index=label_map.ignore_index
+        cfg.augment,
+        cfg.data.image_size,
+        ignore_index=label_map.ignore_index,
+        num_classes=label_map.num_classes,
+        focus_ids=[label_map.names.index(n) for n in cfg.augment.focus_classes],
     )
     train_set = SegmentationDataset(train_pairs, label_map, transform, cache=cfg.data.cache)
     val_set = SegmentationDataset(val_pairs, label_map, None, cache=cfg.data.cache)
@@ -229,7 +233,7 @@ def make_model(cfg: Config, num_classes: int, *, resuming: bool) -> nn.Module:
     """DeepLabV3 from shared.model; a resumed run takes its weights from the checkpoint."""
     weights = "none" if resuming else cfg.model.weights
     try:
-        return build_model(
+        model = build_model(
             cfg.model.backbone,
             num_classes=num_classes,
             weights=weights,
@@ -237,6 +241,13 @@ def make_model(cfg: Config, num_classes: int, *, resuming: bool) -> nn.Module:
         )
     except ValueError as err:
         raise ConfigError(f"model.weights: {err}") from None
+    if cfg.model.bn_momentum is not None:
+        # Momentum is a training hyperparameter, not part of the weights: checkpoints are
+        # unaffected and the service's model is built the same way.
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.momentum = cfg.model.bn_momentum
+    return model
 
 
 def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:

@@ -15,6 +15,7 @@ from benchmarks.common import (
     markdown_table,
     percentile,
     time_calls,
+    time_interleaved,
     write_json,
 )
 
@@ -45,6 +46,15 @@ def test_time_calls_counts_warmup_apart() -> None:
     assert len(calls) == 5 and len(timing.seconds) == 3
     with pytest.raises(ValueError, match="repeat"):
         time_calls(lambda: None, repeat=0)
+
+
+def test_time_interleaved_takes_turns() -> None:
+    order: list[str] = []
+    timings = time_interleaved(
+        {"a": lambda: order.append("a"), "b": lambda: order.append("b")}, repeat=2, warmup=1
+    )
+    assert order == ["a", "b", "a", "b", "a", "b"]  # warm-up a, b, then two timed rounds
+    assert set(timings) == {"a", "b"} and len(timings["a"].seconds) == 2
 
 
 def test_markdown_table() -> None:

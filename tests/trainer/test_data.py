@@ -243,3 +243,35 @@ def test_bad_files_can_be_skipped_with_a_warning(
         pairs = collect_pairs(root, "trainval", lm, on_bad_file="skip")
     assert [p[0].name for p in pairs] == ["tile000.png", "tile001.png", "tile003.png"]
     assert any("tile002.png" in r.getMessage() for r in caplog.records)
+
+
+def test_focus_crops_contain_the_focus_class() -> None:
+    mask = np.zeros((128, 128), dtype=np.uint8)
+    mask[100:104, 10:14] = 2  # a 4x4 lake in a corner
+    image = CLASS_RGB[mask]
+    aug = AugmentConfig(crop="random_resized", crop_scale=(0.1, 0.1), focus_crop=1.0)
+    focused = build_train_transform(aug, 32, IGNORE, num_classes=3, focus_ids=[2])
+    plain = build_train_transform(
+        AugmentConfig(crop="random_resized", crop_scale=(0.1, 0.1)), 32, IGNORE
+    )
+    hits = {"focused": 0, "plain": 0}
+    for seed in range(30):
+        for name, transform in (("focused", focused), ("plain", plain)):
+            transform.set_random_seed(seed)
+            out = transform(image=image, mask=mask)
+            hits[name] += bool((out["mask"] == 2).any())
+            assert out["mask"].shape == (32, 32)
+    assert hits["focused"] == 30
+    assert hits["plain"] < 10  # the lake covers 0.1% of the tile
+
+
+def test_focus_crops_mix_with_normal_crops() -> None:
+    mask = np.zeros((128, 128), dtype=np.uint8)
+    mask[100:104, 10:14] = 2
+    aug = AugmentConfig(crop="random", focus_crop=0.5, hflip=0, vflip=0, rotate90=0)
+    transform = build_train_transform(aug, 32, IGNORE, num_classes=3, focus_ids=[2])
+    hits = 0
+    for seed in range(40):
+        transform.set_random_seed(seed)
+        hits += bool((transform(image=CLASS_RGB[mask], mask=mask)["mask"] == 2).any())
+    assert 10 <= hits <= 32
