@@ -75,6 +75,7 @@ from shared.inference import InferenceOptions, Predictor
 from shared.labels import LabelMap
 from shared.model import build_model
 from shared.preprocess import Normalization, image_to_tensor, normalize
+from shared.tiling import tile_origins
 
 DEFAULT_CHECKPOINT = REPO / "runs" / "quickstart" / "best.pt"
 # uint8 (N, 3, H, W) batch -> (N, H, W) class ids.
@@ -335,16 +336,23 @@ def run_scaling(
     predictor: Predictor, sizes: list[tuple[int, int]], repeat: int
 ) -> list[dict[str, Any]]:
     rows = []
+    tile, overlap = predictor.options.tile, predictor.options.overlap
     for width, height in sizes:
         image = scene(width, height)
         timing = time_calls(lambda image=image: predictor.segment(image), repeat=repeat, warmup=1)
         megapixels = width * height / 1e6
+        # The work is one forward per tile; overlaps make tiles cover more than the image.
+        tiles = len(tile_origins(max(height, tile), tile, overlap)) * len(
+            tile_origins(max(width, tile), tile, overlap)
+        )
         rows.append(
             {
                 "size": f"{width}x{height}",
                 "megapixels": megapixels,
+                "tiles": tiles,
                 "seconds": timing.median,
                 "s_per_megapixel": timing.median / megapixels,
+                "s_per_tile": timing.median / tiles,
             }
         )
     return rows
@@ -374,8 +382,11 @@ def scene_worker(checkpoint: Path, width: int, height: int, options: InferenceOp
     """Child side of :func:`scene_memory`: prints one JSON line."""
     predictor = Predictor.from_checkpoint(checkpoint, options)
     predictor.warmup()
+    load_peak = peak_rss_mib()
     image = scene(width, height)
     ready = _current_rss_mib()
+    # From here on the kernel's high-water mark (VmHWM) counts the scene alone.
+    reset = _reset_peak_rss()
     start = time.perf_counter()
     mask = predictor.segment(image)
     seconds = time.perf_counter() - start
@@ -385,7 +396,9 @@ def scene_worker(checkpoint: Path, width: int, height: int, options: InferenceOp
                 "size": f"{width}x{height}",
                 "seconds": seconds,
                 "rss_before_mib": ready,
-                "peak_rss_mib": peak_rss_mib(),
+                "peak_rss_mib": _status_mib("VmHWM") if reset else peak_rss_mib(),
+                "peak_rss_scene_only": reset,
+                "load_peak_rss_mib": load_peak,
                 "mask_shape": list(mask.shape),
                 "precision": predictor.precision,
             }
@@ -478,7 +491,7 @@ def run_cuda(
         compiled = optimize(
             predictor.model,
             device=device,
-            precision=predictor.precision if predictor.precision != "fp32" else "fp32",
+            precision=predictor.precision,
             compile_mode="reduce-overhead",
         )
         predictor.forward = compiled
@@ -763,16 +776,25 @@ def _engine_table(result: dict[str, Any]) -> str:
 
 def _scaling_table(result: dict[str, Any]) -> str:
     rows = [
-        [r["size"], r["megapixels"], r["seconds"], r["s_per_megapixel"]] for r in result["scaling"]
+        [
+            r["size"],
+            r["megapixels"],
+            r["tiles"],
+            r["seconds"],
+            r["s_per_megapixel"],
+            r["s_per_tile"],
+        ]
+        for r in result["scaling"]
     ]
-    table = markdown_table(["scene", "MP", "seconds", "s per MP"], rows)
+    table = markdown_table(["scene", "MP", "tiles", "seconds", "s per MP", "s per tile"], rows)
     memory = result["scene_memory"]
     if "error" in memory:
         return f"{table}\n\nscene memory: {memory['error']}\n"
     return (
-        f"{table}\n\n{memory['size']} scene in a fresh process: peak RSS "
+        f"{table}\n\n{memory['size']} scene in a fresh process: peak RSS while segmenting "
         f"{memory['peak_rss_mib']:.0f} MiB (engine loaded and warm: {memory['rss_before_mib']:.0f}"
-        f" MiB), {memory['seconds']:.1f} s\n"
+        f" MiB; peak while loading: {memory['load_peak_rss_mib']:.0f} MiB), "
+        f"{memory['seconds']:.1f} s\n"
     )
 
 
@@ -825,7 +847,8 @@ def _summary(result: dict[str, Any]) -> str:
     lines = ["targets:"]
     for key, target in TARGETS.items():
         value = result.get(key)
-        shown = "n/a" if value is None else f"{value:.3f}"
+        digits = 5 if key == "pixel_agreement" else 3
+        shown = "n/a" if value is None else f"{value:.{digits}f}"
         mark = "met" if result["targets_met"][key] else "NOT met"
         lines.append(f"  {key}: {shown} (target >= {target}) {mark}")
     if result["random_init"]:
@@ -845,10 +868,24 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def _current_rss_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
+    return _status_mib("VmRSS")
+
+
+def _status_mib(field: str) -> float:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's peak-RSS mark (Linux: write 5 to /proc/self/clear_refs)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
 
 
 def _process_peak_rss_mib(pid: int) -> float | None:

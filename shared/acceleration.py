@@ -9,7 +9,7 @@
   every activation;
 - **channels_last** memory: oneDNN (CPU) and cuDNN (tensor cores) convolutions are NHWC-native;
   NCHW input costs a reorder around every convolution;
-- **autocast** to bf16 or fp16;
+- **bf16/fp16** weights and activations (or autocast, which re-casts weights on every call);
 - **int8 post-training static quantisation** (CPU): the convolutions run on the CPU's
   VNNI/AMX integer units, with activation ranges calibrated on real images. The last 1x1
   convolution (3 output channels) and the upsampling to full resolution stay in float32, so
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -45,8 +46,8 @@ _HEAD = "model.classifier.4"
 # band of longitudes 100E..180E within 70 degrees of the equator; calibrating west of it keeps
 # test tiles unseen.
 TEST_REGION = (300, 4200, 2400, 5400)
-_IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp"})
 CALIBRATION_REGION = (300, 0, 2400, 4200)
+_IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp"})
 
 
 class QuantizationError(RuntimeError):
@@ -123,8 +124,8 @@ def optimize(
     Args:
         model: a DeepLabV3 whose ``forward`` returns ``{"out": (N, C, H, W), ...}``.
         device: where the forward runs; the copy is moved there.
-        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` autocast; ignored with ``quantize="int8"``
-            (the integer graph's float parts are float32).
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``; ignored with ``quantize="int8"`` (the
+            integer graph's float parts are float32).
         channels_last: NHWC weights and input.
         quantize: ``"none"`` or ``"int8"`` (CPU only; needs ``calibration``).
         calibration: normalised ``(N, 3, H, W)`` float32 batches of real images, used to
@@ -210,6 +211,7 @@ def optimize(
                 f"int8 model agrees with float32 on {score:.4f} of the checked pixels, "
                 f"below the required {min_agreement}; calibrate on images like those served"
             )
+    release_free_memory()  # the copies and calibration activations above are garbage now
     return forward
 
 
@@ -306,13 +308,6 @@ def has_int8_matmul() -> bool:
     return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
-def has_bf16_matmul() -> bool:
-    """True where oneDNN runs bf16 natively on this CPU (AVX-512 BF16 or AMX-BF16)."""
-    return bool(
-        torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    )
-
-
 def configure_threads(num_threads: int | None = None) -> int:
     """Pin intra-op threads to ``num_threads`` (default: the CPUs this process may use).
 
@@ -329,6 +324,13 @@ def configure_threads(num_threads: int | None = None) -> int:
     with contextlib.suppress(RuntimeError):
         torch.set_num_interop_threads(1)
     return torch.get_num_threads()
+
+
+def release_free_memory() -> None:
+    """Hand freed heap memory back to the operating system (glibc keeps it otherwise, and a
+    long-running server's resident size would stay at its start-up peak)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def pixel_agreement(reference: torch.Tensor, candidate: torch.Tensor) -> float:

@@ -124,6 +124,9 @@ class TrainConfig:
     device: str = "auto"
     # torch intra-op threads per process; null = torch's default.
     threads: int | None = None
+    # CPU only: every so often time a few steps with 1 thread and with `threads` (null: all
+    # CPUs) and keep the faster, for machines shared with other work (see trainer/threads.py).
+    adapt_threads: bool = False
     # Also write last.pt every N optimiser steps inside an epoch (resume continues mid-epoch).
     checkpoint_every: int | None = None
     log_every: int = 10

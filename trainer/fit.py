@@ -80,6 +80,7 @@ from trainer.outputs import (
 )
 from trainer.reproducibility import capture_rng, configure_determinism, restore_rng, seed_everything
 from trainer.schedule import LRSchedule
+from trainer.threads import ThreadTuner, available_cpus
 
 log = logging.getLogger("trainer")
 
@@ -293,6 +294,7 @@ class Trainer:
     # This process's training throughput (not counting validation and checkpoints).
     images_trained: int = 0
     train_seconds: float = 0.0
+    threads: ThreadTuner | None = None
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -337,11 +339,8 @@ class Trainer:
         )
         sums: dict[str, torch.Tensor] = {}
         seen, window_images, window_start = 0, 0, time.perf_counter()
-        epoch_start, epoch_images, epoch_loss = (
-            time.perf_counter(),
-            0,
-            torch.zeros((), device=device),
-        )
+        epoch_start = step_start = time.perf_counter()
+        epoch_images, epoch_loss = 0, torch.zeros((), device=device)
         finished = True
         for i, (images, masks) in enumerate(loader):
             images = images.to(device, non_blocking=True)
@@ -383,6 +382,10 @@ class Trainer:
             self.schedule.step()
             state.step += 1
             state.batches_done += accumulate
+            if self.threads is not None:
+                now = time.perf_counter()
+                self.threads.observe(now - step_start)
+                step_start = now
 
             values = {k: float(v) / seen for k, v in sums.items()}
             now = time.perf_counter()
@@ -644,6 +647,9 @@ def _train(cfg: Config, info: DistInfo) -> dict[str, Any]:
     device = info.device
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    tuner = None
+    if cfg.train.adapt_threads and device.type == "cpu":
+        tuner = ThreadTuner([1, cfg.train.threads or available_cpus()])
     configure_determinism(cfg.train.deterministic)
     precision = training_precision(cfg.train.precision, device)
 
@@ -745,6 +751,7 @@ def _train(cfg: Config, info: DistInfo) -> dict[str, Any]:
         predictor=predictor,
         board=board,
         state=RunState(),
+        threads=tuner,
     )
     if resume_ckpt is not None:
         trainer.restore(resume_ckpt)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,6 +27,15 @@ from shared.acceleration import (
 from shared.inference import InferenceOptions, Predictor
 from shared.model import build_model
 from shared.preprocess import Normalization
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny convolutions on several threads crawl when other processes hold the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 class Toy(nn.Module):
@@ -303,3 +313,12 @@ def test_calibration_set_from_a_folder(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no readable image"):
         calibration_set(Normalization(), folder=tmp_path / "empty")
+
+
+def test_int8_matmul_probe_reads_the_cpu_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    import shared.acceleration as acceleration
+
+    monkeypatch.setattr(acceleration, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
+    assert acceleration.has_int8_matmul() is False
+    monkeypatch.setattr(acceleration, "cpu_flags", lambda: frozenset({"avx2", "avx_vnni"}))
+    assert acceleration.has_int8_matmul() is True

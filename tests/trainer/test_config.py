@@ -69,6 +69,8 @@ def test_dict_keys_can_be_set_one_by_one() -> None:
         ("", ["data.val_fraction=1.0"], "data.val_fraction"),
         ("", ["train.batch_size=1"], "train.batch_size"),
         ("", ["eval.overlap=512"], "eval.overlap"),
+        ("", ["model.bn_momentum=0"], "model.bn_momentum"),
+        ("", ["augment.focus_crop=1.5"], "augment.focus_crop"),
     ],
 )
 def test_bad_keys_and_values_name_the_key(
@@ -110,6 +112,10 @@ def test_class_names_in_config_must_exist(label_map) -> None:
     cfg = load_config(None, ["train.class_weights.lakes=3"])
     with pytest.raises(ConfigError, match=r"train\.class_weights\.lakes.*lake"):
         check_class_names(cfg, label_map.names)
+    cfg = load_config(None, ["augment.focus_classes=[lake, pond]"])
+    with pytest.raises(ConfigError, match=r"augment\.focus_classes\[1\].*pond"):
+        check_class_names(cfg, label_map.names)
+    check_class_names(load_config(None, ["data.oversample.lake=2"]), label_map.names)
 
 
 @pytest.mark.parametrize("name", ["config.yaml", "configs/quickstart.yaml"])

@@ -33,6 +33,22 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
 
 
+def test_bn_momentum_applies_to_every_batchnorm() -> None:
+    from trainer.fit import make_model
+
+    cfg = load_config(None, ["model.backbone=mobilenet_v3_large", "model.bn_momentum=0.1"])
+    model = make_model(cfg, 3, resuming=False)
+    momenta = {m.momentum for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert momenta == {0.1}
+    default = make_model(
+        load_config(None, ["model.backbone=mobilenet_v3_large"]), 3, resuming=False
+    )
+    assert {m.momentum for m in default.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {
+        0.01,
+        0.1,
+    }  # torchvision's own: 0.01 in the MobileNetV3 backbone, 0.1 in the DeepLab head
+
+
 def test_tiny_fit_writes_what_the_service_loads(
     dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
