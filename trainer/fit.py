@@ -334,7 +334,6 @@ class Trainer:
             total_batches,
             desc=f"epoch {state.epoch + 1}/{cfg.train.epochs}",
             mode=cfg.log.progress if self.info.is_main else "off",
-            every=cfg.train.log_every,
             initial=state.batches_done,
         )
         sums: dict[str, torch.Tensor] = {}
@@ -387,15 +386,18 @@ class Trainer:
                 self.threads.observe(now - step_start)
                 step_start = now
 
-            values = {k: float(v) / seen for k, v in sums.items()}
-            now = time.perf_counter()
-            rate = window_images / max(now - window_start, 1e-9)
-            values.update({"lr": lr, "img/s": rate})
-            progress.update(values, n=accumulate)
-            if state.step % cfg.train.log_every == 0:
+            # Reading losses back from the device waits for it: only when something is shown.
+            log_now = state.step % cfg.train.log_every == 0 or state.batches_done >= total_batches
+            values = None
+            if log_now or progress.mode == "bar":
+                values = {k: float(v) / seen for k, v in sums.items()}
+                rate = window_images / max(time.perf_counter() - window_start, 1e-9)
+                values.update({"lr": lr, "img/s": rate})
+            progress.update(accumulate, values if log_now or progress.mode == "bar" else None)
+            if log_now and values is not None:
                 self.board.scalars(
                     {f"train/{k}": v for k, v in values.items() if k not in ("lr", "img/s")}
-                    | {"train/lr": lr, "train/images_per_s": rate},
+                    | {"train/lr": lr, "train/images_per_s": values["img/s"]},
                     state.step,
                 )
                 sums, seen, window_images, window_start = {}, 0, 0, time.perf_counter()

@@ -53,16 +53,15 @@ def format_scalars(values: Mapping[str, float]) -> str:
 
 
 class Progress:
-    """Per-epoch progress: a tqdm bar in a terminal, a log line every ``every`` steps otherwise.
+    """Per-epoch progress: a tqdm bar in a terminal, log lines otherwise.
 
     ``mode``: "bar", "lines", "auto" (bar when stdout is a TTY) or "off" (non-zero ranks).
+    :meth:`update` advances by ``n`` batches; with ``values`` the bar's text changes, or (in
+    "lines" mode) one log line is written.
     """
 
-    def __init__(
-        self, total: int, *, desc: str, mode: str = "auto", every: int = 10, initial: int = 0
-    ):
+    def __init__(self, total: int, *, desc: str, mode: str = "auto", initial: int = 0) -> None:
         self.desc = desc
-        self.every = every
         self.total = total
         self.count = initial
         self.bar: Any = None
@@ -76,12 +75,13 @@ class Progress:
                 total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=False
             )
 
-    def update(self, values: Mapping[str, float], n: int = 1) -> None:
+    def update(self, n: int = 1, values: Mapping[str, float] | None = None) -> None:
         self.count += n
         if self.mode == "bar":
             self.bar.update(n)
-            self.bar.set_postfix_str(format_scalars(values), refresh=False)
-        elif self.mode == "lines" and (self.count % self.every == 0 or self.count == self.total):
+            if values is not None:
+                self.bar.set_postfix_str(format_scalars(values), refresh=False)
+        elif self.mode == "lines" and values is not None:
             log.info("%s [%d/%d] %s", self.desc, self.count, self.total, format_scalars(values))
 
     def close(self) -> None:

@@ -37,8 +37,8 @@ class ThreadTuner:
         self,
         candidates: Sequence[int],
         *,
-        probe: int = 4,
-        period: int = 150,
+        probe: int = 3,
+        period: int = 200,
         set_threads: Callable[[int], None] = torch.set_num_threads,
     ) -> None:
         self.candidates = sorted(set(candidates))
