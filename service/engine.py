@@ -110,6 +110,8 @@ class Engine:
             tile=settings.tile,
             overlap=settings.overlap,
             tile_batch=settings.batch_max_tiles,
+            optimize=settings.optimize,
+            calibration=str(settings.calibration_dir) if settings.calibration_dir else None,
         )
         self._load_fn = load or self._load_checkpoint
         self.predictor: Predictor | None = None

@@ -152,7 +152,7 @@ class ModelInfo(BaseModel):
     normalization: dict[str, Any]
     checkpoint: CheckpointInfo
     device: str
-    precision: str = Field(description="Resolved precision: fp32, bf16 or fp16.")
+    precision: str = Field(description="Resolved precision: fp32, bf16, fp16 or int8.")
     tile: int
     overlap: int
 

@@ -102,7 +102,9 @@ def _serve(checkpoint: Path, api_keys: list[str]) -> Iterator[Service]:
     from service.app import create_app
     from service.settings import Settings
 
-    app = create_app(Settings(checkpoint=checkpoint, device="cpu", api_keys=api_keys))
+    app = create_app(
+        Settings(checkpoint=checkpoint, device="cpu", optimize=False, api_keys=api_keys)
+    )
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]

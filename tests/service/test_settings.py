@@ -42,7 +42,7 @@ def test_environment_overrides_with_the_satseg_prefix(monkeypatch: pytest.Monkey
     "values",
     [
         {"device": "tpu"},
-        {"precision": "int8"},
+        {"precision": "int4"},
         {"tile": 100},
         {"tile": 64, "overlap": 64},
         {"max_body_bytes": 0},
