@@ -115,6 +115,8 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool = True
     compile: bool = False
+    # Validate and save an exponential moving average of the weights (e.g. 0.999); null = off.
+    ema_decay: float | None = None
     # Early stopping: epochs without a val mIoU gain above min_delta; null = off.
     patience: int | None = None
     min_delta: float = 0.0
@@ -310,6 +312,8 @@ def check_values(cfg: Config) -> None:
         raise ConfigError(
             f"model.bn_momentum: must be in (0, 1] or null, got {cfg.model.bn_momentum}"
         )
+    if cfg.train.ema_decay is not None and not 0.0 < cfg.train.ema_decay < 1.0:
+        raise ConfigError(f"train.ema_decay: must be in (0, 1) or null, got {cfg.train.ema_decay}")
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction: must be in [0, 1), got {cfg.data.val_fraction}")
     if cfg.eval.overlap >= cfg.eval.tile:

@@ -62,6 +62,7 @@ from trainer.data import (
 )
 from trainer.dataset_layout import DatasetLayoutError
 from trainer.distributed import DistInfo
+from trainer.ema import ModelEma
 from trainer.evaluate import evaluate_checkpoint, format_table, write_json
 from trainer.logging_utils import (
     Board,
@@ -295,6 +296,12 @@ class Trainer:
     images_trained: int = 0
     train_seconds: float = 0.0
     threads: ThreadTuner | None = None
+    ema: ModelEma | None = None
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """What is validated and saved: the weights' moving average, or the weights."""
+        return self.ema.module if self.ema is not None else self.model
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -381,6 +388,8 @@ class Trainer:
             self.schedule.step()
             state.step += 1
             state.batches_done += accumulate
+            if self.ema is not None:
+                self.ema.update(self.model, state.step)
             if self.threads is not None:
                 now = time.perf_counter()
                 self.threads.observe(now - step_start)
@@ -427,11 +436,13 @@ class Trainer:
         """Score this rank's share of the validation set; matrices are summed over ranks."""
         # Replicas share parameters but not BatchNorm statistics; align them first.
         distributed.average_buffers(self.model)
+        if self.ema is not None:
+            distributed.average_buffers(self.ema.module)
         loader = self.loaders.val
         if loader is None:
             return None
         lm = self.label_map
-        self.model.eval()
+        self.eval_model.eval()
         matrix = ConfusionMatrix(lm.num_classes, lm.ignore_index)
         loss_sum, loss_count = 0.0, 0
         grid: list = []
@@ -482,6 +493,12 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.schedule.state_dict(),
             "scaler": self.scaler.state_dict(),
+            # With EMA the checkpoint's state_dict is the average; the trained weights go here.
+            "model": (
+                {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+                if self.ema is not None
+                else None
+            ),
             # Every rank's generators, in rank order.
             "rng": distributed.all_gather_object(capture_rng()),
         }
@@ -510,12 +527,12 @@ class Trainer:
             "metrics": metrics,
         }
         save_checkpoint(
-            build_checkpoint(self.model, training_state=training_state, **common),
+            build_checkpoint(self.eval_model, training_state=training_state, **common),
             self.run_dir / "last.pt",
         )
         if best:
             # The service needs weights and metadata only; no optimiser state.
-            save_checkpoint(build_checkpoint(self.model, **common), self.run_dir / "best.pt")
+            save_checkpoint(build_checkpoint(self.eval_model, **common), self.run_dir / "best.pt")
 
     def restore(self, ckpt: dict[str, Any]) -> None:
         """Load weights, optimiser, schedule, scaler, counters and RNG from a ``last.pt``."""
@@ -526,7 +543,15 @@ class Trainer:
                 "(best.pt is weights only; resume from last.pt)"
             )
         try:
-            self.model.load_state_dict(ckpt["state_dict"], strict=True)
+            if self.ema is not None:
+                if ts.get("model") is None:
+                    raise ValueError("the checkpoint was trained without train.ema_decay")
+                self.model.load_state_dict(ts["model"], strict=True)
+                self.ema.module.load_state_dict(ckpt["state_dict"], strict=True)
+            else:
+                if ts.get("model") is not None:
+                    raise ValueError("the checkpoint was trained with train.ema_decay")
+                self.model.load_state_dict(ckpt["state_dict"], strict=True)
             self.optimizer.load_state_dict(ts["optimizer"])
         except (RuntimeError, ValueError, KeyError) as err:
             raise ConfigError(
@@ -721,8 +746,9 @@ def _train(cfg: Config, info: DistInfo) -> dict[str, Any]:
         )
     if cfg.train.compile:
         train_model = torch.compile(train_model)
+    ema = ModelEma(model, cfg.train.ema_decay) if cfg.train.ema_decay else None
     predictor = Predictor(
-        model,
+        ema.module if ema is not None else model,
         label_map,
         normalization,
         InferenceOptions(
@@ -754,6 +780,7 @@ def _train(cfg: Config, info: DistInfo) -> dict[str, Any]:
         board=board,
         state=RunState(),
         threads=tuner,
+        ema=ema,
     )
     if resume_ckpt is not None:
         trainer.restore(resume_ckpt)
@@ -771,12 +798,12 @@ def _train(cfg: Config, info: DistInfo) -> dict[str, Any]:
         "best_miou": trainer.state.best_miou,
         "best_epoch": trainer.state.best_epoch,
     }
-    distributed.average_buffers(model)
+    distributed.average_buffers(trainer.eval_model)
     dump_dir = os.environ.get(RANK_STATE_ENV)
     if dump_dir:
         Path(dump_dir).mkdir(parents=True, exist_ok=True)
         torch.save(
-            {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            {k: v.detach().cpu() for k, v in trainer.eval_model.state_dict().items()},
             Path(dump_dir) / f"rank{info.rank}.pt",
         )
     distributed.barrier()

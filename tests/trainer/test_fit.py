@@ -29,9 +29,6 @@ def fit(capsys: pytest.CaptureFixture, data: Path, out: Path, **extra: object) -
     return rc, captured.err
 
 
-def weights(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-
 
 def test_bn_momentum_applies_to_every_batchnorm() -> None:
     from trainer.fit import make_model
@@ -103,9 +100,11 @@ def test_tiny_fit_writes_what_the_service_loads(
     assert "val/input_truth_prediction" in tags["images"]
 
 
-@pytest.mark.parametrize("stop_at", [4, 2], ids=["epoch-boundary", "mid-epoch"])
+@pytest.mark.parametrize(
+    ("stop_at", "ema"), [(4, None), (2, 0.9)], ids=["epoch-boundary", "mid-epoch-ema"]
+)
 def test_resumed_run_matches_a_straight_run(
-    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture, stop_at: int
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture, stop_at: int, ema: float | None
 ) -> None:
     # 9 training tiles, batch 2: 4 steps per epoch. Dropout, augmentation and the weighted
     # sampler all draw random numbers, so matching weights means every RNG was restored.
@@ -117,6 +116,7 @@ def test_resumed_run_matches_a_straight_run(
         "data__oversample": "{lake: 3}",
         "augment__affine": 0.5,
         "eval__enabled": False,
+        "train__ema_decay": ema,
     }
     rc, err = fit(capsys, dataset, tmp_path / "a", **common)
     assert rc == 0, err
@@ -128,11 +128,17 @@ def test_resumed_run_matches_a_straight_run(
     rc, err = fit(capsys, dataset, tmp_path / "b", **{**common, "train__resume": resume})
     assert rc == 0, err
 
-    straight = weights(tmp_path / "a" / "run" / "last.pt")
-    resumed = weights(tmp_path / "b" / "run" / "last.pt")
-    assert straight.keys() == resumed.keys()
-    different = [k for k in straight if not torch.equal(straight[k], resumed[k])]
-    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+    for which in ("state_dict", "model"):  # the weights (or their average) and, with EMA, both
+        straight = load_checkpoint(tmp_path / "a" / "run" / "last.pt")
+        resumed = load_checkpoint(tmp_path / "b" / "run" / "last.pt")
+        a = straight[which] if which == "state_dict" else straight["training_state"]["model"]
+        b = resumed[which] if which == "state_dict" else resumed["training_state"]["model"]
+        if a is None:
+            assert ema is None and b is None
+            continue
+        assert a.keys() == b.keys()
+        different = [k for k in a if not torch.equal(a[k], b[k])]
+        assert not different, f"{which}: {len(different)} tensors differ, e.g. {different[:3]}"
     assert load_checkpoint(resume)["training_state"]["step"] == 8
 
 
