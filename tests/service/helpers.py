@@ -35,6 +35,9 @@ def settings_for(checkpoint: Path | str, **overrides: Any) -> Settings:
         "checkpoint": Path(checkpoint),
         "device": "cpu",
         "precision": "fp32",
+        # The eager model, so answers compare exactly with Predictor's default path; the
+        # optimised forward has tests of its own (tests/shared/test_acceleration.py).
+        "optimize": False,
         "tile": TEST_TILE,
         "overlap": TEST_OVERLAP,
         "batch_max_tiles": 4,

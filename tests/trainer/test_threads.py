@@ -10,18 +10,38 @@ def run(tuner: ThreadTuner, seconds_for: dict[int, float], steps: int) -> None:
         tuner.observe(seconds_for[tuner.current])
 
 
-def test_keeps_the_faster_count_and_rechecks() -> None:
+QUIET = {1: 0.5, 2: 0.3}
+BUSY = {1: 0.5, 2: 3.0}  # another process holds a core: two threads are ten times slower
+PROBE = 8  # per probe: (1 warm-up + 3 timed steps) x 2 candidates
+
+
+def test_keeps_the_faster_count() -> None:
     calls: list[int] = []
-    tuner = ThreadTuner([1, 2], probe=3, period=10, set_threads=calls.append)
+    tuner = ThreadTuner([1, 2], probe=3, period_s=10, set_threads=calls.append)
     assert tuner.current == 1  # probing starts with the first candidate
-    run(tuner, {1: 0.5, 2: 0.3}, 8)  # 1 warm-up + 3 timed steps each
-    assert tuner.choices == [2] and tuner.current == 2
-    run(tuner, {1: 0.5, 2: 0.3}, 5)
-    assert tuner.current == 2  # no probe before `period` steps
-    # Another process now holds a core: two threads become ten times slower.
-    run(tuner, {1: 0.5, 2: 3.0}, 5 + 8)
+    run(tuner, QUIET, PROBE)
+    assert tuner.choices == [2] and tuner.current == 2 and calls[-1] == 2
+
+
+def test_rechecks_periodically_and_backs_off_while_the_answer_holds() -> None:
+    tuner = ThreadTuner([1, 2], probe=3, period_s=3.0, max_period_s=6.0, set_threads=lambda n: None)
+    run(tuner, BUSY, PROBE)
+    assert tuner.choices == [1]
+    run(tuner, BUSY, 6)  # 6 x 0.5 s = 3 s: the next probe starts ...
+    run(tuner, BUSY, PROBE)
+    assert tuner.choices == [1, 1]
+    run(tuner, BUSY, 6)  # ... but now the period has doubled to 6 s
+    assert tuner.current == 1
+    run(tuner, QUIET, 6 + PROBE)  # the machine went quiet; the next probe finds it
+    assert tuner.choices == [1, 1, 2]
+
+
+def test_a_sudden_slowdown_triggers_a_probe_at_once() -> None:
+    tuner = ThreadTuner([1, 2], probe=3, period_s=1000, set_threads=lambda n: None)
+    run(tuner, QUIET, PROBE + 50)
+    assert tuner.choices == [2]  # steady: no probe within the period
+    run(tuner, BUSY, 3 + PROBE)  # three slow steps, then a probe
     assert tuner.choices == [2, 1] and tuner.current == 1
-    assert calls[-1] == 1
 
 
 def test_a_single_candidate_never_switches() -> None:
