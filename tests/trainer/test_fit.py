@@ -29,7 +29,6 @@ def fit(capsys: pytest.CaptureFixture, data: Path, out: Path, **extra: object) -
     return rc, captured.err
 
 
-
 def test_bn_momentum_applies_to_every_batchnorm() -> None:
     from trainer.fit import make_model
 
