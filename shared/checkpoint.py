@@ -18,6 +18,7 @@ weights_only=True)`` reads it and a tampered file cannot run code. Layout (``SCH
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import pickle
 import re
@@ -134,10 +135,16 @@ def save_checkpoint(payload: dict, path: str | Path) -> None:
     The bytes go to a temporary file in the same folder (so ``os.replace`` is a rename on one
     filesystem), are flushed and fsynced, then renamed over ``path``; the folder is fsynced so the
     rename survives a power cut. On any failure the temporary file is removed and ``path`` is
-    left as it was. Missing parent folders are created.
+    left as it was; temporary files left by a writer that was killed outright are removed by
+    the next write. Missing parent folders are created.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # A writer killed outright (SIGKILL, power cut) cannot remove its temporary file; the next
+    # write of the same checkpoint does. One process writes a given checkpoint at a time.
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            stale.unlink()
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:

@@ -273,3 +273,51 @@ def test_save_replaces_existing_file(tmp_path: Path, label_map: LabelMap) -> Non
     save_checkpoint(second, path)
     assert load_checkpoint(path)["metrics"] == {"epoch": 2}
     assert os.listdir(tmp_path) == ["last.pt"]
+
+
+_KILLED_WRITER = """
+import sys, time
+import torch
+from shared import checkpoint
+
+def slow_save(payload, f):
+    f.write(b"PK\\x03\\x04 half a checkpoint")
+    f.flush()
+    print("writing", flush=True)
+    time.sleep(60)
+
+checkpoint.torch.save = slow_save
+checkpoint.save_checkpoint({"x": torch.zeros(1)}, sys.argv[1])
+"""
+
+
+def test_writer_killed_mid_write_keeps_old_file_and_next_write_cleans_up(
+    tmp_path: Path, label_map: LabelMap
+) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    path = tmp_path / "last.pt"
+    save_checkpoint(_payload(label_map), path)
+    before = path.read_bytes()
+
+    writer = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_WRITER, str(path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    try:
+        assert writer.stdout is not None and writer.stdout.readline().strip() == "writing"
+        writer.send_signal(signal.SIGKILL)
+    finally:
+        writer.wait(timeout=30)
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "last.pt"]
+    assert len(leftovers) == 1 and leftovers[0].endswith(".tmp")
+    assert path.read_bytes() == before
+    assert load_checkpoint(path)["schema_version"] == SCHEMA_VERSION
+
+    save_checkpoint(_payload(label_map, metrics={"miou": 0.5}), path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+    assert load_checkpoint(path)["metrics"] == {"miou": 0.5}
