@@ -1,0 +1,306 @@
+"""Which bands a model reads, in which order, and which pixels are nodata.
+
+A :class:`BandSpec` travels from the dataset config (``data.bands``, ``data.nodata``) into the
+checkpoint and from there to every reader of a scene, so nothing downstream guesses band order,
+dtype or the nodata rule. It holds only plain values and round-trips through
+:meth:`BandSpec.to_dict` for ``torch.load(weights_only=True)`` checkpoints.
+
+Nodata rules (``nodata``):
+
+``auto`` (default)
+    The raster's own nodata value, its alpha band and its internal mask, plus the pixels that
+    are zero in every band AND connected (4-neighbourhood) to the scene edge: the untagged fill
+    collar of many real products (Landsat L1, warped Sentinel-2 tiles). Zeros inside the scene
+    (a dark lake, a shadow) stay valid.
+``none``
+    Every finite pixel is valid: the tag, alpha and masks are ignored (for products whose tag is
+    wrong).
+``VALUE``
+    Pixels equal to VALUE in every band, replacing the raster's tag; alpha and masks still apply.
+
+Non-finite values (NaN, inf) in any band are nodata under every rule: no model can read them.
+A pixel is nodata by value only when *every* band holds the value (GDAL's dataset-mask rule), so
+a pure red pixel (255, 0, 0) of an 8-bit image tagged nodata=0 stays valid.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+# The dtypes a dataset or an upload may carry; others are refused with their name.
+SUPPORTED_DTYPES = ("uint8", "uint16", "int16", "float32")
+NODATA_AUTO = "auto"
+NODATA_NONE = "none"
+NodataRule = str | float  # "auto", "none" or a value
+RGB_NAMES = ("red", "green", "blue")
+# Colour interpretations that name a band when the file gives no description.
+_NAMED_COLORINTERP = frozenset({"red", "green", "blue", "gray", "alpha", "undefined"})
+
+
+class BandError(ValueError):
+    """A band selection or nodata rule that does not fit the raster; the message names the band."""
+
+
+@dataclass(frozen=True)
+class Band:
+    """One input band: its name (description, colour or ``band_N``) and 1-based source index."""
+
+    name: str
+    index: int
+
+
+@dataclass(frozen=True)
+class BandSpec:
+    """The ordered input bands of a model, their dtype and the nodata rule."""
+
+    bands: tuple[Band, ...]
+    dtype: str = "uint8"
+    nodata: NodataRule = NODATA_AUTO
+
+    def __post_init__(self) -> None:
+        if not self.bands:
+            raise BandError("a band spec needs at least one band")
+        indexes = [b.index for b in self.bands]
+        if any(isinstance(i, bool) or not isinstance(i, int) or i < 1 for i in indexes):
+            raise BandError(f"band indices are counted from 1, got {indexes}")
+        if len(set(indexes)) != len(indexes):
+            raise BandError(f"a band is selected twice: indices {indexes}")
+        if self.dtype not in SUPPORTED_DTYPES:
+            raise BandError(
+                f"band dtype {self.dtype!r} is not supported (supported: "
+                f"{', '.join(SUPPORTED_DTYPES)})"
+            )
+        object.__setattr__(self, "nodata", parse_nodata(self.nodata))
+
+    @property
+    def count(self) -> int:
+        return len(self.bands)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(b.name for b in self.bands)
+
+    @property
+    def indexes(self) -> tuple[int, ...]:
+        """1-based source indices, in model order (what ``src.read(indexes)`` takes)."""
+        return tuple(b.index for b in self.bands)
+
+    def is_rgb8(self) -> bool:
+        """True for 8-bit red, green, blue in that order: the ImageNet-normalised case."""
+        return self.dtype == "uint8" and tuple(n.lower() for n in self.names) == RGB_NAMES
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values only, safe in a ``weights_only`` checkpoint and in JSON."""
+        return {
+            "bands": [{"name": b.name, "index": b.index} for b in self.bands],
+            "dtype": self.dtype,
+            "nodata": self.nodata,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> BandSpec:
+        """Inverse of :meth:`to_dict`.
+
+        Raises:
+            BandError: a missing or malformed key, named in the message.
+        """
+        if not isinstance(data, Mapping) or not isinstance(data.get("bands"), list | tuple):
+            raise BandError(f"band spec must be a mapping with a 'bands' list, got {data!r}")
+        bands = []
+        for i, item in enumerate(data["bands"]):
+            if not isinstance(item, Mapping) or not isinstance(item.get("name"), str):
+                raise BandError(f"band spec bands[{i}] must be {{'name': str, 'index': int}}")
+            bands.append(Band(name=item["name"], index=item.get("index")))  # type: ignore[arg-type]
+        return cls(
+            bands=tuple(bands),
+            dtype=data.get("dtype", "uint8"),
+            nodata=data.get("nodata", NODATA_AUTO),
+        )
+
+    @classmethod
+    def rgb(cls, nodata: NodataRule = NODATA_AUTO) -> BandSpec:
+        """8-bit red, green, blue from bands 1, 2, 3: what every checkpoint without bands holds."""
+        return cls(tuple(Band(n, i) for i, n in enumerate(RGB_NAMES, start=1)), "uint8", nodata)
+
+
+def parse_nodata(value: Any) -> NodataRule:
+    """``"auto"``, ``"none"``, a number or its text -> the rule (a float for a value).
+
+    Raises:
+        BandError: anything else (the message quotes it).
+    """
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in (NODATA_AUTO, NODATA_NONE):
+            return text
+        try:
+            value = float(text)
+        except ValueError:
+            raise BandError(f"nodata must be 'auto', 'none' or a number, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise BandError(f"nodata must be 'auto', 'none' or a number, got {value!r}")
+    return float(value)
+
+
+def band_names(
+    descriptions: Sequence[str | None], colorinterp: Sequence[str | None] | None = None
+) -> tuple[str, ...]:
+    """The name of each band of a raster: its description, else its colour, else ``band_N``.
+
+    ``colorinterp`` holds rasterio's ``ColorInterp`` names (``"red"``, ``"alpha"``...); a plain
+    RGB GeoTIFF or JPEG has no descriptions but red, green and blue colour interpretations.
+    """
+    names = []
+    for i, description in enumerate(descriptions, start=1):
+        colour = (colorinterp[i - 1] or "") if colorinterp and i <= len(colorinterp) else ""
+        if description and description.strip():
+            names.append(description.strip())
+        elif colour.lower() in _NAMED_COLORINTERP - {"undefined", "gray"}:
+            names.append(colour.lower())
+        else:
+            names.append(f"band_{i}")
+    return tuple(names)
+
+
+def resolve_bands(
+    selection: Sequence[int | str] | None,
+    descriptions: Sequence[str | None],
+    *,
+    dtype: str,
+    nodata: Any = NODATA_AUTO,
+    colorinterp: Sequence[str | None] | None = None,
+) -> BandSpec:
+    """Resolve ``data.bands`` against a raster's bands.
+
+    Args:
+        selection: 1-based band indices and/or band names (case-insensitive match against
+            :func:`band_names`), in model order; None selects every band except alpha bands.
+        descriptions: the raster's band descriptions (``src.descriptions``), one per band.
+        dtype: the raster's dtype name.
+        nodata: the nodata rule (see the module docstring).
+        colorinterp: the raster's colour interpretation names, one per band.
+
+    Raises:
+        BandError: an index out of range, a name no band has (or more than one has), a band
+            chosen twice, an empty selection or an unsupported dtype; the message names the
+            band and lists the raster's bands.
+    """
+    names = band_names(descriptions, colorinterp)
+    available = ", ".join(f"{i}={n}" for i, n in enumerate(names, start=1)) or "none"
+    if selection is None:
+        chosen = [i for i, n in enumerate(names, start=1) if n != "alpha"]
+    else:
+        if isinstance(selection, str | bytes) or not isinstance(selection, Sequence):
+            raise BandError(f"bands must be a list of band numbers or names, got {selection!r}")
+        if not selection:
+            raise BandError(f"bands is empty; the raster has bands {available}")
+        chosen = [_band_index(item, names, available) for item in selection]
+    duplicated = sorted({names[i - 1] for i in chosen if chosen.count(i) > 1})
+    if duplicated:
+        raise BandError(f"band {', '.join(duplicated)} is selected more than once")
+    if not chosen:
+        raise BandError(f"the raster has no data bands (bands: {available})")
+    return BandSpec(tuple(Band(names[i - 1], i) for i in chosen), dtype=str(dtype), nodata=nodata)
+
+
+def _band_index(item: int | str, names: Sequence[str], available: str) -> int:
+    if isinstance(item, bool):
+        raise BandError(f"band {item!r} is neither a band number nor a band name")
+    if isinstance(item, int):
+        if not 1 <= item <= len(names):
+            raise BandError(
+                f"band {item} does not exist: the raster has {len(names)} band(s) "
+                f"({available}); band numbers count from 1"
+            )
+        return item
+    if isinstance(item, str):
+        wanted = item.strip().lower()
+        if wanted.isdigit():
+            return _band_index(int(wanted), names, available)
+        matches = [i for i, n in enumerate(names, start=1) if n.lower() == wanted]
+        if not matches:
+            raise BandError(f"no band is named {item!r}; the raster has bands {available}")
+        if len(matches) > 1:
+            raise BandError(
+                f"band name {item!r} is ambiguous: bands {matches} carry it; select by number"
+            )
+        return matches[0]
+    raise BandError(f"band {item!r} is neither a band number nor a band name")
+
+
+def nodata_mask(
+    data: np.ndarray,
+    rule: NodataRule = NODATA_AUTO,
+    *,
+    nodata_value: float | None = None,
+    alpha: np.ndarray | None = None,
+    internal_mask: np.ndarray | None = None,
+    scene_edges: tuple[bool, bool, bool, bool] = (True, True, True, True),
+) -> np.ndarray:
+    """``(H, W)`` bool, True where a pixel of ``data`` is nodata under ``rule``.
+
+    Args:
+        data: ``(C, H, W)`` band values, as read (before any scaling).
+        rule: ``"auto"``, ``"none"`` or a value (see the module docstring).
+        nodata_value: the raster's nodata tag (``src.nodata``), None when untagged.
+        alpha: ``(H, W)`` alpha band, 0 where transparent (nodata).
+        internal_mask: ``(H, W)`` GDAL per-dataset mask (``src.dataset_mask()`` of a file with
+            an internal mask), 0 where nodata.
+        scene_edges: which sides of ``data`` (top, bottom, left, right) are the scene's edges.
+            A window inside a larger scene passes False for the sides that are not, so zeros
+            there are not taken for the collar. The collar is traced within ``data`` only: a
+            reader of windows must give each window the scene's collar, not this call's.
+    """
+    data = np.asarray(data)
+    if data.ndim != 3:
+        raise ValueError(f"data must be (C, H, W), got shape {data.shape}")
+    rule = parse_nodata(rule)
+    mask = np.zeros(data.shape[1:], dtype=bool)
+    if data.dtype.kind == "f":
+        mask |= ~np.isfinite(data).all(axis=0)
+    if rule == NODATA_NONE:
+        return mask
+    for valid in (alpha, internal_mask):
+        if valid is not None:
+            valid = np.asarray(valid)
+            if valid.shape != mask.shape:
+                raise ValueError(f"mask shape {valid.shape} does not match data {mask.shape}")
+            mask |= valid == 0
+    value = nodata_value if rule == NODATA_AUTO else rule
+    if value is not None and not (isinstance(value, float) and math.isnan(value)):
+        mask |= (data == value).all(axis=0)
+    if rule == NODATA_AUTO:
+        mask |= edge_connected(np.logical_not(data.any(axis=0)), scene_edges)
+    return mask
+
+
+def edge_connected(
+    candidates: np.ndarray, scene_edges: tuple[bool, bool, bool, bool] = (True, True, True, True)
+) -> np.ndarray:
+    """The ``candidates`` pixels (``(H, W)`` bool) 4-connected to the named edges of the array."""
+    candidates = np.asarray(candidates, dtype=bool)
+    if not candidates.any():
+        return np.zeros_like(candidates)
+    labels, _ = ndimage.label(candidates)
+    top, bottom, left, right = scene_edges
+    border = [
+        side
+        for side, on in (
+            (labels[0, :], top),
+            (labels[-1, :], bottom),
+            (labels[:, 0], left),
+            (labels[:, -1], right),
+        )
+        if on
+    ]
+    if not border:
+        return np.zeros_like(candidates)
+    touching = np.unique(np.concatenate(border))
+    touching = touching[touching != 0]
+    return np.isin(labels, touching)
