@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
+from fastapi.testclient import TestClient
 
-from service.app import create_app, routers
+from service.app import create_app
 from service.settings import Settings
 from tests.service.helpers import settings_for
 
@@ -81,11 +80,17 @@ def test_api_keys_appear_in_the_docs_only_when_required(open_schema: dict) -> No
     assert "security" not in keyed["paths"]["/healthz"]["get"]
 
 
-def test_the_page_router_is_included_when_it_exists() -> None:
-    included = routers()
-    has_page = importlib.util.find_spec("service.page") is not None
+def test_the_app_serves_the_viewer_page_at_the_root() -> None:
+    # The service's own app (not the page router alone), without its model: the page needs none.
+    client = TestClient(create_app(settings_for("unused.pt")))
 
-    assert len(included) == 1 + has_page
+    page = client.get("/")
+    script = client.get("/static/app.js")
+
+    assert page.status_code == 200
+    assert page.headers["content-type"] == "text/html; charset=utf-8"
+    assert '<script src="/static/app.js"' in page.text
+    assert script.status_code == 200 and "/segment" in script.text
 
 
 def test_create_app_reads_the_environment_when_given_no_settings(

@@ -139,6 +139,37 @@ def test_concurrent_requests_share_one_forward_pass(gated) -> None:
         np.testing.assert_array_equal(png_mask(answer.content), expected)
 
 
+def test_concurrent_requests_with_different_images_each_get_their_own_mask(gated) -> None:
+    # Images of different sizes whose tiles share one shape (the small ones pad up to 64 px,
+    # the large one is cut into 64 px tiles), so the batcher can put them in one forward pass.
+    client, engine, gate = gated(batch_max_tiles=8)
+    images = {
+        "held": scene(48, 48, seed=20),
+        "square": scene(40, 40, seed=21),
+        "wide": scene(35, 60, seed=22),
+        "tiled": scene(100, 90, seed=23),  # four tiles in one job
+    }
+    gate.open()
+    expected = {}
+    for name, image in images.items():
+        expected[name] = png_mask(_post(client, encode(image)).content)
+        assert expected[name].shape == image.shape[:2]
+        assert len(np.unique(expected[name])) > 1, f"{name}: a constant mask compares nothing"
+    gate.arm()
+    with ThreadPoolExecutor(4) as pool:
+        held = pool.submit(_post, client, encode(images["held"]))
+        assert gate.entered.wait(30)  # the batcher is busy with the first request
+        others = {n: pool.submit(_post, client, encode(images[n])) for n in list(images)[1:]}
+        _wait_for(lambda: engine._queue.qsize() == 3, "three queued requests")
+        gate.open()
+        answers = {"held": held.result(60)} | {n: f.result(60) for n, f in others.items()}
+
+    assert gate.sizes == [1, 1 + 1 + 4]  # the three waiting requests shared one forward pass
+    for name, answer in answers.items():
+        assert answer.status_code == 200, answer.text
+        np.testing.assert_array_equal(png_mask(answer.content), expected[name], err_msg=name)
+
+
 # ----- overload and deadlines ------------------------------------------------------------------
 
 
@@ -218,6 +249,49 @@ def test_out_of_memory_in_the_forward_pass_is_503_then_the_next_request_works(
     assert "retry-after" in refused.headers
     assert emptied == [1]
     assert after.status_code == 200
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 6.00 GiB"),
+        RuntimeError("DefaultCPUAllocator: can't allocate memory: out of memory"),
+    ],
+    ids=["cuda-oom", "allocator-runtime-error"],
+)
+def test_out_of_memory_in_the_tiled_path_is_503_then_the_next_request_works(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch, error: Exception
+) -> None:
+    # The request thread's own allocations (the image on the device, the blend accumulator of
+    # a large scene, the tile stack) fail there, not in the batcher: here the tiled path's
+    # model call raises it on the first tile batch.
+    engine = client.app.state.engine
+    real_submit = engine._submit
+    calls = []
+
+    def submit_once_oom(*args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(1)
+        if len(calls) == 1:
+            raise error
+        return real_submit(*args, **kwargs)
+
+    emptied = []
+    monkeypatch.setattr(engine, "_submit", submit_once_oom)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(1))
+    large = encode(scene(100, 90, seed=5))  # more than one tile: the tiled, blended path
+
+    refused = client.post("/segment", files={"image": ("large.png", large)})
+    after = client.post("/segment", files={"image": ("large.png", large)})
+
+    assert refused.status_code == 503
+    assert refused.headers["content-type"] == "application/json"
+    assert refused.json()["error"]["code"] == "out_of_memory"
+    assert "smaller image" in refused.json()["error"]["message"]
+    assert "retry-after" in refused.headers
+    assert emptied == [1]
+    assert after.status_code == 200
+    assert png_mask(after.content).shape == (100, 90)
 
 
 def test_another_forward_failure_is_a_500_and_the_batcher_survives(

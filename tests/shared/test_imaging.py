@@ -10,6 +10,7 @@ from PIL import Image, ImageFile
 
 from shared.imaging import (
     ALLOWED_FORMATS,
+    DEFAULT_MAX_PIXELS,
     CorruptImageError,
     EmptyImageError,
     ImageError,
@@ -110,6 +111,20 @@ def test_own_cap_is_checked_from_the_header(monkeypatch):
         decode_image(data, max_pixels=9_999)
     assert "100x100" in str(info.value)
     assert "9,999" in str(info.value)
+
+
+def test_default_cap_refuses_an_image_pillow_alone_would_decode(monkeypatch):
+    # 8001x8000 is over the 64 MP default cap but under Pillow's own bomb limit (89.5 MP), so
+    # only this module's header check stands between the upload and a 192 MB RGB decode.
+    side = (8001, 8000)
+    assert DEFAULT_MAX_PIXELS < side[0] * side[1] < Image.MAX_IMAGE_PIXELS
+    data = encoded(np.zeros(side[::-1], np.uint8), "PNG", compress_level=9)  # 62 kB
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: pytest.fail("decoded"))
+
+    with pytest.raises(ImageTooLargeError) as info:
+        decode_image(data)
+
+    assert "8001x8000" in str(info.value) and "64,000,000" in str(info.value)
 
 
 def test_cap_is_inclusive():

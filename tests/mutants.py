@@ -1,0 +1,373 @@
+"""The mutant check: break a protection on purpose and watch the tests that guard it fail.
+
+``python -m tests.mutants`` (or ``make mutants``) copies the tracked tree (``git ls-files``)
+to a temporary folder, and for each mutant below replaces one exact piece of text in one file,
+runs only the tests named for it against the copy, and puts the text back. A mutant is
+*killed* when those tests fail, *survived* when they pass; a mutant whose text is not found
+exactly once could not be applied (the code moved on: update the mutant). Exit status 1 if any
+mutant survived, could not be applied, or its tests did not run.
+
+    python -m tests.mutants                  # every mutant
+    python -m tests.mutants --list           # names, files and reasons
+    python -m tests.mutants pixel-cap page-router  # a subset, by name
+    python -m tests.mutants --rev HEAD       # the committed tree, not the working tree
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Seconds one mutant's tests may run; a mutant that hangs them counts as not killed.
+TIMEOUT_S = 300
+
+
+@dataclass(frozen=True)
+class Mutant:
+    """One deliberate break: ``old`` -> ``new`` in ``path``, caught by ``tests`` (pytest args)."""
+
+    name: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+    breaks: str  # what a user would see go wrong
+
+
+MUTANTS: tuple[Mutant, ...] = (
+    Mutant(
+        "batching-cross-talk",
+        "service/engine.py",
+        "_resolve(job, result=logits[start : start + job.size])",
+        "_resolve(job, result=logits[0 : job.size])",
+        ("tests/service/test_engine.py", "-k", "different_images"),
+        "every request of a shared forward pass gets the first request's logits",
+    ),
+    Mutant(
+        "restore-no-op",
+        "trainer/fit.py",
+        "def restore(self, ckpt: dict[str, Any]) -> None:",
+        "def restore(self, ckpt: dict[str, Any]) -> None:\n        return",
+        ("tests/trainer/test_resume.py",),
+        "a resumed run silently restarts from scratch",
+    ),
+    Mutant(
+        "pixel-cap",
+        "shared/imaging.py",
+        "if width * height > max_pixels:",
+        "if False:",
+        ("tests/shared/test_imaging.py", "-k", "cap or pixels"),
+        "an image over SATSEG_MAX_PIXELS (under Pillow's own limit) is decoded",
+    ),
+    Mutant(
+        "body-size-middleware",
+        "service/app.py",
+        "app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)",
+        "pass",
+        ("tests/service/test_limits.py", "-k", "content_length or limit"),
+        "request bodies of any size reach the route",
+    ),
+    Mutant(
+        "body-size-counted",
+        "service/limits.py",
+        "if received > self.max_body_bytes:",
+        "if False:",
+        ("tests/service/test_limits.py", "-k", "mid_stream or content_length"),
+        "a body without an honest Content-Length is read whole",
+    ),
+    Mutant(
+        "page-router",
+        "service/app.py",
+        'found.append((page.router, frozenset(getattr(page, "PUBLIC_PATHS", ()))))',
+        "pass",
+        ("tests/service/test_app.py",),
+        "GET / is a 404: the viewer page is gone",
+    ),
+    Mutant(
+        "api-key-check",
+        "service/limits.py",
+        "if key_matches(key, self._keys):",
+        "if key is not None:",
+        ("tests/service/test_security.py", "-k", "key"),
+        "any key opens the API",
+    ),
+    Mutant(
+        "api-key-compare",
+        "service/limits.py",
+        "found |= hmac.compare_digest(given, key)",
+        "found |= key.startswith(given)",
+        ("tests/service/test_security.py", "-k", "key"),
+        "a prefix of a key (or an empty one) is accepted",
+    ),
+    Mutant(
+        "overload-503",
+        "service/engine.py",
+        "if self._in_flight >= self.settings.max_queue:",
+        "if False:",
+        ("tests/service/test_engine.py", "-k", "full_queue"),
+        "requests pile up without bound instead of a 503 with Retry-After",
+    ),
+    Mutant(
+        "deadline-504",
+        "service/errors.py",
+        "status = 504",
+        "status = 503",
+        ("tests/service/test_engine.py", "-k", "deadline"),
+        "a request past its deadline is not answered 504",
+    ),
+    Mutant(
+        "expired-tiles-computed",
+        "service/engine.py",
+        "if time.monotonic() >= job.deadline:",
+        "if False:",
+        ("tests/service/test_engine.py", "-k", "expired or deadline"),
+        "the batcher spends the device on requests that already gave up",
+    ),
+    Mutant(
+        "out-of-memory-tiled",
+        "service/engine.py",
+        "if is_out_of_memory(exc):  # the blend accumulator",
+        "if False:  # the blend accumulator",
+        ("tests/service/test_engine.py", "-k", "memory"),
+        "device out of memory outside the forward pass is a 500 instead of a 503",
+    ),
+    Mutant(
+        "unsafe-checkpoint",
+        "shared/checkpoint.py",
+        "payload = torch.load(path, map_location=map_location, weights_only=True)",
+        "payload = torch.load(path, map_location=map_location, weights_only=False)",
+        ("tests/shared/test_checkpoint.py", "-k", "unsafe"),
+        "a tampered checkpoint runs code when loaded",
+    ),
+    Mutant(
+        "atomic-checkpoint-write",
+        "shared/checkpoint.py",
+        'fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)',
+        "fd, tmp_name = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), str(path)",
+        ("tests/shared/test_checkpoint.py", "-k", "keeps_old_file"),
+        "a failed or killed write destroys the previous checkpoint",
+    ),
+    Mutant(
+        "rle-column-order",
+        "shared/rle.py",
+        'flat = mask.ravel(order="F")',
+        'flat = mask.ravel(order="C")',
+        ("tests/shared/test_rle.py",),
+        "RLE counts run row-major: pycocotools decodes a transposed mask",
+    ),
+    Mutant(
+        "iou-null-for-absent-class",
+        "shared/metrics.py",
+        '"iou": _ratio(t, s + p - t),',
+        '"iou": _ratio(t, s + p - t) or 0.0,',
+        ("tests/shared/test_metrics.py",),
+        "a class absent from truth and prediction scores IoU 0 and drags mIoU down",
+    ),
+    Mutant(
+        "ignore-index-counted",
+        "shared/metrics.py",
+        "keep = t != self.ignore_index",
+        "keep = t == t",
+        ("tests/shared/test_metrics.py",),
+        "ignore_index pixels count as errors in the scores",
+    ),
+    Mutant(
+        "nodata-255",
+        "shared/geotiff.py",
+        "out[~geo.valid] = fill",
+        "out[~geo.valid] = 0",
+        ("tests/service/test_geotiff.py", "-k", "nodata"),
+        "nodata pixels of a GeoTIFF are predicted as class 0 instead of ignore_index",
+    ),
+    Mutant(
+        "label-colours-png",
+        "shared/labels.py",
+        "flat[: self.num_classes] = self.colors",
+        "flat[: self.num_classes] = self.colors[::-1]",
+        ("tests/shared/test_labels.py",),
+        "the PNG palette paints classes in each other's colours",
+    ),
+    Mutant(
+        "label-colours-rgb",
+        "shared/labels.py",
+        "lut[: self.num_classes] = self.colors",
+        "lut[: self.num_classes] = self.colors[::-1]",
+        ("tests/shared/test_labels.py",),
+        "colour masks paint classes in each other's colours",
+    ),
+    Mutant(
+        "tile-blending-weights",
+        "shared/tiling.py",
+        "ramp = ((distance + 0.5) / overlap).clamp(max=1.0)",
+        "ramp = torch.ones(tile)",
+        ("tests/shared/test_tiling.py",),
+        "overlapping tiles are averaged flat: seams at tile edges",
+    ),
+)
+
+
+def tracked_files(root: Path) -> list[str]:
+    out = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=root, check=True, capture_output=True
+    ).stdout.decode()
+    return [name for name in out.split("\0") if name and (root / name).is_file()]
+
+
+def copy_tree(root: Path, dest: Path, rev: str | None = None) -> None:
+    """The tracked files as they are in the working tree (uncommitted edits included), or as
+    committed at ``rev``."""
+    if rev is not None:
+        archive = subprocess.run(
+            ["git", "archive", "--format=tar", rev], cwd=root, check=True, capture_output=True
+        ).stdout
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            tar.extractall(dest, filter="data")
+        return
+    for name in tracked_files(root):
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / name, target)
+
+
+def test_env(copy: Path) -> dict[str, str]:
+    """The copy first on the path (ahead of the editable install), no bytecode (a mutant and the
+    original can share a size and an mtime second), and no SATSEG_* from the caller's shell."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SATSEG_")}
+    env["PYTHONPATH"] = str(copy)
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    return env
+
+
+def check_imports_from(copy: Path, env: dict[str, str]) -> None:
+    """Fail unless the copy's packages are the ones imported there."""
+    packages = ("service", "shared", "trainer", "tests")
+    probe = f"import {', '.join(packages)}; print({', '.join(p + '.__file__' for p in packages)})"
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=copy, env=env, check=True, capture_output=True, text=True
+    ).stdout.split()
+    outside = [p for p in out if not Path(p).resolve().is_relative_to(copy.resolve())]
+    if outside:
+        raise SystemExit(f"the copy imports code from outside it: {outside}")
+
+
+@dataclass
+class Outcome:
+    mutant: Mutant
+    verdict: str  # killed, survived, not applied, no tests, timeout
+    seconds: float
+    detail: str
+
+
+def apply(mutant: Mutant, copy: Path) -> str | None:
+    """Mutate the copy; the original text, or None if ``old`` is not there exactly once."""
+    path = copy / mutant.path
+    if not path.is_file():
+        return None
+    original = path.read_text()
+    if original.count(mutant.old) != 1:
+        return None
+    path.write_text(original.replace(mutant.old, mutant.new))
+    return original
+
+
+def run_one(mutant: Mutant, copy: Path, env: dict[str, str]) -> Outcome:
+    start = time.monotonic()
+    original = apply(mutant, copy)
+    if original is None:
+        where = f"{mutant.path}: text not found exactly once: {mutant.old!r}"
+        return Outcome(mutant, "could not be applied", 0.0, where)
+    missing = [t for t in mutant.tests if t.startswith("tests/") and not (copy / t).exists()]
+    try:
+        if missing:
+            return Outcome(mutant, "no tests", 0.0, f"missing: {', '.join(missing)}")
+        cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *mutant.tests]
+        try:
+            proc = subprocess.run(
+                cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=TIMEOUT_S
+            )
+        except subprocess.TimeoutExpired:
+            return Outcome(mutant, "timeout", time.monotonic() - start, f"over {TIMEOUT_S} s")
+    finally:
+        (copy / mutant.path).write_text(original)
+    seconds = time.monotonic() - start
+    if proc.returncode == 0:
+        return Outcome(mutant, "survived", seconds, _last_line(proc.stdout))
+    if proc.returncode == 1:
+        return Outcome(mutant, "killed", seconds, _first_failure(proc.stdout))
+    # 2: interrupted (a collection error), 4: usage, 5: nothing collected.
+    return Outcome(
+        mutant,
+        "no tests",
+        seconds,
+        f"pytest exit {proc.returncode}: " + _last_line(proc.stdout + proc.stderr),
+    )
+
+
+def _first_failure(output: str) -> str:
+    for line in output.splitlines():
+        if line.startswith(("FAILED ", "ERROR ")):
+            return line[:200]
+    return _last_line(output)
+
+
+def _last_line(output: str) -> str:
+    lines = [line for line in output.splitlines() if line.strip()]
+    return lines[-1][:200] if lines else ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.mutants", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("names", nargs="*", help="run only these mutants (default: all)")
+    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    parser.add_argument(
+        "--rev", help="test the tree as committed at this git revision (default: working tree)"
+    )
+    args = parser.parse_args(argv)
+
+    known = {m.name: m for m in MUTANTS}
+    unknown = [n for n in args.names if n not in known]
+    if unknown:
+        parser.error(f"unknown mutant(s): {', '.join(unknown)}; see --list")
+    chosen = [known[n] for n in args.names] if args.names else list(MUTANTS)
+    if args.list:
+        for m in chosen:
+            print(f"{m.name:28} {m.path:22} {m.breaks}\n{'':28} tests: {' '.join(m.tests)}")
+        return 0
+
+    total = time.monotonic()
+    outcomes = []
+    with tempfile.TemporaryDirectory(prefix="satseg-mutants-") as tmp:
+        copy = Path(tmp) / "tree"
+        copy_tree(ROOT, copy, args.rev)
+        env = test_env(copy)
+        check_imports_from(copy, env)
+        for mutant in chosen:
+            outcome = run_one(mutant, copy, env)
+            outcomes.append(outcome)
+            line = f"{outcome.verdict:>20}  {mutant.name:26} {outcome.seconds:5.1f} s"
+            print(f"{line}  {outcome.detail}", flush=True)
+
+    bad = [o for o in outcomes if o.verdict != "killed"]
+    print(
+        f"\n{len(outcomes) - len(bad)}/{len(outcomes)} mutants killed in "
+        f"{time.monotonic() - total:.0f} s"
+        + (f"; not killed: {', '.join(o.mutant.name for o in bad)}" if bad else "")
+    )
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
