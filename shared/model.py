@@ -2,6 +2,11 @@
 
 Nothing downloads unless the caller asks for pretrained weights. When it does and the machine is
 offline, :class:`WeightsUnavailableError` names the exact file to pre-place in the torch hub cache.
+
+A model reads ``in_channels`` bands. Pretrained weights are RGB (their first convolution takes
+red, green, blue in that order); for any other band list the first convolution is adapted by one
+rule, :func:`adapt_rgb_kernels`: a band named red, green or blue gets the pretrained kernel of
+that colour, every other band the mean of the three, and the layer is multiplied by 3 / N.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ import os
 import pickle
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -24,6 +29,7 @@ from torchvision.models.segmentation import (
 )
 
 BACKBONES = ("resnet50", "mobilenet_v3_large")
+RGB_BANDS = ("red", "green", "blue")  # the input order of every pretrained torchvision model
 WEIGHTS = ("none", "coco_voc", "imagenet")
 
 _BUILDERS = {"resnet50": deeplabv3_resnet50, "mobilenet_v3_large": deeplabv3_mobilenet_v3_large}
@@ -50,8 +56,10 @@ def build_model(
     num_classes: int = 3,
     weights: str = "none",
     aux_loss: bool = False,
+    in_channels: int = 3,
+    band_names: Sequence[str] | None = None,
 ) -> nn.Module:
-    """Build a torchvision DeepLabV3 whose forward maps (N,3,H,W) float to {"out": (N,C,H,W)}.
+    """Build a torchvision DeepLabV3 whose forward maps (N,B,H,W) float to {"out": (N,C,H,W)}.
 
     Args:
         backbone: one of :data:`BACKBONES`.
@@ -60,6 +68,14 @@ def build_model(
             COCO-with-VOC-labels model, head replaced by a fresh ``Conv2d(256, C, 1)``),
             ``"imagenet"`` (backbone only) or a path to a local state_dict or satseg checkpoint.
         aux_loss: keep the auxiliary FCN head (training only; it adds an "aux" output).
+        in_channels: B, the number of input bands.
+        band_names: the B band names in input order; they decide how pretrained RGB weights
+            are adapted (see :func:`adapt_rgb_kernels`). Default: red, green, blue for B = 3;
+            required with pretrained weights otherwise.
+
+    A local weights file whose first convolution already takes B bands (a satseg checkpoint of
+    a B-band model) is loaded as it is; one that takes 3 is RGB and is adapted like the
+    downloaded weights.
 
     Raises:
         ValueError: unknown backbone or weights, or a local file that does not fit the model.
@@ -69,6 +85,9 @@ def build_model(
         raise ValueError(f"unknown backbone {backbone!r}; allowed: {', '.join(BACKBONES)}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
+        raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
+    names = _band_names(in_channels, band_names)
     weights = str(weights)
     local: Path | None = None
     if weights not in WEIGHTS:
@@ -78,6 +97,11 @@ def build_model(
                 f"unknown weights {weights!r}: expected one of {', '.join(WEIGHTS)} "
                 "or the path of an existing weights file"
             )
+    if names is None and weights in ("coco_voc", "imagenet"):
+        raise ValueError(
+            f"pretrained weights for a {in_channels}-band model need band_names: the first "
+            "convolution gives bands named red, green, blue their pretrained kernels"
+        )
 
     builder = _BUILDERS[backbone]
     if weights == "coco_voc":
@@ -97,19 +121,54 @@ def build_model(
         _replace_heads(model, num_classes)
         if not aux_loss:
             model.aux_classifier = None
+        _adapt_first_conv(model, names)
         return model
 
     # weights_backbone=None explicitly: torchvision's default downloads ImageNet weights.
     model = builder(weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=aux_loss)
     if weights == "imagenet":
         _load_backbone(model, _fetch(_IMAGENET_WEIGHTS[backbone].url), backbone, source="ImageNet")
+        _adapt_first_conv(model, names)
     elif local is not None:
-        _load_local(model, local, backbone)
+        _load_local(model, local, backbone, in_channels, names)
+    elif in_channels != 3:
+        _replace_first_conv(model, _fresh_first_conv(first_conv(model), in_channels))
     return model
 
 
+def adapt_rgb_kernels(weight: torch.Tensor, band_names: Sequence[str]) -> torch.Tensor:
+    """Pretrained RGB first-conv weights ``(O, 3, kh, kw)`` -> ``(O, N, kh, kw)`` for N bands.
+
+    The rule: a band named ``red``, ``green`` or ``blue`` (case-insensitive) gets the kernel of
+    that colour, taken from input 0, 1 or 2 by name and never by position, so bands listed as
+    blue, green, red get the B, G, R kernels. Every other band gets the mean of the three.
+    Then the whole layer is multiplied by 3 / N: on a grey input (the same normalised value in
+    every band) the N-band layer then gives exactly the activations the RGB layer gives, so
+    the batch norm that follows sees the scale it was trained on. Equivalently, the adapted
+    model on ``(x_r, x_g, x_b, 0, ...) * N / 3`` equals the RGB model on ``(x_r, x_g, x_b)``.
+    """
+    if weight.ndim != 4 or weight.shape[1] != 3:
+        raise ValueError(f"expected RGB kernels (O, 3, kh, kw), got {tuple(weight.shape)}")
+    lowered = [str(n).lower() for n in band_names]
+    if not lowered:
+        raise ValueError("band_names is empty")
+    mean = weight.mean(dim=1)
+    columns = [weight[:, RGB_BANDS.index(name)] if name in RGB_BANDS else mean for name in lowered]
+    return torch.stack(columns, dim=1) * (3.0 / len(lowered))
+
+
+def first_conv(model: nn.Module) -> nn.Conv2d:
+    """The convolution that reads the input bands."""
+    return model.get_submodule(_first_conv_name(model))
+
+
+def model_in_channels(model: nn.Module) -> int:
+    """B, the number of input bands ``model`` reads."""
+    return int(first_conv(model).in_channels)
+
+
 def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Run ``model`` on normalised (N,3,H,W) input and return the main (N,C,H,W) logits."""
+    """Run ``model`` on normalised (N,B,H,W) input and return the main (N,C,H,W) logits."""
     return model(x)["out"]
 
 
@@ -156,8 +215,73 @@ def _fetch(url: str) -> dict[str, torch.Tensor]:
         ) from exc
 
 
-def _load_local(model: nn.Module, path: Path, backbone: str) -> None:
-    """Load a local DeepLabV3 state_dict, satseg checkpoint or classification state_dict."""
+def _band_names(in_channels: int, band_names: Sequence[str] | None) -> tuple[str, ...] | None:
+    if band_names is None:
+        return RGB_BANDS if in_channels == 3 else None
+    if isinstance(band_names, str) or len(band_names) != in_channels:
+        raise ValueError(
+            f"band_names must list {in_channels} names (one per input band), got {band_names!r}"
+        )
+    return tuple(str(n) for n in band_names)
+
+
+def _first_conv_name(model: nn.Module) -> str:
+    # torchvision's backbones start with their stem convolution: backbone.conv1 (ResNet),
+    # backbone.0.0 (MobileNetV3).
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d) and name.startswith("backbone."):
+            return name
+    raise ValueError("model has no backbone convolution")
+
+
+def _replace_first_conv(model: nn.Module, conv: nn.Conv2d) -> None:
+    parent, _, child = _first_conv_name(model).rpartition(".")
+    setattr(model.get_submodule(parent), child, conv)
+
+
+def _fresh_first_conv(like: nn.Conv2d, in_channels: int) -> nn.Conv2d:
+    conv = nn.Conv2d(
+        in_channels,
+        like.out_channels,
+        kernel_size=like.kernel_size,
+        stride=like.stride,
+        padding=like.padding,
+        dilation=like.dilation,
+        groups=like.groups,
+        bias=like.bias is not None,
+    )
+    # torchvision initialises both backbones' convolutions this way.
+    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)
+    return conv
+
+
+def _adapt_first_conv(model: nn.Module, band_names: Sequence[str] | None) -> None:
+    """Turn the loaded RGB first convolution into one over ``band_names`` (see the rule)."""
+    if band_names is None or tuple(n.lower() for n in band_names) == RGB_BANDS:
+        return
+    old = first_conv(model)
+    conv = _fresh_first_conv(old, len(band_names))
+    with torch.no_grad():
+        conv.weight.copy_(adapt_rgb_kernels(old.weight, band_names))
+        if old.bias is not None:
+            conv.bias.copy_(old.bias)
+    _replace_first_conv(model, conv)
+
+
+def _load_local(
+    model: nn.Module,
+    path: Path,
+    backbone: str,
+    in_channels: int = 3,
+    band_names: Sequence[str] | None = None,
+) -> None:
+    """Load a local DeepLabV3 state_dict, satseg checkpoint or classification state_dict.
+
+    A file whose first convolution takes ``in_channels`` bands loads as it is; one whose first
+    convolution takes 3 is RGB and is adapted to ``band_names``.
+    """
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -179,12 +303,42 @@ def _load_local(model: nn.Module, path: Path, backbone: str) -> None:
     ):
         raise ValueError(f"weights file {path} holds no state_dict of tensors")
     state = _strip_prefixes(state)
+    file_bands = _file_in_channels(state)
+    if file_bands == in_channels and in_channels != 3:
+        # Already a B-band model: make room for its first convolution, load it unchanged.
+        _replace_first_conv(model, _fresh_first_conv(first_conv(model), in_channels))
+        band_names = None
+    elif file_bands not in (None, 3):
+        raise ValueError(
+            f"weights file {path} has a first convolution over {file_bands} bands but the "
+            f"model reads {in_channels}; only 3-band (RGB) weights are adapted to other bands"
+        )
+    elif band_names is None:
+        raise ValueError(
+            f"weights file {path} is RGB; a {in_channels}-band model needs band_names to "
+            "adapt it (bands named red, green, blue get their pretrained kernels)"
+        )
     # Every DeepLabV3 key starts with backbone., classifier. or aux_classifier.; classification
     # models (ImageNet ResNet50 / MobileNetV3 files) have no backbone. prefix.
     if any(k.startswith("backbone.") for k in state):
         _load_full(model, state, source=str(path))
     else:
         _load_backbone(model, state, backbone, source=str(path))
+    _adapt_first_conv(model, band_names)
+
+
+def _file_in_channels(state: Mapping[str, torch.Tensor]) -> int | None:
+    """Input bands of a weights file's first convolution (DeepLabV3 or classification keys)."""
+    for key in (
+        "backbone.conv1.weight",
+        "backbone.0.0.weight",
+        "conv1.weight",
+        "features.0.0.weight",
+    ):
+        weight = state.get(key)
+        if weight is not None and weight.ndim == 4:
+            return int(weight.shape[1])
+    return None
 
 
 def _strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -236,3 +236,135 @@ def test_logits_returns_the_out_entry() -> None:
 def test_weights_names() -> None:
     assert WEIGHTS == ("none", "coco_voc", "imagenet")
     assert os.path.basename(model_mod._COCO_WEIGHTS[MBV3].url) == COCO_MBV3_FILE
+
+
+# --------------------------------------------------------------------------- input bands
+
+RELIEF_BANDS = ("red", "green", "blue", "relief")
+
+
+def test_adapt_rgb_kernels_maps_by_name_not_position() -> None:
+    torch.manual_seed(5)
+    rgb = torch.randn(8, 3, 3, 3)
+    bgr = model_mod.adapt_rgb_kernels(rgb, ("Blue", "green", "RED"))
+    assert torch.equal(bgr[:, 0], rgb[:, 2])  # blue kernel for the blue band, scale 3/3
+    assert torch.equal(bgr[:, 1], rgb[:, 1])
+    assert torch.equal(bgr[:, 2], rgb[:, 0])
+    nir_red = model_mod.adapt_rgb_kernels(rgb, ("nir", "red"))
+    assert nir_red.shape == (8, 2, 3, 3)
+    torch.testing.assert_close(nir_red[:, 0], rgb.mean(dim=1) * 1.5)
+    torch.testing.assert_close(nir_red[:, 1], rgb[:, 0] * 1.5)
+
+
+def _imagenet_file(tmp_path: Path, backbone: str) -> Path:
+    """A torchvision classification state dict, as the ImageNet download holds (random here)."""
+    torch.manual_seed(6)
+    classifier = mobilenet_v3_large(weights=None) if backbone == MBV3 else resnet50(weights=None)
+    path = tmp_path / f"{backbone}_imagenet.pth"
+    torch.save(classifier.state_dict(), path)
+    return path
+
+
+def _features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return model.eval().backbone(x)["out"]
+
+
+def _relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| over max |b|: randomly initialised backbones end in tiny activations."""
+    scale = float(b.abs().max())
+    assert scale > 0, "features are all zero: the comparison would prove nothing"
+    return float((a - b).abs().max()) / scale
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_four_band_model_on_zero_fourth_band_matches_pretrained_rgb(
+    backbone: str, tmp_path: Path
+) -> None:
+    weights = str(_imagenet_file(tmp_path, backbone))
+    rgb_model = build_model(backbone, num_classes=3, weights=weights)
+    four = build_model(
+        backbone, num_classes=3, weights=weights, in_channels=4, band_names=RELIEF_BANDS
+    )
+    assert model_mod.model_in_channels(four) == 4
+    torch.manual_seed(7)
+    image = torch.randn(1, 3, 64, 64)
+    # The adapted layer is the RGB layer times 3/4, so scale the RGB bands by 4/3 to undo it.
+    four_band = torch.cat([image * 4 / 3, torch.zeros(1, 1, 64, 64)], dim=1)
+    assert _relative_difference(_features(four, four_band), _features(rgb_model, image)) < 1e-4
+    # Without the 4/3 the features differ: the rescaling is real, not a no-op.
+    unscaled = torch.cat([image, torch.zeros(1, 1, 64, 64)], dim=1)
+    assert _relative_difference(_features(four, unscaled), _features(rgb_model, image)) > 1e-2
+
+
+def test_coco_voc_weights_adapt_to_four_bands(hub_dir: Path) -> None:
+    state = _random_coco_mbv3_state()
+    (hub_dir / "checkpoints").mkdir(parents=True)
+    torch.save(state, hub_dir / "checkpoints" / COCO_MBV3_FILE)
+    rgb_model = build_model(MBV3, num_classes=3, weights="coco_voc")
+    four = build_model(
+        MBV3, num_classes=3, weights="coco_voc", in_channels=4, band_names=RELIEF_BANDS
+    )
+    pretrained = state["backbone.0.0.weight"]
+    adapted = four.state_dict()["backbone.0.0.weight"]
+    torch.testing.assert_close(adapted[:, :3], pretrained * 0.75)
+    torch.testing.assert_close(adapted[:, 3], pretrained.mean(dim=1) * 0.75)
+    torch.manual_seed(8)
+    image = torch.randn(1, 3, 64, 64)
+    four_band = torch.cat([image * 4 / 3, torch.zeros(1, 1, 64, 64)], dim=1)
+    assert _relative_difference(_features(four, four_band), _features(rgb_model, image)) < 1e-4
+
+
+def test_blue_green_red_bands_are_not_swapped(tmp_path: Path) -> None:
+    weights = str(_imagenet_file(tmp_path, MBV3))
+    rgb_model = build_model(MBV3, num_classes=3, weights=weights)
+    bgr_model = build_model(
+        MBV3, num_classes=3, weights=weights, band_names=("blue", "green", "red")
+    )
+    torch.manual_seed(9)
+    rgb = torch.randn(1, 3, 64, 64)
+    bgr = rgb.flip(1)  # the same scene with its bands stored blue, green, red
+    assert _relative_difference(_features(bgr_model, bgr), _features(rgb_model, rgb)) < 1e-5
+    # Fed in the wrong order the features change: the test would notice a positional mapping.
+    assert _relative_difference(_features(bgr_model, rgb), _features(rgb_model, rgb)) > 1e-2
+
+
+def test_random_init_takes_any_band_count() -> None:
+    model = build_model(MBV3, num_classes=3, in_channels=6).eval()
+    assert model_mod.first_conv(model).weight.shape[1] == 6
+    with torch.inference_mode():
+        assert logits(model, torch.zeros(1, 6, 64, 64)).shape == (1, 3, 64, 64)
+
+
+def test_multiband_local_file_loads_unchanged_and_wrong_count_is_refused(tmp_path: Path) -> None:
+    torch.manual_seed(10)
+    source = build_model(MBV3, num_classes=3, in_channels=4)
+    path = tmp_path / "four.pth"
+    torch.save(source.state_dict(), path)
+    loaded = build_model(MBV3, num_classes=3, weights=str(path), in_channels=4)
+    for key, value in source.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    with pytest.raises(ValueError, match="first convolution over 4 bands but the model reads 5"):
+        build_model(MBV3, weights=str(path), in_channels=5, band_names=("a",) * 5)
+    with pytest.raises(ValueError, match="first convolution over 4 bands but the model reads 3"):
+        build_model(MBV3, weights=str(path))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"weights": "imagenet", "in_channels": 4}, "need band_names"),
+        ({"in_channels": 0}, "in_channels must be a positive int"),
+        ({"in_channels": 4, "band_names": ("red", "green", "blue")}, "must list 4 names"),
+        ({"in_channels": 1, "band_names": "red"}, "must list 1 names"),
+    ],
+)
+def test_bad_band_arguments(kwargs: dict, message: str, hub_dir: Path) -> None:
+    with pytest.raises(ValueError, match=message):
+        build_model(MBV3, **kwargs)
+
+
+def test_rgb_local_file_into_multiband_model_needs_names(tmp_path: Path) -> None:
+    weights = str(_imagenet_file(tmp_path, MBV3))
+    with pytest.raises(ValueError, match="is RGB; a 4-band model needs band_names"):
+        build_model(MBV3, weights=weights, in_channels=4)
