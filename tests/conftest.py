@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 from pathlib import Path
 
@@ -54,6 +55,14 @@ def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
 
 
+@pytest.fixture(autouse=True)
+def _no_satseg_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Clear ``SATSEG_*`` variables, so a developer's shell cannot change what a test sees;
+    a test that needs one sets it."""
+    for name in [n for n in os.environ if n.startswith("SATSEG_")]:
+        monkeypatch.delenv(name)
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     """A seeded numpy generator: the same "random" data on every run."""
@@ -90,4 +99,24 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     path = tmp_path_factory.mktemp("checkpoint") / "tiny.pt"
     save_checkpoint(payload, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def varied_checkpoint(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny checkpoint with a head whose answer varies across an image.
+
+    A random-initialised DeepLabV3 predicts one class everywhere (its head bias dominates);
+    with a zero bias and unit-variance head weights all three classes appear in the test
+    scenes, so the mask, RLE and score tests compare something.
+    """
+    from shared.checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(tiny_checkpoint)
+    weight = ckpt["state_dict"]["classifier.4.weight"]
+    generator = torch.Generator().manual_seed(0)
+    ckpt["state_dict"]["classifier.4.weight"] = torch.randn(weight.shape, generator=generator)
+    ckpt["state_dict"]["classifier.4.bias"].zero_()
+    path = tmp_path_factory.mktemp("varied") / "varied.pt"
+    save_checkpoint(ckpt, path)
     return path

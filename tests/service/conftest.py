@@ -7,30 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from fastapi.testclient import TestClient
 
 from service.settings import Settings
-from shared.checkpoint import load_checkpoint, save_checkpoint
 from tests.service.helpers import running_app, settings_for
-
-
-@pytest.fixture(scope="session")
-def varied_checkpoint(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny checkpoint with a head whose answer varies across an image.
-
-    A random-initialised DeepLabV3 predicts one class everywhere (its head bias dominates);
-    with a zero bias and unit-variance head weights all three classes appear in the test
-    scenes, so the mask, RLE and score tests compare something.
-    """
-    ckpt = load_checkpoint(tiny_checkpoint)
-    weight = ckpt["state_dict"]["classifier.4.weight"]
-    generator = torch.Generator().manual_seed(0)
-    ckpt["state_dict"]["classifier.4.weight"] = torch.randn(weight.shape, generator=generator)
-    ckpt["state_dict"]["classifier.4.bias"].zero_()
-    path = tmp_path_factory.mktemp("varied") / "varied.pt"
-    save_checkpoint(ckpt, path)
-    return path
 
 
 @pytest.fixture(scope="session")

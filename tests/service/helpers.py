@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -46,8 +47,16 @@ def settings_for(checkpoint: Path | str, **overrides: Any) -> Settings:
         "api_keys": [],
     }
     values.update(overrides)
-    # _env_file=None: a developer's .env must not change what the tests see.
-    return Settings(_env_file=None, **values)
+    return _ExplicitSettings(**values)
+
+
+class _ExplicitSettings(Settings):
+    """Settings from the values given and the defaults only: neither ``SATSEG_*`` variables in
+    a developer's shell nor a ``.env`` file change what the tests see."""
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, **other_sources):  # type: ignore[override]
+        return (init_settings,)
 
 
 @contextmanager
@@ -86,10 +95,12 @@ def png_mask(response_content: bytes) -> np.ndarray:
         return np.array(im)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def listening_socket() -> socket.socket:
+    """A loopback TCP socket on a port the system chose, for ``uvicorn.Server.run(sockets=...)``:
+    the port stays bound from choosing it to serving on it, so no other process can take it."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    return sock
 
 
 def rss_bytes() -> int:
@@ -110,9 +121,10 @@ def peak_rss_bytes() -> int:
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def service_env(checkpoint: Path, port: int, **settings: object) -> dict[str, str]:
+def service_env(checkpoint: Path, port: int = 0, **settings: object) -> dict[str, str]:
     """Environment for ``python -m service``: the test checkpoint on CPU, ``SATSEG_*`` overrides
-    given as keyword arguments (``tile=64`` -> ``SATSEG_TILE=64``)."""
+    given as keyword arguments (``tile=64`` -> ``SATSEG_TILE=64``); port 0 lets the server choose
+    (see :func:`service_url`)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SATSEG_")}
     env.update(
         {
@@ -133,6 +145,19 @@ def start_service(env: dict[str, str], log: Path) -> subprocess.Popen:
         return subprocess.Popen(
             [sys.executable, "-m", "service"], cwd=ROOT, env=env, stdout=out, stderr=out
         )
+
+
+def service_url(log: Path, proc: subprocess.Popen, timeout: float = 180) -> str:
+    """The address a ``python -m service`` started with ``SATSEG_PORT=0`` listens on, read from
+    uvicorn's start-up line (the server binds the port it reports: no race for a free one)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        found = re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", log.read_text())
+        if found:
+            return found.group(1)
+        assert proc.poll() is None, f"the service exited during start-up:\n{log.read_text()}"
+        time.sleep(0.1)
+    raise AssertionError(f"the service did not start listening:\n{log.read_text()}")
 
 
 def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 180) -> None:

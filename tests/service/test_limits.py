@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from service import routes
 from service.app import create_app
 from service.settings import Settings
-from tests.service.helpers import encode, free_port, peak_rss_bytes, scene, settings_for
+from tests.service.helpers import encode, listening_socket, peak_rss_bytes, scene, settings_for
 
 HOSTILE = Path(__file__).resolve().parents[1] / "data" / "hostile"
 LIMIT = 10_000
@@ -141,10 +141,10 @@ def test_the_body_limit_is_the_setting(app_factory) -> None:
 def live_server(varied_checkpoint: Path) -> Iterator[int]:
     """The app served by uvicorn on a loopback port in a thread; yields the port."""
     settings = settings_for(varied_checkpoint, max_body_bytes=LIMIT)
-    port = free_port()
-    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="error")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
+    sock = listening_socket()
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="error"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
     while not server.started:
@@ -153,6 +153,7 @@ def live_server(varied_checkpoint: Path) -> Iterator[int]:
     yield port
     server.should_exit = True
     thread.join(30)
+    sock.close()
 
 
 def _raw_request(port: int, head: bytes, body_parts: list[bytes]) -> bytes:

@@ -17,27 +17,27 @@ import uvicorn
 from service.__main__ import GracefulServer
 from tests.service.helpers import (
     encode,
-    free_port,
     png_mask,
     scene,
     service_env,
+    service_url,
     start_service,
     wait_ready,
 )
 
-GRACE_S = 30.0
-DRAIN_S = 1.5
+GRACE_S = 60.0
+# The drain never ends by itself during the test (the service caps it at half the grace
+# period): a second SIGTERM ends it, so what is checked during the drain does not depend on
+# how fast this machine answers.
+DRAIN_S = GRACE_S / 2
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_sigterm_drains_finishes_in_flight_requests_and_exits(
     varied_checkpoint: Path, tmp_path: Path
 ) -> None:
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
     env = service_env(
         varied_checkpoint,
-        port,
         tile=64,
         overlap=16,
         batch_max_tiles=2,
@@ -47,8 +47,9 @@ def test_sigterm_drains_finishes_in_flight_requests_and_exits(
     log = tmp_path / "service.log"
     proc = start_service(env, log)
     try:
+        base = service_url(log, proc)
         wait_ready(base, proc)
-        # Hundreds of 64 px tiles: long enough to still be running when SIGTERM arrives.
+        # Hundreds of 64 px tiles: seconds of work, still running when the signals arrive.
         image = encode(scene(1200, 1200, seed=11))
         result: dict = {}
 
@@ -71,10 +72,12 @@ def test_sigterm_drains_finishes_in_flight_requests_and_exits(
         proc.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
         during_drain = httpx.get(f"{base}/readyz", timeout=5)
-        assert time.monotonic() - signalled < DRAIN_S, "the probe came too late to judge"
-        assert during_drain.status_code == 503
-        assert during_drain.json()["error"]["code"] == "shutting_down"
-        assert httpx.get(f"{base}/healthz", timeout=5).status_code == 200
+        alive_during_drain = httpx.get(f"{base}/healthz", timeout=5)
+        served_during_drain = httpx.post(
+            f"{base}/segment", files={"image": ("small.png", encode(scene(32, 32)))}, timeout=60
+        )
+        proc.send_signal(signal.SIGTERM)  # the second signal ends the drain: stop accepting
+        stopped = time.monotonic()
 
         request.join(120)
         returncode = proc.wait(timeout=GRACE_S + 10)
@@ -85,16 +88,19 @@ def test_sigterm_drains_finishes_in_flight_requests_and_exits(
             proc.wait()
 
     output = log.read_text()
+    assert during_drain.status_code == 503
+    assert during_drain.json()["error"]["code"] == "shutting_down"
+    assert alive_during_drain.status_code == 200
+    assert served_during_drain.status_code == 200  # draining still serves
     assert "error" not in result, f"{result.get('error')!r}\n{output}"
     response = result["response"]
     assert response.status_code == 200, output
     assert png_mask(response.content).shape == (1200, 1200)
     assert returncode == 0, output
-    assert exited_after < GRACE_S
-    assert exited_after >= DRAIN_S  # the drain period was honoured
-    # The answer came after the drain, when uvicorn had stopped accepting connections: the
-    # in-flight request was carried through the shutdown, not merely finished before it.
-    assert result["done"] - signalled > DRAIN_S, result["done"] - signalled
+    assert exited_after < GRACE_S  # generous: the stop waited for the request, not the timeout
+    # The answer came after the stop signal, when uvicorn had stopped accepting connections:
+    # the in-flight request was carried through the shutdown, not merely finished before it.
+    assert result["done"] > stopped, "the request finished before the stop; use a larger image"
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{base}/healthz", timeout=2)
 
