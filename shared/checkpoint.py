@@ -4,15 +4,20 @@ A checkpoint holds only tensors and plain Python containers, so ``torch.load(pat
 weights_only=True)`` reads it and a tampered file cannot run code. Layout (``SCHEMA_VERSION`` 1)::
 
     schema_version  int
-    arch            {"name": "deeplabv3", "backbone": str, "num_classes": int, "aux_loss": bool}
+    arch            {"name": "deeplabv3", "backbone": str, "num_classes": int, "aux_loss": bool,
+                     "in_channels": int}
     state_dict      {name: CPU tensor}
     label_map       label_mapping.json structure
-    normalization   {"mean": [3 floats], "std": [3 floats]}
+    normalization   {"mean": [B floats], "std": [B floats], "scale": float}
+    bands           the input bands (shared.bands.BandSpec.to_dict())
     config          the resolved training config (plain dict)
     metrics         dict (may be empty)
     versions        {"torch": str, "torchvision": str, "satseg": str}
     created_at      ISO-8601 UTC timestamp
     training_state  optional: optimizer, scheduler, scaler, epoch, step, RNG states...
+
+Checkpoints written before bands existed have no ``in_channels`` and no ``bands``: they read as
+8-bit red, green, blue (3 bands), which is what they were trained on.
 """
 
 from __future__ import annotations
@@ -35,8 +40,9 @@ import torch
 import torchvision
 from torch import nn
 
+from shared.bands import BandError, BandSpec
 from shared.labels import LabelMap, LabelMapError
-from shared.model import BACKBONES, build_model, head_out_channels
+from shared.model import BACKBONES, build_model, head_out_channels, model_in_channels
 from shared.preprocess import Normalization
 
 SCHEMA_VERSION = 1
@@ -82,14 +88,19 @@ def build_checkpoint(
     config: dict,
     metrics: dict | None = None,
     training_state: dict | None = None,
+    bands: BandSpec | None = None,
 ) -> dict:
     """Assemble the checkpoint dict for ``model`` (see the module docstring for the layout).
 
     Tensors are copied to the CPU; ``pathlib`` paths and numpy scalars in ``config``, ``metrics``
     and ``training_state`` become ``str`` and Python numbers.
 
+    ``bands`` describes the model's input bands; it may be left out for a 3-band model, which
+    then records 8-bit red, green, blue.
+
     Raises:
-        ValueError: unknown backbone, or the model's head does not have one output per class.
+        ValueError: unknown backbone, the model's head does not have one output per class, or
+            the bands or normalisation do not have one entry per input band of the model.
         TypeError: a value that ``torch.load(weights_only=True)`` would refuse (the message
             gives its key path), e.g. a numpy array or an ``argparse.Namespace``.
     """
@@ -102,6 +113,18 @@ def build_checkpoint(
             f"model head has {out_channels} outputs but the label map has "
             f"{label_map.num_classes} classes ({', '.join(label_map.names)})"
         )
+    in_channels = model_in_channels(model)
+    if bands is None and in_channels == 3:
+        bands = BandSpec.rgb()
+    if bands is None or bands.count != in_channels:
+        raise ValueError(
+            f"model reads {in_channels} bands but the band spec lists "
+            f"{'none' if bands is None else ', '.join(bands.names)}"
+        )
+    if normalization.channels != in_channels:
+        raise ValueError(
+            f"model reads {in_channels} bands but the normalization has {normalization.channels}"
+        )
     state_dict = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     payload: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
@@ -110,10 +133,12 @@ def build_checkpoint(
             "backbone": backbone,
             "num_classes": label_map.num_classes,
             "aux_loss": bool(aux_loss),
+            "in_channels": in_channels,
         },
         "state_dict": state_dict,
         "label_map": label_map.to_dict(),
         "normalization": normalization.to_dict(),
+        "bands": bands.to_dict(),
         "config": _plain(config, "config"),
         "metrics": _plain(metrics or {}, "metrics"),
         "versions": {
@@ -218,7 +243,12 @@ def model_from_checkpoint(
     arch = ckpt["arch"]
     label_map = LabelMap.from_dict(ckpt["label_map"], source="checkpoint label_map")
     normalization = Normalization.from_dict(ckpt["normalization"])
-    model = build_model(arch["backbone"], num_classes=arch["num_classes"], weights="none")
+    model = build_model(
+        arch["backbone"],
+        num_classes=arch["num_classes"],
+        weights="none",
+        in_channels=arch.get("in_channels", 3),
+    )
     state = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith("aux_classifier.")}
     try:
         model.load_state_dict(state, strict=True)
@@ -230,6 +260,13 @@ def model_from_checkpoint(
         ) from None
     model.to(device).eval()
     return model, label_map, normalization
+
+
+def bands_from_checkpoint(ckpt: dict) -> BandSpec:
+    """The input bands of a loaded checkpoint; 8-bit RGB for checkpoints from before bands."""
+    if "bands" not in ckpt:
+        return BandSpec.rgb()
+    return BandSpec.from_dict(ckpt["bands"])
 
 
 def _validate(payload: Any, path: str | Path) -> None:
@@ -274,10 +311,27 @@ def _validate(payload: Any, path: str | Path) -> None:
             f"checkpoint {path}: arch has {num_classes} classes but the label map has "
             f"{label_map.num_classes} ({', '.join(label_map.names)})"
         )
+    in_channels = arch.get("in_channels", 3)
+    if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
+        raise CheckpointError(f"checkpoint {path}: arch in_channels {in_channels!r} is invalid")
     try:
-        Normalization.from_dict(payload["normalization"])
+        normalization = Normalization.from_dict(payload["normalization"])
     except (TypeError, ValueError, KeyError) as exc:
         raise CheckpointError(f"checkpoint {path}: invalid normalization: {exc}") from None
+    if normalization.channels != in_channels:
+        raise CheckpointError(
+            f"checkpoint {path}: normalization has {normalization.channels} bands but the "
+            f"model reads {in_channels}"
+        )
+    try:
+        bands = bands_from_checkpoint(payload)
+    except BandError as exc:
+        raise CheckpointError(f"checkpoint {path}: invalid bands: {exc}") from None
+    if bands.count != in_channels:
+        raise CheckpointError(
+            f"checkpoint {path}: bands lists {bands.count} ({', '.join(bands.names)}) but the "
+            f"model reads {in_channels}"
+        )
 
     state = payload["state_dict"]
     if not isinstance(state, dict) or not all(

@@ -10,9 +10,11 @@ import pytest
 import torch
 
 import shared.checkpoint as ckpt_mod
+from shared.bands import Band, BandSpec
 from shared.checkpoint import (
     SCHEMA_VERSION,
     CheckpointError,
+    bands_from_checkpoint,
     build_checkpoint,
     load_checkpoint,
     model_from_checkpoint,
@@ -78,9 +80,15 @@ def test_round_trip_preserves_everything(tmp_path: Path, label_map: LabelMap) ->
         "backbone": MBV3,
         "num_classes": 3,
         "aux_loss": True,
+        "in_channels": 3,
     }
     assert loaded["label_map"] == label_map.to_dict()
-    assert loaded["normalization"] == {"mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6]}
+    assert loaded["normalization"] == {
+        "mean": [0.1, 0.2, 0.3],
+        "std": [0.4, 0.5, 0.6],
+        "scale": 255.0,
+    }
+    assert loaded["bands"] == BandSpec.rgb().to_dict()
     assert loaded["config"] == {"lr": 0.01, "data": {"root": "data/bluemarble"}, "crop": (256, 256)}
     assert loaded["metrics"] == {"miou": 0.5, "per_class": [None, 0.25]}
     assert type(loaded["metrics"]["miou"]) is float
@@ -321,3 +329,92 @@ def test_writer_killed_mid_write_keeps_old_file_and_next_write_cleans_up(
     save_checkpoint(_payload(label_map, metrics={"miou": 0.5}), path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
     assert load_checkpoint(path)["metrics"] == {"miou": 0.5}
+
+
+# --------------------------------------------------------------------------- input bands
+
+RELIEF = BandSpec(
+    tuple(Band(n, i) for i, n in enumerate(("red", "green", "blue", "relief"), start=1)), "uint8"
+)
+RELIEF_NORM = Normalization(mean=(90.0, 95.0, 80.0, 40.0), std=(50.0, 45.0, 40.0, 60.0), scale=1.0)
+
+
+def test_multiband_checkpoint_records_and_rebuilds_its_bands(
+    tmp_path: Path, label_map: LabelMap
+) -> None:
+    torch.manual_seed(0)
+    model = build_model(MBV3, num_classes=3, in_channels=4).eval()
+    payload = build_checkpoint(
+        model,
+        backbone=MBV3,
+        aux_loss=False,
+        label_map=label_map,
+        normalization=RELIEF_NORM,
+        config={},
+        bands=RELIEF,
+    )
+    save_checkpoint(payload, tmp_path / "relief.pt")
+    loaded = load_checkpoint(tmp_path / "relief.pt")
+    assert loaded["arch"]["in_channels"] == 4
+    assert bands_from_checkpoint(loaded) == RELIEF
+    rebuilt, _, norm = model_from_checkpoint(loaded)
+    assert norm == RELIEF_NORM
+    x = torch.randn(1, 4, 64, 64)
+    with torch.inference_mode():
+        assert torch.equal(rebuilt(x)["out"], model(x)["out"])
+
+
+def test_checkpoint_from_before_bands_loads_as_rgb(tmp_path: Path, label_map: LabelMap) -> None:
+    payload = _payload(label_map)
+    # What every checkpoint written before bands existed looks like.
+    del payload["bands"], payload["arch"]["in_channels"]
+    payload["normalization"] = {"mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6]}
+    torch.save(payload, tmp_path / "old.pt")
+    loaded = load_checkpoint(tmp_path / "old.pt")
+    assert bands_from_checkpoint(loaded) == BandSpec.rgb()
+    model, _, norm = model_from_checkpoint(loaded)
+    assert norm.scale == 255.0 and norm.channels == 3
+    with torch.inference_mode():
+        assert model(torch.zeros(1, 3, 64, 64))["out"].shape == (1, 3, 64, 64)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda p: p["arch"].update(in_channels=0), "arch in_channels 0 is invalid"),
+        (lambda p: p["arch"].update(in_channels=4), "normalization has 3 bands but the model"),
+        (lambda p: p["bands"]["bands"].pop(), "bands lists 2 \\(red, green\\) but the model"),
+        (lambda p: p["bands"].update(dtype="int64"), "invalid bands: band dtype 'int64'"),
+    ],
+)
+def test_invalid_band_records_are_named(
+    tmp_path: Path, label_map: LabelMap, edit, message: str
+) -> None:
+    payload = _payload(label_map)
+    edit(payload)
+    torch.save(payload, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match=rf"bad\.pt.*{message}"):
+        load_checkpoint(tmp_path / "bad.pt")
+
+
+def test_build_refuses_bands_or_normalization_of_another_count(label_map: LabelMap) -> None:
+    model = build_model(MBV3, num_classes=3, in_channels=4)
+    with pytest.raises(ValueError, match="model reads 4 bands but the band spec lists none"):
+        build_checkpoint(
+            model,
+            backbone=MBV3,
+            aux_loss=False,
+            label_map=label_map,
+            normalization=RELIEF_NORM,
+            config={},
+        )
+    with pytest.raises(ValueError, match="model reads 4 bands but the normalization has 3"):
+        build_checkpoint(
+            model,
+            backbone=MBV3,
+            aux_loss=False,
+            label_map=label_map,
+            normalization=Normalization(),
+            config={},
+            bands=RELIEF,
+        )
