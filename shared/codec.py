@@ -1,21 +1,52 @@
-"""Arrays to answer bodies: the encoding half of the HTTP seam (the model never sees these).
+"""Masks to bytes: the encoding half of the seam, shared by the service and ``trainer.predict``.
 
-Decoding is ``shared.imaging`` and ``shared.geotiff``; here the ``(H, W)`` uint8 class-id mask
-becomes a palette PNG, a GeoTIFF on the input's footprint or per-class COCO RLE, and checkpoint
-metadata becomes plain JSON.
+Decoding is :mod:`shared.imaging` and :mod:`shared.raster`; here ``(H, W)`` uint8 class-id masks
+(and ``(C, H, W)`` uint8 probabilities) become:
+
+* a palette PNG (the label colours as its palette);
+* per-class COCO RLE;
+* a Cloud Optimized GeoTIFF of class ids, with the input's CRS, transform (or GCPs) and nodata,
+  the label colours as colour table and class names in band tags, overviews by mode;
+* a uint8 multi-band COG of per-class probabilities (softmax x 255), one band per class;
+* GeoJSON polygons per class, in the raster's CRS, EPSG:4326 on request, or pixel coordinates
+  (x = column, y = row, origin at the top-left corner) for an image without georeferencing.
+
+The COG and GeoJSON writers take a scene band of rows at a time (:class:`CogWriter`,
+:class:`PolygonWriter`), so a scene never has to be held whole.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+import os
+import tempfile
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
+import rasterio
+import rasterio.shutil
+from rasterio.errors import NotGeoreferencedWarning
+from rasterio.features import shapes
+from rasterio.transform import Affine, from_gcps
+from rasterio.warp import transform_geom
+from rasterio.windows import Window
+from shapely import affinity
+from shapely.geometry import mapping, shape
+from shapely.geometry.base import BaseGeometry
+from shapely.ops import unary_union
 
 from shared import rle
-from shared.geotiff import GeoImage, write_geotiff_mask
+from shared.geotiff import GeoImage
 from shared.imaging import encode_png
 from shared.labels import LabelMap
+from shared.pipeline import Band
+from shared.raster import Georef, georef_of
+
+COG_BLOCK = 512
+GEOJSON_CRS = ("raster", "EPSG:4326")
 
 
 def mask_to_png(mask: np.ndarray, label_map: LabelMap) -> bytes:
@@ -24,14 +55,32 @@ def mask_to_png(mask: np.ndarray, label_map: LabelMap) -> bytes:
 
 
 def mask_to_geotiff(mask: np.ndarray, geo: GeoImage, label_map: LabelMap) -> bytes:
-    """``(H, W)`` uint8 class ids -> single-band uint8 GeoTIFF with ``geo``'s CRS, transform
-    (or GCPs) and size, the label colours as its colour table.
+    """``(H, W)`` uint8 class ids -> single-band uint8 COG with ``geo``'s CRS, transform (or
+    GCPs) and size, the label colours as its colour table.
 
     ``ignore_index`` is declared nodata only when the input had nodata pixels, so a mask of a
     fully valid scene carries no nodata value that GIS tools would hide.
     """
     nodata = label_map.ignore_index if geo.valid is not None else None
-    return write_geotiff_mask(mask, geo.profile, label_map=label_map, nodata=nodata)
+    return _in_memory(
+        lambda path: CogWriter(path, mask.shape, georef_of(geo), label_map, nodata=nodata),
+        mask,
+        None,
+    )
+
+
+def probabilities_to_cog(
+    probabilities: np.ndarray, georef: Georef, label_map: LabelMap, mask: np.ndarray
+) -> bytes:
+    """``(C, H, W)`` uint8 probabilities -> a C-band uint8 COG, band i = class i (described by
+    its name), on ``georef`` (pixel grid only when it places nothing)."""
+    return _in_memory(
+        lambda path: CogWriter(
+            path, mask.shape, georef, label_map, kind="probabilities", nodata=None
+        ),
+        mask,
+        probabilities,
+    )
 
 
 def mask_to_rle(mask: np.ndarray, label_map: LabelMap) -> dict[str, Any]:
@@ -68,6 +117,223 @@ def mask_to_classes(mask: np.ndarray, label_map: LabelMap) -> list[dict[str, Any
     return out
 
 
+def mask_to_geojson(
+    mask: np.ndarray,
+    georef: Georef,
+    label_map: LabelMap,
+    *,
+    crs: str = "raster",
+    min_area: float = 0.0,
+    simplify: float = 0.0,
+) -> dict[str, Any]:
+    """``(H, W)`` uint8 class ids -> a GeoJSON FeatureCollection (see :class:`PolygonWriter`)."""
+    writer = PolygonWriter(georef, label_map, crs=crs, min_area=min_area, simplify=simplify)
+    writer.write(Band(0, mask, None, np.empty((0, 0, 3), np.uint8)))
+    return writer.close()
+
+
+class CogWriter:
+    """A Cloud Optimized GeoTIFF written a band of rows at a time.
+
+    Rows go into a tiled GeoTIFF beside ``path``; :meth:`close` has GDAL's COG driver copy it
+    to ``path`` with overviews (mode of class ids for masks, average for probabilities) and
+    removes it. Nothing is left at ``path`` unless :meth:`close` succeeds.
+
+    Args:
+        path: the output file.
+        shape: ``(H, W)`` of the scene.
+        georef: CRS, transform or GCPs of the input.
+        label_map: colours (colour table of a mask) and names (band tags and descriptions).
+        kind: "mask" (one band of class ids) or "probabilities" (one uint8 band per class).
+        nodata: the mask's nodata value (``ignore_index`` when the input had nodata), or None.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        shape: tuple[int, int],
+        georef: Georef,
+        label_map: LabelMap,
+        *,
+        kind: Literal["mask", "probabilities"] = "mask",
+        nodata: int | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.kind = kind
+        self.label_map = label_map
+        height, width = shape
+        count = 1 if kind == "mask" else label_map.num_classes
+        fd, tmp = tempfile.mkstemp(
+            dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tif"
+        )
+        os.close(fd)
+        self._tmp = Path(tmp)
+        profile: dict[str, Any] = {
+            "driver": "GTiff",
+            "width": width,
+            "height": height,
+            "count": count,
+            "dtype": "uint8",
+            "crs": georef.crs,
+            "transform": georef.transform,
+            "nodata": nodata if kind == "mask" else None,
+            "tiled": True,
+            "blockxsize": COG_BLOCK,
+            "blockysize": COG_BLOCK,
+            "compress": "deflate",
+            "BIGTIFF": "IF_SAFER",
+        }
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            self._dst = rasterio.open(self._tmp, "w", **profile)
+        if georef.gcps:
+            self._dst.gcps = (list(georef.gcps), georef.gcps_crs or georef.crs)
+        classes = label_map.classes
+        if kind == "mask":
+            self._dst.write_colormap(1, {c.id: (*c.color, 255) for c in classes})
+            self._dst.update_tags(1, **{f"CLASS_{c.id}": c.name for c in classes})
+            self._dst.set_band_description(1, "class id")
+        else:
+            for c in classes:
+                self._dst.set_band_description(c.id + 1, f"{c.name} probability x 255")
+
+    def write(self, band: Band) -> None:
+        height, width = band.mask.shape
+        window = Window(0, band.row, width, height)
+        if self.kind == "mask":
+            self._dst.write(band.mask, 1, window=window)
+        else:
+            if band.probabilities is None:
+                raise ValueError("a probabilities COG needs bands with probabilities")
+            self._dst.write(band.probabilities, window=window)
+
+    def close(self) -> Path:
+        """Finish the COG; returns its path."""
+        try:
+            self._dst.close()
+            resampling = "MODE" if self.kind == "mask" else "AVERAGE"
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                rasterio.shutil.copy(
+                    self._tmp,
+                    self.path,
+                    driver="COG",
+                    COMPRESS="DEFLATE",
+                    BLOCKSIZE=COG_BLOCK,
+                    OVERVIEW_RESAMPLING=resampling,
+                    BIGTIFF="IF_SAFER",
+                )
+        finally:
+            self.abort()
+        return self.path
+
+    def abort(self) -> None:
+        """Drop the intermediate file (after :meth:`close`, or on failure)."""
+        if not self._dst.closed:
+            self._dst.close()
+        self._tmp.unlink(missing_ok=True)
+
+
+class PolygonWriter:
+    """GeoJSON polygons per class, from a scene's bands of rows.
+
+    Each band is vectorised with ``rasterio.features.shapes`` (4-connected, exact pixel edges);
+    polygons of one class cut by band boundaries are merged with ``shapely.ops.unary_union`` at
+    :meth:`close`. ``ignore_index`` (nodata) is not vectorised.
+
+    Args:
+        georef: where the pixels lie; without one, coordinates are pixels (x column, y row).
+        label_map: class names for the features' properties.
+        crs: "raster" (the raster's own CRS) or "EPSG:4326" (longitude, latitude).
+        min_area: polygons smaller than this many pixels are dropped (holes are kept).
+        simplify: Douglas-Peucker tolerance in pixels (topology preserved); 0 keeps every
+            pixel edge.
+    """
+
+    def __init__(
+        self,
+        georef: Georef,
+        label_map: LabelMap,
+        *,
+        crs: str = "raster",
+        min_area: float = 0.0,
+        simplify: float = 0.0,
+    ) -> None:
+        if crs not in GEOJSON_CRS:
+            raise ValueError(f"crs must be one of {', '.join(GEOJSON_CRS)}; got {crs!r}")
+        if not (math.isfinite(min_area) and min_area >= 0):
+            raise ValueError(f"min_area must be >= 0 pixels, got {min_area}")
+        if not (math.isfinite(simplify) and simplify >= 0):
+            raise ValueError(f"simplify must be >= 0 pixels, got {simplify}")
+        self.georef = georef
+        self.label_map = label_map
+        self.crs = crs
+        self.min_area = min_area
+        self.simplify = simplify
+        if crs == "EPSG:4326" and _crs_of(georef) is None:
+            raise ValueError("crs=EPSG:4326 needs a georeferenced raster with a CRS")
+        self._parts: dict[int, list[BaseGeometry]] = {c.id: [] for c in label_map.classes}
+
+    def write(self, band: Band) -> None:
+        known = np.isin(band.mask, list(self._parts))
+        offset = Affine.translation(0, band.row)
+        for geom, value in shapes(band.mask, mask=known, connectivity=4, transform=offset):
+            self._parts[int(value)].append(shape(geom))
+
+    def close(self) -> dict[str, Any]:
+        """The FeatureCollection: one Polygon feature per connected region, properties
+        ``class_id``, ``class_name`` and ``area_px``."""
+        features = []
+        to_map = self._to_map()
+        for cls in self.label_map.classes:
+            parts = self._parts[cls.id]
+            if not parts:
+                continue
+            merged = unary_union(parts)
+            polygons = getattr(merged, "geoms", [merged])
+            for polygon in polygons:
+                area = float(polygon.area)
+                if area < self.min_area:
+                    continue
+                if self.simplify > 0:
+                    polygon = polygon.simplify(self.simplify, preserve_topology=True)
+                features.append(
+                    {
+                        "type": "Feature",
+                        "properties": {
+                            "class_id": cls.id,
+                            "class_name": cls.name,
+                            "area_px": area,
+                        },
+                        "geometry": to_map(polygon),
+                    }
+                )
+        collection: dict[str, Any] = {"type": "FeatureCollection", "features": features}
+        crs = _crs_of(self.georef)
+        if self.crs == "raster" and crs is not None and crs.to_epsg() != 4326:
+            # RFC 7946 knows only WGS 84; GDAL and QGIS read this older member for others.
+            name = f"EPSG:{crs.to_epsg()}" if crs.to_epsg() else crs.to_wkt()
+            collection["crs"] = {"type": "name", "properties": {"name": name}}
+        return collection
+
+    def _to_map(self) -> Any:
+        transform = self.georef.transform
+        if self.georef.gcps and transform == Affine.identity():
+            transform = from_gcps(self.georef.gcps)
+        coefficients = [transform.a, transform.b, transform.d, transform.e, transform.c]
+        coefficients.append(transform.f)
+        src_crs = _crs_of(self.georef)
+
+        def convert(polygon: BaseGeometry) -> Mapping[str, Any]:
+            placed = affinity.affine_transform(polygon, coefficients)
+            geometry = mapping(placed)
+            if self.crs == "EPSG:4326" and src_crs is not None:
+                geometry = transform_geom(src_crs, "EPSG:4326", geometry)
+            return _plain(geometry)
+
+        return convert
+
+
 def jsonable(value: Any) -> Any:
     """Checkpoint metadata -> something ``json.dumps(allow_nan=False)`` accepts.
 
@@ -85,3 +351,32 @@ def jsonable(value: Any) -> Any:
     if hasattr(value, "tolist"):  # torch tensors, numpy arrays and scalars
         return jsonable(value.tolist())
     return str(value)
+
+
+# -- internals ---------------------------------------------------------------------------------
+
+
+def _crs_of(georef: Georef) -> Any:
+    return georef.crs if georef.crs is not None else georef.gcps_crs
+
+
+def _plain(geometry: Mapping[str, Any]) -> dict[str, Any]:
+    # Tuples -> lists, so the result compares and serialises as plain JSON.
+    def walk(value: Any) -> Any:
+        if isinstance(value, list | tuple):
+            return [walk(v) for v in value]
+        return value
+
+    return {"type": geometry["type"], "coordinates": walk(geometry["coordinates"])}
+
+
+def _in_memory(make: Any, mask: np.ndarray, probabilities: np.ndarray | None) -> bytes:
+    """Run a :class:`CogWriter` over one whole-scene band, in a temporary folder; its bytes."""
+    with tempfile.TemporaryDirectory(prefix="satseg-cog-") as folder:
+        writer = make(Path(folder) / "out.tif")
+        try:
+            writer.write(Band(0, mask, probabilities, np.empty((0, 0, 3), np.uint8)))
+        except BaseException:
+            writer.abort()
+            raise
+        return writer.close().read_bytes()

@@ -42,7 +42,6 @@ from typing import Any, Literal
 import numpy as np
 from rasterio.control import GroundControlPoint
 from rasterio.crs import CRS
-from rasterio.enums import MaskFlags
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.io import DatasetReader, MemoryFile
 from rasterio.transform import Affine
@@ -63,7 +62,7 @@ _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 DEFAULT_PERCENTILES = (2.0, 98.0)
 # Statistics come from a regular grid of at most this many pixels per band: percentiles of a
 # 14.6 MP band cost ~10x more and move by a fraction of a grey level.
-_STATS_SAMPLES = 1_000_000
+STATS_SAMPLES = 1_000_000
 # GDAL's own failure messages name the in-memory file (/vsimem/<uuid>/<uuid>.tif); drop it.
 _VSIMEM_NAME = re.compile(r"(/vsimem/[^\s:']*|[0-9a-f]{8}-[0-9a-f-]{27}\.tif)[:']?\s*")
 
@@ -252,24 +251,29 @@ def read_geotiff(
         raise EmptyImageError("the image is empty (0 bytes)")
     if not is_tiff(data):
         raise UnsupportedFormatError("not a TIFF file; GeoTIFF input must be a TIFF")
-    chosen = parse_bands(bands)
-    how = parse_scale(scale)
+    from shared.raster import GdalRaster  # the windowed reader; it imports this module
+
     try:
-        with _opened(data) as src:
-            _check_header(src, max_pixels)
-            rgb_bands = _choose_bands(src.count, chosen)
-            dtype = src.dtypes[0]
-            if len(set(src.dtypes)) > 1:
-                raise UnsupportedFormatError(
-                    f"bands of different types are not supported: {src.dtypes}"
-                )
-            return _read(src, rgb_bands, how, dtype)
+        with GdalRaster(data, bands=bands, scale=scale, max_pixels=max_pixels) as raster:
+            rows = raster.read_rows(0, raster.height)
+            georef = raster.georef
+            return GeoImage(
+                rgb=rows.rgb,
+                crs=georef.crs,
+                transform=georef.transform,
+                gcps=georef.gcps,
+                gcps_crs=georef.gcps_crs,
+                valid=rows.valid,
+                bands=raster.bands,
+                dtype=raster.dtype,
+                stretch=raster.stretch,
+            )
     except ImageError:
         raise
     except MemoryError:
         raise ImageTooLargeError("the raster cannot be read within the memory limits") from None
     except (RasterioError, ValueError) as e:
-        raise CorruptImageError(f"cannot read the TIFF: {_clean(e)}") from None
+        raise CorruptImageError(f"cannot read the TIFF: {clean_error(e)}") from None
 
 
 def decode_raster(
@@ -388,11 +392,12 @@ def _opened(data: bytes) -> Iterator[DatasetReader]:
             yield src
 
 
-def _check_header(src: DatasetReader, max_pixels: int) -> None:
+def check_header(src: DatasetReader, max_pixels: int | None) -> None:
+    """Refuse empty, over-sized (``max_pixels``; None for no cap) and complex rasters."""
     width, height = src.width, src.height
     if width <= 0 or height <= 0 or src.count < 1:
         raise CorruptImageError(f"the header claims an empty raster ({width}x{height})")
-    if width * height > max_pixels:
+    if max_pixels is not None and width * height > max_pixels:
         raise ImageTooLargeError(
             f"image too large: {width}x{height} = {width * height:,} pixels; "
             f"the limit is {max_pixels:,} pixels"
@@ -401,7 +406,7 @@ def _check_header(src: DatasetReader, max_pixels: int) -> None:
         raise UnsupportedFormatError(f"complex-valued rasters are not supported ({src.dtypes[0]})")
 
 
-def _choose_bands(count: int, chosen: tuple[int, ...] | None) -> tuple[int, int, int]:
+def choose_bands(count: int, chosen: tuple[int, ...] | None) -> tuple[int, int, int]:
     if chosen is None:
         chosen = (1, 2, 3) if count >= 3 else (1,)
     missing = [b for b in chosen if b > count]
@@ -412,60 +417,15 @@ def _choose_bands(count: int, chosen: tuple[int, ...] | None) -> tuple[int, int,
     return (chosen[0],) * 3 if len(chosen) == 1 else (chosen[0], chosen[1], chosen[2])
 
 
-def _read(src: DatasetReader, bands: tuple[int, int, int], how: Scale, dtype: str) -> GeoImage:
-    valid = _valid_mask(src, bands)
-    rgb = np.empty((src.height, src.width, 3), dtype=np.uint8)
-    stretch: list[tuple[float, float]] = []
-    cache: dict[int, tuple[np.ndarray, tuple[float, float]]] = {}
-    # One band in memory at a time (a uint16 band of a 64 MP scene is 128 MB).
-    for i, band in enumerate(bands):
-        if band not in cache:
-            values = src.read(band)
-            low_high = _range(values, valid, how, dtype)
-            cache = {band: (_to_uint8(values, valid, low_high, how, dtype), low_high)}
-        rgb[:, :, i], low_high = cache[band]
-        stretch.append(low_high)
-    gcps, gcps_crs = src.gcps
-    return GeoImage(
-        rgb=rgb,
-        crs=src.crs,
-        transform=src.transform,
-        gcps=tuple(gcps),
-        gcps_crs=gcps_crs,
-        valid=valid,
-        bands=bands,
-        dtype=dtype,
-        stretch=tuple(stretch),
-    )
-
-
-def _valid_mask(src: DatasetReader, bands: tuple[int, int, int]) -> np.ndarray | None:
-    """False where any chosen band is nodata, alpha-transparent, masked or NaN."""
-    valid: np.ndarray | None = None
-    for band in dict.fromkeys(bands):
-        flags = src.mask_flag_enums[band - 1]
-        if MaskFlags.all_valid in flags:
-            continue
-        band_valid = src.read_masks(band) > 0
-        valid = band_valid if valid is None else valid & band_valid
-    if np.dtype(src.dtypes[0]).kind == "f":
-        for band in dict.fromkeys(bands):
-            finite = np.isfinite(src.read(band))
-            valid = finite if valid is None else valid & finite
-    if valid is not None and valid.all():
-        return None
-    return valid
-
-
-def _range(
+def band_range(
     values: np.ndarray, valid: np.ndarray | None, how: Scale, dtype: str
 ) -> tuple[float, float]:
-    """The ``(low, high)`` mapped to 0..255 for one band."""
+    """The ``(low, high)`` mapped to 0..255 for one band, from a sample of its values."""
     if how.kind == "range":
         return how.low, how.high
     if how.kind == "auto" and dtype == "uint8":
         return 0.0, 255.0
-    step = max(1, math.ceil(math.sqrt(values.size / _STATS_SAMPLES)))
+    step = max(1, math.ceil(math.sqrt(values.size / STATS_SAMPLES)))
     sample = values[::step, ::step]
     if valid is not None:
         sample = sample[valid[::step, ::step]]
@@ -478,7 +438,7 @@ def _range(
     return float(low), float(high)
 
 
-def _to_uint8(
+def to_uint8(
     values: np.ndarray,
     valid: np.ndarray | None,
     low_high: tuple[float, float],
@@ -505,7 +465,7 @@ def _to_uint8(
     return out
 
 
-def _clean(exc: BaseException) -> str:
+def clean_error(exc: BaseException) -> str:
     # rasterio raises "Read failed. See previous exception" with GDAL's reason as the cause.
     cause = exc.__cause__ if exc.__cause__ is not None else exc
     message = cause.args[-1] if cause.args else str(cause)

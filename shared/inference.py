@@ -23,8 +23,9 @@ from shared.acceleration import has_int8_matmul
 from shared.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from shared.labels import LabelMap
 from shared.model import head_out_channels
-from shared.preprocess import Normalization, image_to_tensor, normalize
-from shared.tiling import segment_tiled
+from shared.pipeline import Prediction, Tiling, predict
+from shared.preprocess import Normalization, normalize
+from shared.raster import ArrayRaster, RasterSource
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 # An int8 model whose argmax differs from float32 on more pixels than this is not used.
@@ -228,20 +229,32 @@ class Predictor:
                 out = self.forward(x)
             return out.float()
 
+    @property
+    def tiling(self) -> Tiling:
+        """How scenes are cut into tiles for this predictor (see :mod:`shared.pipeline`)."""
+        o = self.options
+        return Tiling(o.tile, o.overlap, o.tile_batch)
+
     def segment(self, image: np.ndarray) -> np.ndarray:
         """``(H, W, 3)`` uint8 RGB -> ``(H, W)`` uint8 class ids, tiled for large images."""
-        # A (3, H, W) view of the (H, W, 3) array; it travels in that layout, without a host copy.
-        tensor = self.to_device(image_to_tensor(image))
+        return self.predict(image).mask
+
+    def predict(
+        self, source: RasterSource | np.ndarray, *, probabilities: bool = False
+    ) -> Prediction:
+        """A scene that fits in memory -> its mask (and probabilities), through
+        :func:`shared.pipeline.predict`; nodata pixels become ``ignore_index``."""
+        if isinstance(source, np.ndarray):
+            source = ArrayRaster(source)
         with torch.inference_mode():
-            mask = segment_tiled(
-                tensor,
+            return predict(
+                source,
                 self.run_batch,
                 num_classes=self.num_classes,
-                tile=self.options.tile,
-                overlap=self.options.overlap,
-                batch_size=self.options.tile_batch,
+                tiling=self.tiling,
+                probabilities=probabilities,
+                ignore_index=self.label_map.ignore_index,
             )
-            return mask.cpu().numpy()
 
     def warmup(self) -> None:
         """Run one tile so that lazy initialisation (kernels, allocator, autotuning) is paid

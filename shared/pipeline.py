@@ -1,0 +1,376 @@
+"""The one image -> mask path, for every caller: rows -> tiles -> run(model) -> blended rows.
+
+    source (shared.raster) --read_rows--> band of ``tile`` rows, full width
+        --> tiles of ``tile x tile``, ``overlap`` shared, ``batch_size`` per ``run`` call
+        --> logits x blend_window, summed into a rolling accumulator
+        --> finished rows: argmax (and softmax x 255) --> writers (shared.codec), band by band
+
+``run`` is the model call: ``Predictor.run_batch`` locally, the service's batcher in the
+service (so requests share forward passes and keep their deadlines). It maps ``(N, 3, t, t)``
+uint8 tiles to ``(N, C, t, t)`` float logits.
+
+Blending: tile logits are weighted by :func:`shared.tiling.blend_window` and summed; the argmax
+of the sum is the mask. The result is the same, bit for bit, as summing every tile into one
+whole-scene accumulator in row-major tile order, but only one tile row band is alive at a time:
+the rows a band shares with the next (``overlap`` of them, more for the last band) are carried
+over, and within a band only the columns a tile shares with the next are carried. Accumulator
+memory is ``C x overlap x W`` floats plus one ``C x tile x tile`` block, whatever the height.
+
+An image no larger than one tile is mirror-padded to a multiple of 32 and run once, unweighted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from shared.raster import ArrayRaster, RasterSource, Rows
+from shared.tiling import blend_window, pad_reflect, round_up, tile_origins
+
+RunFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """How a scene is cut for the model.
+
+    Attributes:
+        tile: side of the square tiles, a positive multiple of 32.
+        overlap: pixels shared by neighbouring tiles, ``0 <= overlap < tile``.
+        batch_size: tiles per ``run`` call.
+    """
+
+    tile: int = 512
+    overlap: int = 64
+    batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        if self.tile < 32 or self.tile % 32:
+            raise ValueError(f"tile must be a positive multiple of 32, got {self.tile}")
+        if not 0 <= self.overlap < self.tile:
+            raise ValueError(f"overlap must be in [0, tile), got {self.overlap}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class Band:
+    """Finished output rows ``[row, row + h)`` of a scene.
+
+    Attributes:
+        row: first row.
+        mask: ``(h, W)`` uint8 class ids; ``ignore_index`` where the input was nodata.
+        probabilities: ``(C, h, W)`` uint8 softmax x 255 (each pixel's bands sum to 255; 0 in
+            every band where the input was nodata), or None when not asked for.
+        rgb: ``(h, W, 3)`` uint8, the input rows (for overlays).
+    """
+
+    row: int
+    mask: np.ndarray
+    probabilities: np.ndarray | None
+    rgb: np.ndarray
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A whole scene's outputs, for images that fit in memory."""
+
+    mask: np.ndarray
+    probabilities: np.ndarray | None = None
+
+
+class BandWriter(Protocol):
+    """Takes a scene's bands in order (see :mod:`shared.codec`)."""
+
+    def write(self, band: Band) -> None: ...
+
+
+def stream(
+    source: RasterSource,
+    run: RunFn,
+    *,
+    num_classes: int,
+    tiling: Tiling | None = None,
+    probabilities: bool = False,
+    ignore_index: int = 255,
+) -> Iterator[Band]:
+    """Segment ``source`` a band of rows at a time; bands come top to bottom, full width.
+
+    Raises:
+        ValueError: ``run`` returned logits of the wrong shape, or bad arguments.
+    """
+    tiling = tiling or Tiling()
+    if not 1 <= num_classes <= 256:
+        raise ValueError(f"num_classes must be in 1..256 for a uint8 mask, got {num_classes}")
+    tile, height, width = tiling.tile, source.height, source.width
+    if height < 1 or width < 1:
+        raise ValueError(f"image is empty ({height}x{width})")
+    finish = _Finisher(num_classes, probabilities, ignore_index)
+    if height <= tile and width <= tile:
+        rows = source.read_rows(0, height)
+        logits = run_padded(_chw(rows.rgb)[None], run, num_classes)[0]
+        mask, probs = finish(logits)
+        yield finish.band(0, mask, probs, rows.valid, rows.rgb)
+        return
+
+    # A side shorter than a tile (a 100 x 3000 strip) is mirror-padded to one tile.
+    padded_h, padded_w = max(height, tile), max(width, tile)
+    ys = tile_origins(padded_h, tile, tiling.overlap)
+    xs = tile_origins(padded_w, tile, tiling.overlap)
+    window = blend_window(tile, tiling.overlap)
+    # Logits of every tile in row-major order; a batch may span two bands of rows.
+    rows_of: dict[int, Rows] = {}
+    logits_of = _tile_logits(source, run, num_classes, tiling, ys, xs, padded_w, rows_of)
+    # Rows of the previous bands' sums that overlap this band: (C [+1 weight], rows, padded_w).
+    carry: torch.Tensor | None = None
+    for band_index, y in enumerate(ys):
+        done_to = padded_h if band_index == len(ys) - 1 else ys[band_index + 1]
+        done_rows = done_to - y  # rows [y, done_to) get no more contributions after this band
+        band_mask: torch.Tensor | None = None
+        band_probs: torch.Tensor | None = None
+        next_carry: torch.Tensor | None = None
+        side: torch.Tensor | None = None  # this band's sums in columns shared with the next tile
+        for k, x in enumerate(xs):
+            logits = next(logits_of)
+            device = logits.device
+            if band_mask is None:
+                window = window.to(device)
+                band_mask = torch.empty((done_rows, padded_w), dtype=torch.uint8, device=device)
+                if probabilities:
+                    shape = (num_classes, done_rows, padded_w)
+                    band_probs = torch.empty(shape, dtype=torch.uint8, device=device)
+                if done_rows < tile:
+                    shape = (finish.channels, tile - done_rows, padded_w)
+                    next_carry = torch.empty(shape, dtype=torch.float32, device=device)
+            x_done = padded_w if k == len(xs) - 1 else xs[k + 1]
+            block = torch.zeros((finish.channels, tile, tile), device=device)
+            if carry is not None:
+                block[:, : carry.shape[1]] = carry[:, :, x : x + tile]
+            if side is not None:
+                block[:, :, : side.shape[2]] = side
+            # Product and sum as two roundings, as a plain "acc += logits * w" does.
+            block[:num_classes] += logits.float() * window
+            if probabilities:
+                block[num_classes] += window
+            cols = x_done - x
+            mask, probs = finish(block[:, :done_rows, :cols], weighted=True)
+            band_mask[:, x:x_done] = mask
+            if band_probs is not None:
+                band_probs[:, :, x:x_done] = probs
+            if next_carry is not None:
+                next_carry[:, :, x:x_done] = block[:, done_rows:, :cols]
+            side = block[:, :, cols:]
+        carry = next_carry
+        assert band_mask is not None
+        rows = rows_of.pop(band_index)
+        kept = min(done_rows, height - y)
+        yield finish.band(
+            y,
+            band_mask[:kept, :width],
+            None if band_probs is None else band_probs[:, :kept, :width],
+            None if rows.valid is None else rows.valid[:kept],
+            rows.rgb[:kept],
+        )
+
+
+def predict(
+    source: RasterSource | np.ndarray,
+    run: RunFn,
+    *,
+    num_classes: int,
+    tiling: Tiling | None = None,
+    probabilities: bool = False,
+    ignore_index: int = 255,
+) -> Prediction:
+    """:func:`stream`, gathered into whole-scene arrays (for scenes that fit in memory).
+
+    ``source`` may be an ``(H, W, 3)`` uint8 array.
+    """
+    if isinstance(source, np.ndarray):
+        source = ArrayRaster(source)
+    mask = np.empty((source.height, source.width), dtype=np.uint8)
+    probs = (
+        np.empty((num_classes, source.height, source.width), dtype=np.uint8)
+        if probabilities
+        else None
+    )
+    bands = stream(
+        source,
+        run,
+        num_classes=num_classes,
+        tiling=tiling,
+        probabilities=probabilities,
+        ignore_index=ignore_index,
+    )
+    for band in bands:
+        rows = slice(band.row, band.row + band.mask.shape[0])
+        mask[rows] = band.mask
+        if probs is not None and band.probabilities is not None:
+            probs[:, rows] = band.probabilities
+    return Prediction(mask, probs)
+
+
+def write(
+    source: RasterSource,
+    run: RunFn,
+    writers: Sequence[BandWriter],
+    *,
+    num_classes: int,
+    tiling: Tiling | None = None,
+    probabilities: bool = False,
+    ignore_index: int = 255,
+) -> None:
+    """Stream ``source`` into ``writers``, each band to every writer in turn."""
+    for band in stream(
+        source,
+        run,
+        num_classes=num_classes,
+        tiling=tiling,
+        probabilities=probabilities,
+        ignore_index=ignore_index,
+    ):
+        for writer in writers:
+            writer.write(band)
+
+
+@dataclass(frozen=True)
+class BatchPrediction:
+    """Masks of a batch of same-sized images.
+
+    Attributes:
+        masks: ``(N, H, W)`` uint8 class ids on the host.
+        logits: ``(N, C, H, W)`` float logits on the model's device when the images were run in
+            one pass (no larger than one tile), else None.
+    """
+
+    masks: np.ndarray
+    logits: torch.Tensor | None
+
+
+def predict_batch(
+    images: torch.Tensor, run: RunFn, *, num_classes: int, tiling: Tiling | None = None
+) -> BatchPrediction:
+    """``(N, 3, H, W)`` uint8 same-sized images -> their masks: one forward pass when they fit
+    a tile (exactly what :func:`stream` does with each alone), else each streamed in turn."""
+    tiling = tiling or Tiling()
+    if images.ndim != 4 or images.shape[1] != 3 or images.dtype != torch.uint8:
+        raise ValueError(f"images must be (N, 3, H, W) uint8, got {tuple(images.shape)}")
+    height, width = images.shape[-2:]
+    if height <= tiling.tile and width <= tiling.tile:
+        logits = run_padded(images, run, num_classes)
+        masks = logits.argmax(dim=1).to(torch.uint8).cpu().numpy()
+        return BatchPrediction(masks, logits)
+    hwc = images.permute(0, 2, 3, 1).cpu().numpy()
+    masks = np.stack(
+        [predict(img, run, num_classes=num_classes, tiling=tiling).mask for img in hwc]
+    )
+    return BatchPrediction(masks, None)
+
+
+def run_padded(images: torch.Tensor, run: RunFn, num_classes: int) -> torch.Tensor:
+    """``(N, 3, h, w)`` uint8 -> ``(N, C, h, w)`` logits of one pass at the size mirror-padded
+    up to a multiple of 32 (DeepLabV3 downsamples by up to 32), cropped back."""
+    height, width = images.shape[-2:]
+    logits = _checked(run, pad_reflect(images, round_up(height), round_up(width)), num_classes)
+    return logits[:, :, :height, :width]
+
+
+def quantize_probabilities(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``(C, ...)`` float probabilities -> uint8 x 255 whose bands sum to exactly 255.
+
+    Each class is rounded down; what that loses (0 to C - 1) goes to the class of ``mask``, so
+    the argmax of the result is the mask and no band is off by more than C - 1 levels.
+    """
+    floor = torch.floor(probs * 255.0).clamp_(0, 255).to(torch.int32)
+    deficit = (255 - floor.sum(dim=0, keepdim=True)).to(torch.int32)
+    floor.scatter_add_(0, mask.long().unsqueeze(0), deficit)
+    return floor.to(torch.uint8)
+
+
+class _Finisher:
+    """Turns summed logits into mask (and probability) bytes, and applies nodata."""
+
+    def __init__(self, num_classes: int, probabilities: bool, ignore_index: int) -> None:
+        self.num_classes = num_classes
+        self.probabilities = probabilities
+        self.ignore_index = ignore_index
+        # The blend weights are summed alongside when probabilities need the weighted mean.
+        self.channels = num_classes + int(probabilities)
+
+    def __call__(
+        self, logits: torch.Tensor, *, weighted: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(C [+1 weight], h, w)`` summed (``weighted``) or plain logits -> mask, probs."""
+        scores = logits[: self.num_classes]
+        mask = scores.argmax(dim=0).to(torch.uint8)
+        if not self.probabilities:
+            return mask, None
+        mean = scores / logits[self.num_classes] if weighted else scores.float()
+        return mask, quantize_probabilities(torch.softmax(mean, dim=0), mask)
+
+    def band(
+        self,
+        row: int,
+        mask: torch.Tensor,
+        probs: torch.Tensor | None,
+        valid: np.ndarray | None,
+        rgb: np.ndarray,
+    ) -> Band:
+        mask_np = mask.cpu().numpy()
+        probs_np = None if probs is None else np.ascontiguousarray(probs.cpu().numpy())
+        if valid is not None:
+            # The model saw zeros there; its answer means nothing (QGIS shows nodata as empty).
+            mask_np = mask_np.copy()
+            mask_np[~valid] = self.ignore_index
+            if probs_np is not None:
+                probs_np[:, ~valid] = 0
+        return Band(row, np.ascontiguousarray(mask_np), probs_np, rgb)
+
+
+def _tile_logits(
+    source: RasterSource,
+    run: RunFn,
+    num_classes: int,
+    tiling: Tiling,
+    ys: list[int],
+    xs: list[int],
+    padded_w: int,
+    rows_of: dict[int, Rows],
+) -> Iterator[torch.Tensor]:
+    """``(C, tile, tile)`` logits of every tile in row-major order, ``batch_size`` tiles per
+    ``run`` call. A band's rows are read when its first tile joins a batch and left in
+    ``rows_of`` for the caller."""
+    tile = tiling.tile
+
+    def crops() -> Iterator[torch.Tensor]:
+        for band_index, y in enumerate(ys):
+            rows = rows_of[band_index] = source.read_rows(y, tile)
+            image = pad_reflect(_chw(rows.rgb), tile, padded_w)
+            for x in xs:
+                yield image[:, :, x : x + tile]
+
+    pending: list[torch.Tensor] = []
+    for crop in crops():
+        pending.append(crop)
+        if len(pending) == tiling.batch_size:
+            yield from _checked(run, torch.stack(pending), num_classes)
+            pending = []
+    if pending:
+        yield from _checked(run, torch.stack(pending), num_classes)
+
+
+def _chw(rgb: np.ndarray) -> torch.Tensor:
+    # A (3, h, w) view of (h, w, 3) rows; tiles are copied out of it when stacked.
+    return torch.from_numpy(rgb).permute(2, 0, 1)
+
+
+def _checked(run: RunFn, batch: torch.Tensor, num_classes: int) -> torch.Tensor:
+    logits = run(batch)
+    expected = (batch.shape[0], num_classes, batch.shape[2], batch.shape[3])
+    if tuple(logits.shape) != expected:
+        raise ValueError(f"run returned logits of shape {tuple(logits.shape)}, expected {expected}")
+    return logits
