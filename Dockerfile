@@ -1,40 +1,76 @@
 # One image for the API, the one-shot quick training, the full training profile and TensorBoard.
 #
-#   docker build -t satseg .                                   # CUDA build of torch (PyPI default on linux x86_64)
-#   docker build -t satseg:cpu \
-#       --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu .   # CPU-only torch, no CUDA libraries
+#   make wheelhouse && docker build -t satseg .               # CUDA torch, installed offline
+#   make wheelhouse TORCH_VARIANT=cpu && \
+#     docker build -t satseg:cpu --build-arg TORCH_VARIANT=cpu .   # CPU torch, no CUDA libraries
+#   docker build -t satseg:cpu --build-arg TORCH_VARIANT=cpu \
+#       --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu .  # no wheelhouse: the index
 #
-# No data and no checkpoints are baked in: they live on volumes mounted at /data and /runs.
-FROM python:3.11-slim
+# Hosts that cannot pull python:3.11-slim build on a Debian base made locally
+# (`make docker-base`, then --build-arg BASE_IMAGE=satseg-base:bookworm).
+#
+# Works with the classic builder and with BuildKit: nothing here needs BuildKit.
+# No data, checkpoints, wheels, compilers or pip caches end up in the image: data and
+# checkpoints live on volumes mounted at /data and /runs.
+ARG BASE_IMAGE=python:3.11-slim
 
-# Empty: torch and torchvision come from PyPI, whose linux x86_64 wheels are the CUDA builds.
-# Set to a PyTorch wheel index (https://download.pytorch.org/whl/cpu, .../whl/cu126, ...) to take
-# torch and torchvision from there instead; every other dependency still comes from PyPI.
+# -- build: a virtual environment in /opt/venv with every dependency ---------------------------
+FROM ${BASE_IMAGE} AS build
+
+# cuda or cpu: which folder of the wheelhouse to install from (wheelhouse/<variant>/).
+ARG TORCH_VARIANT=cuda
+
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# A virtual environment works the same on python:3.11-slim and on Debian's python3, whose
+# system site-packages pip refuses to touch (PEP 668).
+RUN python3 -m venv /opt/venv
+
+WORKDIR /app
+
+# Dependencies first, from pyproject.toml and an empty package skeleton, so that editing the code
+# reuses this stage. The editable install registers the satseg distribution (its version goes into
+# checkpoints) while the code itself is read from /app, where label_mapping.json sits beside it.
+# wheelhouse/ always exists (its README is tracked); `make wheelhouse` fills wheelhouse/<variant>/.
+COPY pyproject.toml ./
+COPY wheelhouse/ /wheelhouse/
+RUN set -eu; \
+    mkdir -p shared trainer service benchmarks; \
+    touch README.md shared/__init__.py trainer/__init__.py service/__init__.py benchmarks/__init__.py; \
+    if ls /wheelhouse/"$TORCH_VARIANT"/*.whl >/dev/null 2>&1; then \
+        echo "installing offline from wheelhouse/$TORCH_VARIANT"; \
+        /opt/venv/bin/pip install --no-index --find-links /wheelhouse/"$TORCH_VARIANT" -e .; \
+    fi
+
+# Only without a wheelhouse: install from the package index, torch and torchvision from
+# TORCH_INDEX_URL when set (https://download.pytorch.org/whl/cpu, ...), else from PyPI (the CUDA
+# builds). Declared here, after the offline install, so that its value never invalidates that layer.
 ARG TORCH_INDEX_URL=""
+RUN set -eu; \
+    pip=/opt/venv/bin/pip; \
+    if ! "$pip" show --quiet satseg 2>/dev/null; then \
+        echo "no wheelhouse/$TORCH_VARIANT: installing from the package index"; \
+        if [ -n "$TORCH_INDEX_URL" ]; then \
+            python3 -c "import re, tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; print('\n'.join(d for d in deps if re.split(r'[<>=!~;\[ ]', d)[0] in ('torch', 'torchvision')))" > /tmp/torch-requirements.txt; \
+            "$pip" install --index-url "$TORCH_INDEX_URL" -r /tmp/torch-requirements.txt; \
+        fi; \
+        "$pip" install -e .; \
+    fi; \
+    # pip is not needed at run time. The bytecode pip compiled stays: /opt/venv is read-only to
+    # the service user, and without it every start would compile torch again.
+    "$pip" uninstall --yes --quiet pip
+
+# -- the image: the base, the environment and the code; nothing else ---------------------------
+FROM ${BASE_IMAGE}
 
 # NO_ALBUMENTATIONS_UPDATE: albumentations otherwise asks PyPI for a newer version on import.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     NO_ALBUMENTATIONS_UPDATE=1 \
-    PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PATH=/opt/venv/bin:$PATH \
+    VIRTUAL_ENV=/opt/venv \
     PYTHONPATH=/app
-
-WORKDIR /app
-
-# Dependencies first, from pyproject.toml and an empty package skeleton, so that editing the code
-# reuses this layer. The editable install registers the satseg distribution (its version goes into
-# checkpoints) while the code itself is read from /app, where label_mapping.json sits beside it.
-COPY pyproject.toml ./
-RUN set -eu; \
-    mkdir -p shared trainer service benchmarks; \
-    touch README.md shared/__init__.py trainer/__init__.py service/__init__.py benchmarks/__init__.py; \
-    if [ -n "$TORCH_INDEX_URL" ]; then \
-        python -c "import re, tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; print('\n'.join(d for d in deps if re.split(r'[<>=!~;\[ ]', d)[0] in ('torch', 'torchvision')))" > /tmp/torch-requirements.txt; \
-        pip install --index-url "$TORCH_INDEX_URL" -r /tmp/torch-requirements.txt; \
-        rm /tmp/torch-requirements.txt; \
-    fi; \
-    pip install -e .
 
 # A fixed, unprivileged user. /data and /runs are created here and owned by it so that named
 # volumes mounted there start out writable by it (Docker copies the ownership on first use).
@@ -42,8 +78,15 @@ RUN useradd --create-home --uid 10001 --user-group satseg \
     && mkdir -p /data /runs \
     && chown satseg:satseg /data /runs
 
-# The code stays owned by root: the service user can read it, not change it.
-COPY . .
+COPY --from=build /opt/venv /opt/venv
+
+# The code stays owned by root: the service user can read it, not change it. Named one by one
+# so that nothing else in the build context (the wheelhouse above all) reaches the image.
+WORKDIR /app
+COPY pyproject.toml label_mapping.json ./
+COPY shared/ shared/
+COPY trainer/ trainer/
+COPY service/ service/
 
 USER satseg
 
@@ -54,7 +97,7 @@ ENV SATSEG_HOST=0.0.0.0 \
 EXPOSE 8000
 
 # /readyz answers 200 only once the checkpoint is loaded and warmed up; urlopen raises on 503.
-HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
+HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
     CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('SATSEG_PORT', '8000') + '/readyz', timeout=4)"
 
 CMD ["python", "-m", "service"]

@@ -9,7 +9,7 @@ RUN    ?= runs/quickstart
 CKPT   ?= $(RUN)/best.pt
 PORT   ?= 8000
 
-.PHONY: demo test install data train serve lint format bench clean
+.PHONY: demo test install data train serve lint format bench clean docker-base wheelhouse docker
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -57,3 +57,54 @@ bench: $(CKPT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+# -- containers -------------------------------------------------------------------------------
+#   make docker-base   a Debian bookworm base image with Python 3.11, for hosts that cannot pull
+#                      python:3.11-slim (debootstrap from the Debian mirror apt uses; needs root)
+#   make wheelhouse    every wheel the image needs, downloaded here with this host's pip settings
+#                      (index, proxy, certificates) into wheelhouse/$(TORCH_VARIANT)/, so that
+#                      `docker build` installs with --no-index and needs no network
+#   make docker        the image satseg:latest (cuda) or satseg:cpu (TORCH_VARIANT=cpu)
+TORCH_VARIANT ?= cuda
+DOCKER_BASE   ?= satseg-base:bookworm
+# A docker-base image when there is one, else the Dockerfile's default (python:3.11-slim).
+BASE_IMAGE    ?= $(shell docker image inspect $(DOCKER_BASE) >/dev/null 2>&1 && echo $(DOCKER_BASE))
+DEBIAN_MIRROR ?= $(or $(shell sed -n 's/^URIs: *\([^ ]*debian\)$$/\1/p; s/^deb \[*[^]]*\]* *\(http[^ ]*debian\) .*/\1/p' \
+                   /etc/apt/sources.list.d/debian.sources /etc/apt/sources.list 2>/dev/null | head -n1),http://deb.debian.org/debian)
+# The cpu wheelhouse takes torch and torchvision from the PyTorch CPU index: PyPI's linux wheels
+# of torchvision are linked against the CUDA build of torch, so a +cpu torch beside them fails on
+# `import torchvision`. The cuda wheelhouse takes the pins of pyproject.toml as pip resolves them.
+CPU_INDEX     ?= https://download.pytorch.org/whl/cpu
+CPU_TORCH     ?= torch==2.14.1+cpu torchvision==0.29.1+cpu
+TORCH_cpu      = --extra-index-url $(CPU_INDEX) $(CPU_TORCH)
+TORCH_cuda     =
+IMAGE_cpu      = satseg:cpu
+IMAGE_cuda     = satseg:latest
+
+docker-base:
+	@if docker image inspect $(DOCKER_BASE) >/dev/null 2>&1; then \
+		echo "$(DOCKER_BASE) exists (docker rmi $(DOCKER_BASE) to rebuild it)"; \
+	else \
+		set -e; rootfs=$$(mktemp -d); trap 'rm -rf "$$rootfs"' EXIT; \
+		chmod 755 "$$rootfs"; \
+		echo "debootstrap bookworm from $(DEBIAN_MIRROR)"; \
+		debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
+			bookworm "$$rootfs" $(DEBIAN_MIRROR) >/dev/null; \
+		rm -rf "$$rootfs"/var/cache/apt/archives/*.deb "$$rootfs"/var/lib/apt/lists/* \
+			"$$rootfs"/usr/share/doc/* "$$rootfs"/usr/share/man/* "$$rootfs"/usr/share/locale/*; \
+		tar -C "$$rootfs" -c . | docker import --change 'ENV LANG=C.UTF-8' \
+			--change 'CMD ["python3"]' - $(DOCKER_BASE); \
+	fi
+
+wheelhouse:
+	rm -rf wheelhouse/$(TORCH_VARIANT).partial
+	$(PYTHON) -m pip download --quiet --dest wheelhouse/$(TORCH_VARIANT).partial . $(TORCH_$(TORCH_VARIANT)) \
+		$$($(PYTHON) -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['build-system']['requires'])")
+	rm -rf wheelhouse/$(TORCH_VARIANT)
+	mv wheelhouse/$(TORCH_VARIANT).partial wheelhouse/$(TORCH_VARIANT)
+	du -sh wheelhouse/$(TORCH_VARIANT)
+
+docker:
+	docker build -t $(IMAGE_$(TORCH_VARIANT)) --build-arg TORCH_VARIANT=$(TORCH_VARIANT) \
+		$(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) .
+	docker image ls $(IMAGE_$(TORCH_VARIANT))

