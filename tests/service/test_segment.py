@@ -111,7 +111,7 @@ def test_png_is_the_default_format_and_timing_is_in_a_header(client: TestClient)
     assert "inference;dur=" in response.headers["server-timing"]
 
 
-PEAK_GROWTH_LIMIT = 1280 * 2**20  # about twice the measured growth, for allocator noise
+PEAK_GROWTH_LIMIT = 1280 * 2**20  # over twice the measured growth, for allocator noise
 
 
 @pytest.mark.slow
@@ -144,7 +144,7 @@ def test_a_5400x2700_scene_segments_with_default_tiles(
     assert len(np.unique(mask)) > 1
     # The server's own peak (VmHWM of the service process) may grow by one tile batch's working
     # set plus a few copies of the scene (decoded RGB, the uint8 tensor, the float32 blend
-    # accumulator, the mask: about 30 bytes a pixel, 0.4 GiB here); 631 MiB was measured. A
+    # accumulator, the mask: about 30 bytes a pixel, 0.4 GiB here); 526 MiB was measured. A
     # forward pass over the whole scene, or per-tile logits kept for the whole scene, would
     # take several GiB.
     growth = after["peak"] - idle["peak"]
