@@ -212,18 +212,22 @@ class CogWriter:
         try:
             self._dst.close()
             resampling = "MODE" if self.kind == "mask" else "AVERAGE"
+            # Copied beside the target and renamed: a run stopped half-way leaves no partial COG.
+            partial = self._tmp.with_suffix(".cog")
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", NotGeoreferencedWarning)
                 rasterio.shutil.copy(
                     self._tmp,
-                    self.path,
+                    partial,
                     driver="COG",
                     COMPRESS="DEFLATE",
                     BLOCKSIZE=COG_BLOCK,
                     OVERVIEW_RESAMPLING=resampling,
                     BIGTIFF="IF_SAFER",
                 )
+            os.replace(partial, self.path)
         finally:
+            self._tmp.with_suffix(".cog").unlink(missing_ok=True)
             self.abort()
         return self.path
 

@@ -364,7 +364,10 @@ def _tile_logits(
 
 
 def _chw(rgb: np.ndarray) -> torch.Tensor:
-    # A (3, h, w) view of (h, w, 3) rows; tiles are copied out of it when stacked.
+    # A (3, h, w) view of (h, w, 3) rows; tiles are copied out of it when stacked. torch
+    # wants writable memory (it never writes here); read-only decoder output is copied.
+    if not rgb.flags.writeable:
+        rgb = rgb.copy()
     return torch.from_numpy(rgb).permute(2, 0, 1)
 
 

@@ -160,14 +160,18 @@ class GdalRaster:
         self._what = "the TIFF" if is_bytes else str(source)
         chosen, self.scale = parse_bands(bands), parse_scale(scale)
         try:
-            self._stack.enter_context(warnings.catch_warnings())
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            self._stack.enter_context(rasterio.Env(GDAL_CACHEMAX=READ_CACHE_BYTES))
-            if is_bytes:
-                memfile = self._stack.enter_context(MemoryFile(bytes(source)))
-                self.src: DatasetReader = self._stack.enter_context(memfile.open(driver="GTiff"))
-            else:
-                self.src = self._stack.enter_context(rasterio.open(source))
+            # Opened inside an environment of our own and closed explicitly, so that the
+            # dataset holds no per-thread GDAL environment: it may be opened in one thread
+            # (a decoding pool) and read and closed in another.
+            with warnings.catch_warnings(), _small_cache():
+                warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                if is_bytes:
+                    memfile = MemoryFile(bytes(source))
+                    self._stack.callback(memfile.close)
+                    self.src: DatasetReader = memfile.open(driver="GTiff")
+                else:
+                    self.src = rasterio.open(source)
+                self._stack.callback(self.src.close)
             check_header(self.src, max_pixels)
             if len(set(self.src.dtypes)) > 1:
                 raise UnsupportedFormatError(
@@ -184,7 +188,8 @@ class GdalRaster:
             ]
             self._float = np.dtype(self.dtype).kind == "f"
             self.has_nodata = any(self._check_valid) or self._float
-            self.stretch = self._stretch()
+            with _small_cache():
+                self.stretch = self._stretch()
         except ImageError:
             self.close()
             raise
@@ -205,17 +210,21 @@ class GdalRaster:
         count = min(count, self.height - row)
         window = Window(0, row, self.width, count)
         try:
-            valid = self._valid(window)
-            rgb = np.empty((count, self.width, 3), dtype=np.uint8)
-            unique = list(dict.fromkeys(self.bands))
-            values = self.src.read(unique, window=window)
-            for i, band in enumerate(self.bands):
-                plane = values[unique.index(band)]
-                rgb[:, :, i] = to_uint8(plane, valid, self.stretch[i], self.scale, self.dtype)
+            with _small_cache():
+                return self._read(window)
         except MemoryError:
             raise ImageTooLargeError("the raster window cannot be read within memory") from None
         except RasterioError as exc:
             raise CorruptImageError(f"cannot read {self._what}: {clean_error(exc)}") from None
+
+    def _read(self, window: Window) -> Rows:
+        valid = self._valid(window)
+        rgb = np.empty((int(window.height), self.width, 3), dtype=np.uint8)
+        unique = list(dict.fromkeys(self.bands))
+        values = self.src.read(unique, window=window)
+        for i, band in enumerate(self.bands):
+            plane = values[unique.index(band)]
+            rgb[:, :, i] = to_uint8(plane, valid, self.stretch[i], self.scale, self.dtype)
         if valid is not None and valid.all():
             valid = None
         return Rows(rgb, valid)
@@ -253,6 +262,11 @@ class GdalRaster:
         return tuple(ranges[b] for b in self.bands)
 
 
+def _small_cache() -> rasterio.Env:
+    # Entered around each read, in the reading thread (GDAL environments are per thread).
+    return rasterio.Env(GDAL_CACHEMAX=READ_CACHE_BYTES)
+
+
 def open_raster(
     data: bytes,
     *,
@@ -276,6 +290,50 @@ def open_raster(
         except (UnsupportedFormatError, CorruptImageError):
             pass
     return GdalRaster(data, bands=chosen, scale=how, max_pixels=max_pixels)
+
+
+def open_file(
+    path: str | Path,
+    *,
+    bands: Sequence[int] | str | None = None,
+    scale: str | Scale | None = "auto",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> RasterSource:
+    """A file as a :class:`RasterSource`. A TIFF (or other GDAL raster) is opened for windowed
+    reads, without a pixel cap: it is never read whole. A PNG, JPEG, WebP or BMP, and a plain
+    (not georeferenced) TIFF picture when no ``bands``/``scale`` are asked for, is decoded whole
+    by :func:`shared.imaging.decode_image`, capped at ``max_pixels``.
+
+    Close a :class:`GdalRaster` when done (:func:`close_source`).
+
+    Raises:
+        ImageError: one of its subclasses. OSError: the file cannot be read.
+    """
+    path = Path(path)
+    with path.open("rb") as f:
+        head = f.read(4)
+    chosen, how = parse_bands(bands), parse_scale(scale)
+    if not is_tiff(head):
+        try:
+            return ArrayRaster(decode_image(path.read_bytes(), max_pixels=max_pixels))
+        except UnsupportedFormatError:
+            # Not a picture format: perhaps one of GDAL's (JPEG 2000, ENVI, VRT...).
+            return GdalRaster(path, bands=chosen, scale=how)
+    raster = GdalRaster(path, bands=chosen, scale=how)
+    if chosen is None and how.kind == "auto" and not raster.georef.georeferenced:
+        try:
+            picture = ArrayRaster(decode_image(path.read_bytes(), max_pixels=max_pixels))
+        except (UnsupportedFormatError, CorruptImageError):
+            return raster
+        raster.close()
+        return picture
+    return raster
+
+
+def close_source(source: RasterSource) -> None:
+    """Release a source's file (a no-op for in-memory ones)."""
+    if isinstance(source, GdalRaster):
+        source.close()
 
 
 def read_all(source: RasterSource) -> Rows:

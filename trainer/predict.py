@@ -1,27 +1,39 @@
-"""Batch prediction: segment image files and folders offline with the service's engine.
+"""Batch prediction: segment image files, folders and scenes of any size offline, through the
+pipeline the service runs (:mod:`shared.pipeline`).
 
     python -m trainer.predict --checkpoint runs/quickstart/best.pt scenes/ extra.jpg --out masks/
     python -m trainer.predict --checkpoint best.pt S2_scene.tif --bands 4,3,2 --scale 0,3000 \
-        --out masks/ --overlay
+        --out masks/ --format cog
+    python -m trainer.predict --checkpoint best.pt mosaic.tif --out vectors/ --format geojson \
+        --crs EPSG:4326 --min-area 50 --simplify 1
 
-Every image goes through :class:`shared.inference.Predictor`, the engine the service runs:
-same normalisation, same padding of small images, same sliding-window tiling of large ones.
-Same-sized images up to one tile are stacked ``--batch`` at a time into one forward pass;
-larger ones are cut into tiles, ``--batch`` tiles a pass. Decoding runs in background threads
+Every image goes through :class:`shared.inference.Predictor` and :func:`shared.pipeline.stream`:
+same normalisation, same padding of small images, same blended tiling of large ones as the
+service. A TIFF (or other GDAL raster) is read a band of rows at a time and its outputs are
+written band by band, so a 100,000 x 100,000 mosaic needs no more memory than a small scene.
+Same-sized images up to one tile are stacked ``--batch`` at a time into one forward pass; larger
+ones are cut into tiles, ``--batch`` tiles a pass. Pictures are decoded in background threads
 while the model works.
 
 Folders are searched recursively for image files (.jpg, .jpeg, .png, .tif, .tiff, .webp, .bmp;
 hidden files skipped); a file named on the command line is taken whatever its extension.
 
-Outputs, under ``--out`` (sub-folders of an input folder are mirrored):
+Outputs, under ``--out`` (sub-folders of an input folder are mirrored), by ``--format``:
 
-* ``<stem>.png``: single-channel class-id mask with the label colours as its palette;
-* ``<stem>.tif`` instead, for georeferenced TIFF input: a single-band uint8 GeoTIFF with the
-  input's CRS and geotransform (and colour table), to lay over the scene in a GIS;
-* ``<stem>_overlay.png`` with ``--overlay``: the class colours blended over the image.
+* ``png``: ``<stem>.png``, a single-channel class-id mask with the label colours as palette
+  (held in memory: one byte a pixel);
+* ``cog``: ``<stem>.tif``, a Cloud Optimized GeoTIFF of class ids with the input's CRS,
+  transform and nodata, the label colours as colour table, overviews by mode;
+* ``probabilities``: ``<stem>_probabilities.tif``, a COG with one uint8 band per class
+  (softmax x 255, summing to 255 per pixel);
+* ``geojson``: ``<stem>.geojson``, polygons per class (``--crs``, ``--min-area``, ``--simplify``);
+  pixel coordinates for an input without georeferencing.
+
+Without ``--format``, a georeferenced raster gets ``cog`` and anything else ``png``.
+``<stem>_overlay.png`` with ``--overlay``: the class colours blended over the image (in memory).
 
 TIFF input of any band count and type is read as described in :mod:`shared.geotiff` (``--bands``,
-``--scale``); its nodata pixels are written as ``ignore_index`` (255), the GeoTIFF's nodata value.
+``--scale``); its nodata pixels are written as ``ignore_index`` (255), the COG's nodata value.
 
 Nothing is ever written over an input: ``--out`` may not be an input folder or lie inside one (a
 second run would otherwise read the first run's masks as images), and a planned output that is an
@@ -35,39 +47,42 @@ Exit codes: 0 every file segmented, 1 some files skipped, 2 bad arguments or che
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from shared.checkpoint import CheckpointError
-from shared.geotiff import (
-    GeoImage,
-    RasterOptionError,
-    Scale,
-    decode_raster,
-    mask_invalid,
-    parse_bands,
-    parse_scale,
-    write_geotiff_mask,
-)
+from shared.codec import GEOJSON_CRS, CogWriter, PolygonWriter, mask_to_png
+from shared.geotiff import RasterOptionError, Scale, parse_bands, parse_scale
 from shared.imaging import DEFAULT_MAX_PIXELS, ImageError, encode_png
 from shared.inference import PRECISIONS, InferenceOptions, Predictor
-from shared.labels import overlay
-from shared.tiling import ALIGN, pad_reflect
+from shared.labels import LabelMap, overlay
+from shared.pipeline import Band, predict_batch, stream
+from shared.raster import ArrayRaster, RasterSource, close_source, open_file
 from trainer.dataset_layout import IMAGE_EXTENSIONS
 
 EXIT_OK, EXIT_SKIPPED, EXIT_USAGE = 0, 1, 2
-_TIFF_SUFFIXES = frozenset({".tif", ".tiff"})
 OVERLAY_SUFFIX = "_overlay"
+FORMATS = ("png", "cog", "probabilities", "geojson")
+# What each format writes after the input's stem.
+SUFFIXES = {
+    "png": ".png",
+    "cog": ".tif",
+    "probabilities": "_probabilities.tif",
+    "geojson": ".geojson",
+}
 
 
 class PredictError(Exception):
@@ -87,18 +102,17 @@ class Job:
     source: Path
     target: Path
 
-    def mask_path(self, geotiff: bool) -> Path:
-        return self.target.with_name(self.target.name + (".tif" if geotiff else ".png"))
+    def output_path(self, fmt: str) -> Path:
+        return self.target.with_name(self.target.name + SUFFIXES[fmt])
 
     @property
     def overlay_path(self) -> Path:
         return self.target.with_name(self.target.name + OVERLAY_SUFFIX + ".png")
 
-    def possible_outputs(self, overlays: bool) -> list[Path]:
-        """Every path this job may write (the mask's suffix is known only after reading)."""
-        paths = [self.mask_path(False)]
-        if self.source.suffix.lower() in _TIFF_SUFFIXES:
-            paths.append(self.mask_path(True))
+    def possible_outputs(self, fmt: str | None, overlays: bool) -> list[Path]:
+        """Every path this job may write (without ``fmt``, png or cog, known after opening)."""
+        formats = [fmt] if fmt else ["png", "cog"]
+        paths = [self.output_path(f) for f in formats]
         if overlays:
             paths.append(self.overlay_path)
         return paths
@@ -113,6 +127,36 @@ class ReadOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
 
 
+@dataclass(frozen=True)
+class WriteOptions:
+    """What is written (see the module docstring).
+
+    Attributes:
+        format: "png", "cog", "probabilities" or "geojson"; None: cog for georeferenced
+            rasters, png for the rest.
+        overlays: also write ``<stem>_overlay.png``.
+        alpha: class-colour weight of the overlays.
+        crs: GeoJSON coordinates: "raster" or "EPSG:4326".
+        min_area: GeoJSON polygons below this many pixels are dropped.
+        simplify: GeoJSON simplification tolerance in pixels.
+    """
+
+    format: str | None = None
+    overlays: bool = False
+    alpha: float = 0.5
+    crs: str = "raster"
+    min_area: float = 0.0
+    simplify: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.format is not None and self.format not in FORMATS:
+            raise ValueError(f"format must be one of {', '.join(FORMATS)}; got {self.format!r}")
+        if self.crs not in GEOJSON_CRS:
+            raise ValueError(f"crs must be one of {', '.join(GEOJSON_CRS)}; got {self.crs!r}")
+        if self.min_area < 0 or self.simplify < 0:
+            raise ValueError("--min-area and --simplify must be >= 0")
+
+
 @dataclass
 class Report:
     """What a run did: files written and files skipped, with the reason."""
@@ -125,9 +169,12 @@ class Report:
 @dataclass
 class _Loaded:
     job: Job
-    rgb: np.ndarray | None = None
-    geo: GeoImage | None = None
+    source: RasterSource | None = None
     error: str | None = None
+
+    @property
+    def small(self) -> bool:
+        return isinstance(self.source, ArrayRaster)
 
 
 def collect_jobs(inputs: Sequence[str | Path], out_dir: str | Path) -> list[Job]:
@@ -166,7 +213,7 @@ def collect_jobs(inputs: Sequence[str | Path], out_dir: str | Path) -> list[Job]
             f"no images found in {', '.join(map(str, inputs))} "
             f"(looked for {', '.join(sorted(IMAGE_EXTENSIONS))})"
         )
-    _check_outputs(jobs, overlays=True)
+    _check_outputs(jobs, None, overlays=True)
     return jobs
 
 
@@ -175,23 +222,21 @@ def predict_files(
     jobs: Sequence[Job],
     *,
     read: ReadOptions | None = None,
-    overlays: bool = False,
-    alpha: float = 0.5,
+    write: WriteOptions | None = None,
     batch: int = 4,
     skip_existing: bool = False,
     workers: int = 2,
     progress: bool | None = None,
 ) -> Report:
-    """Segment every job's image and write its mask (and overlay).
+    """Segment every job's image and write its outputs.
 
     Args:
         predictor: the model on its device.
         jobs: from :func:`collect_jobs`.
         read: decoding options.
-        overlays: also write ``<stem>_overlay.png``.
-        alpha: class-colour weight of the overlays.
+        write: output format and options.
         batch: same-sized small images per forward pass.
-        skip_existing: leave jobs whose mask already exists untouched.
+        skip_existing: leave jobs whose output already exists untouched.
         workers: decoding threads.
         progress: a tqdm bar; None shows it only on a terminal.
 
@@ -199,11 +244,12 @@ def predict_files(
         The files written and the inputs skipped (unreadable, or failed to segment or write).
     """
     read = read or ReadOptions()
+    write = write or WriteOptions()
     report = Report()
-    _check_outputs(jobs, overlays)
+    _check_outputs(jobs, write.format, write.overlays)
     todo = []
     for job in jobs:
-        if skip_existing and any(p.exists() for p in job.possible_outputs(False)):
+        if skip_existing and any(p.exists() for p in job.possible_outputs(write.format, False)):
             report.kept.append(job.source)
         else:
             todo.append(job)
@@ -216,11 +262,12 @@ def predict_files(
                 if item.error is not None:
                     _skip(report, item.job.source, item.error)
             good = [item for item in chunk if item.error is None]
-            for item, mask in _segment(predictor, good, report):
-                try:
-                    report.written.extend(_write(item, mask, predictor, overlays, alpha))
-                except OSError as err:
-                    _skip(report, item.job.source, f"cannot write: {err}")
+            try:
+                _segment(predictor, good, write, report)
+            finally:
+                for item in good:
+                    if item.source is not None:
+                        close_source(item.source)
             bar.update(len(chunk))
     bar.close()
     return report
@@ -232,6 +279,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         read = ReadOptions(
             bands=parse_bands(args.bands), scale=parse_scale(args.scale), max_pixels=args.max_pixels
+        )
+        write = WriteOptions(
+            format=args.format,
+            overlays=args.overlay,
+            alpha=args.alpha,
+            crs=args.crs,
+            min_area=args.min_area,
+            simplify=args.simplify,
         )
         jobs = collect_jobs(args.inputs, args.out)
         options = InferenceOptions(
@@ -256,8 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             predictor,
             jobs,
             read=read,
-            overlays=args.overlay,
-            alpha=args.alpha,
+            write=write,
             batch=args.batch,
             skip_existing=args.skip_existing,
             workers=args.workers,
@@ -286,6 +340,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and/or folders")
     parser.add_argument("--checkpoint", required=True, help="checkpoint written by trainer.fit")
     parser.add_argument("--out", required=True, help="output folder (created if missing)")
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default=None,
+        help="output: png, cog, probabilities or geojson (default: cog for georeferenced "
+        "rasters, png otherwise)",
+    )
+    parser.add_argument("--crs", default="raster", choices=GEOJSON_CRS, help="GeoJSON coordinates")
+    parser.add_argument(
+        "--min-area", type=float, default=0.0, help="GeoJSON: drop polygons under N pixels"
+    )
+    parser.add_argument(
+        "--simplify", type=float, default=0.0, help="GeoJSON: simplify tolerance in pixels"
+    )
     parser.add_argument("--overlay", action="store_true", help="also write <stem>_overlay.png")
     parser.add_argument("--alpha", type=float, default=0.5, help="overlay colour weight, 0..1")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -305,7 +373,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="TIFF value scaling: auto, minmax, percentile:LOW,HIGH or LOW,HIGH (e.g. 0,3000)",
     )
-    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help="cap for pictures decoded whole (PNG, JPEG, WebP, plain TIFF); GDAL rasters are "
+        "streamed and have none",
+    )
     parser.add_argument("--skip-existing", action="store_true", help="keep masks already written")
     parser.add_argument("--workers", type=int, default=2, help="decoding threads")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -322,12 +396,12 @@ def _is_image_file(path: Path) -> bool:
     )
 
 
-def _check_outputs(jobs: Sequence[Job], overlays: bool) -> None:
+def _check_outputs(jobs: Sequence[Job], fmt: str | None, overlays: bool) -> None:
     """Refuse plans where an output is an input, or two inputs share an output."""
     inputs = {job.source.resolve(): job.source for job in jobs}
     owners: dict[Path, Path] = {}
     for job in jobs:
-        for path in job.possible_outputs(overlays):
+        for path in job.possible_outputs(fmt, overlays):
             resolved = path.resolve()
             if resolved in inputs:
                 raise PredictError(
@@ -343,12 +417,12 @@ def _check_outputs(jobs: Sequence[Job], overlays: bool) -> None:
 
 
 def _load(job: Job, read: ReadOptions) -> _Loaded:
+    # Pictures are decoded here, in a background thread; GDAL rasters are only opened.
     try:
-        data = job.source.read_bytes()
-        rgb, geo = decode_raster(
-            data, bands=read.bands, scale=read.scale, max_pixels=read.max_pixels
+        source = open_file(
+            job.source, bands=read.bands, scale=read.scale, max_pixels=read.max_pixels
         )
-        return _Loaded(job, rgb=rgb, geo=geo)
+        return _Loaded(job, source=source)
     except ImageError as err:
         return _Loaded(job, error=f"{err.code}: {err}")
     except OSError as err:
@@ -385,74 +459,139 @@ def _chunks(items: Iterable[_Loaded], size: int) -> Iterator[list[_Loaded]]:
 
 
 def _segment(
-    predictor: Predictor, items: list[_Loaded], report: Report
-) -> Iterator[tuple[_Loaded, np.ndarray]]:
-    """Masks for ``items``: same-sized images up to one tile share a forward pass; larger ones
-    are tiled by the predictor. A failure skips only the images of that pass."""
+    predictor: Predictor, items: list[_Loaded], write: WriteOptions, report: Report
+) -> None:
+    """Segment and write ``items``: same-sized pictures up to one tile share a forward pass;
+    the rest are streamed one at a time. A failure skips only the images it concerns."""
     tile = predictor.options.tile
-    runs: list[list[_Loaded]] = []
     small: dict[tuple[int, int], list[_Loaded]] = {}
     for item in items:
-        assert item.rgb is not None
-        height, width = item.rgb.shape[:2]
-        if height <= tile and width <= tile:
-            small.setdefault((height, width), []).append(item)
+        source = item.source
+        assert source is not None
+        if item.small and source.height <= tile and source.width <= tile:
+            small.setdefault((source.height, source.width), []).append(item)
         else:
-            runs.append([item])
-    runs.extend(small.values())
-    for run in runs:
-        images = [item.rgb for item in run if item.rgb is not None]
-        try:
-            if len(images) == 1:
-                masks = [predictor.segment(images[0])]
-            else:
-                masks = _segment_stack(predictor, images)
-        except (RuntimeError, ValueError) as err:
-            # e.g. CUDA out of memory on a huge scene: skip it, keep going with the others.
-            if predictor.device.type == "cuda":
-                torch.cuda.empty_cache()
-            for item in run:
-                _skip(report, item.job.source, f"inference failed: {_first_line(err)}")
-            continue
-        yield from zip(run, masks, strict=True)
+            _guarded(
+                predictor, [item], report, lambda item=item: _stream_one(predictor, item, write)
+            )
+    for group in small.values():
+        _guarded(predictor, group, report, partial(_stack, predictor, group, write))
 
 
-def _segment_stack(predictor: Predictor, images: list[np.ndarray]) -> list[np.ndarray]:
-    """Same-sized ``(H, W, 3)`` uint8 images no larger than a tile -> their ``(H, W)`` masks.
+def _guarded(
+    predictor: Predictor, items: list[_Loaded], report: Report, work: Callable[[], list[Path]]
+) -> None:
+    try:
+        report.written.extend(work())
+    except OSError as err:
+        for item in items:
+            _skip(report, item.job.source, f"cannot write: {err}")
+    except (RuntimeError, ValueError, ImageError) as err:
+        # e.g. CUDA out of memory on a huge scene: skip it, keep going with the others.
+        if predictor.device.type == "cuda":
+            torch.cuda.empty_cache()
+        for item in items:
+            _skip(report, item.job.source, f"inference failed: {_first_line(err)}")
 
-    Exactly what ``segment_tiled`` does with one such image (mirror-pad to a multiple of 32, one
-    forward pass, argmax of the crop), for ``len(images)`` images in one pass.
-    """
-    height, width = images[0].shape[:2]
+
+def _stack(predictor: Predictor, items: list[_Loaded], write: WriteOptions) -> list[Path]:
+    """Same-sized pictures no larger than a tile: one forward pass, then each one's outputs."""
+    images = [item.source.rgb for item in items]  # type: ignore[union-attr]
     stacked = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)  # (N, 3, H, W) uint8 view
-    # Only uint8 crosses to the device; the padding happens there.
-    batch = pad_reflect(predictor.to_device(stacked), _round_up(height), _round_up(width))
     with torch.inference_mode():
-        logits = predictor.run_batch(batch)
-        masks = logits[:, :, :height, :width].argmax(dim=1).to(torch.uint8).cpu().numpy()
-    return list(masks)
-
-
-def _write(
-    item: _Loaded, mask: np.ndarray, predictor: Predictor, overlays: bool, alpha: float
-) -> list[Path]:
-    label_map = predictor.label_map
-    geo = item.geo
-    written: list[Path] = []
-    mask = mask_invalid(mask, geo, label_map.ignore_index)
-    if geo is not None and geo.georeferenced:
-        nodata = label_map.ignore_index if geo.valid is not None else None
-        data = write_geotiff_mask(mask, geo.profile, label_map=label_map, nodata=nodata)
-        written.append(_atomic_write(item.job.mask_path(True), data))
-    else:
-        written.append(
-            _atomic_write(item.job.mask_path(False), encode_png(mask, label_map.palette()))
+        result = predict_batch(
+            stacked, predictor.run_batch, num_classes=predictor.num_classes, tiling=predictor.tiling
         )
-    if overlays:
-        assert item.rgb is not None
-        blended = overlay(item.rgb, mask, label_map, alpha=alpha)
+    written: list[Path] = []
+    for item, mask in zip(items, result.masks, strict=True):
+        if write.format == "probabilities":
+            # Softmax needs the logits; the pipeline computes them for one image alone.
+            written.extend(_stream_one(predictor, item, write))
+            continue
+        assert item.source is not None
+        band = Band(0, mask, None, item.source.rgb)
+        written.extend(_write_bands(predictor.label_map, item, [band], write))
+    return written
+
+
+def _stream_one(predictor: Predictor, item: _Loaded, write: WriteOptions) -> list[Path]:
+    source = item.source
+    assert source is not None
+    with torch.inference_mode():
+        bands = stream(
+            source,
+            predictor.run_batch,
+            num_classes=predictor.num_classes,
+            tiling=predictor.tiling,
+            probabilities=write.format == "probabilities",
+            ignore_index=predictor.label_map.ignore_index,
+        )
+        return _write_bands(predictor.label_map, item, bands, write)
+
+
+def _write_bands(
+    label_map: LabelMap, item: _Loaded, bands: Iterable[Band], write: WriteOptions
+) -> list[Path]:
+    """Feed the bands of one scene to the writers of ``write.format``; returns the paths."""
+    source = item.source
+    assert source is not None
+    fmt = write.format or ("cog" if source.georef.georeferenced else "png")
+    target = item.job.output_path(fmt)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shape = (source.height, source.width)
+    nodata = label_map.ignore_index if source.has_nodata else None
+    writer: Any
+    if fmt == "cog":
+        writer = CogWriter(target, shape, source.georef, label_map, nodata=nodata)
+    elif fmt == "probabilities":
+        writer = CogWriter(target, shape, source.georef, label_map, kind="probabilities")
+    elif fmt == "geojson":
+        writer = PolygonWriter(
+            source.georef,
+            label_map,
+            crs=write.crs,
+            min_area=write.min_area,
+            simplify=write.simplify,
+        )
+    else:
+        writer = _Whole(shape)
+    picture = _Whole(shape, rgb=True) if write.overlays else None
+    try:
+        for band in bands:
+            writer.write(band)
+            if picture is not None:
+                picture.write(band)
+    except BaseException:
+        if isinstance(writer, CogWriter):
+            writer.abort()
+        raise
+    written = []
+    if isinstance(writer, CogWriter):
+        written.append(writer.close())
+    elif isinstance(writer, PolygonWriter):
+        text = json.dumps(writer.close(), separators=(",", ":"))
+        written.append(_atomic_write(target, text.encode("utf-8")))
+    else:
+        written.append(_atomic_write(target, mask_to_png(writer.mask, label_map)))
+    if picture is not None:
+        assert picture.rgb is not None
+        blended = overlay(picture.rgb, picture.mask, label_map, alpha=write.alpha)
         written.append(_atomic_write(item.job.overlay_path, encode_png(blended)))
     return written
+
+
+class _Whole:
+    """Gathers a scene's bands into whole arrays (for the PNG and overlay outputs)."""
+
+    def __init__(self, shape: tuple[int, int], rgb: bool = False) -> None:
+        self.mask = np.empty(shape, dtype=np.uint8)
+        self.rgb = np.empty((*shape, 3), dtype=np.uint8) if rgb else None
+
+    def write(self, band: Band) -> None:
+        rows = slice(band.row, band.row + band.mask.shape[0])
+        self.mask[rows] = band.mask
+        if self.rgb is not None:
+            self.rgb[rows] = band.rgb
 
 
 def _atomic_write(path: Path, data: bytes) -> Path:
@@ -477,10 +616,6 @@ def _skip(report: Report, path: Path, reason: str) -> None:
 def _bar_disabled(progress: bool | None) -> bool | None:
     # tqdm: disable=None hides the bar when stderr is not a terminal.
     return None if progress is None else not progress
-
-
-def _round_up(n: int) -> int:
-    return -(-n // ALIGN) * ALIGN
 
 
 def _first_line(exc: BaseException) -> str:

