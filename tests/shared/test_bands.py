@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import rasterio
 import torch
 from rasterio.io import MemoryFile
 
@@ -13,6 +14,7 @@ from shared.bands import (
     edge_connected,
     nodata_mask,
     parse_nodata,
+    raster_nodata_inputs,
     resolve_bands,
 )
 from tests.geodata import TILE_TRANSFORM, bluemarble_tile, geotiff_bytes
@@ -221,3 +223,55 @@ def test_mask_from_a_geotiff_with_a_nodata_tag():
         read = src.read()
         mask = nodata_mask(read, "auto", nodata_value=src.nodata)
     assert mask[3, 3] and mask[0, 0] and not mask[4, 5]
+
+
+def _read_inputs(raw: bytes) -> tuple[np.ndarray, dict]:
+    with MemoryFile(raw) as memfile, memfile.open() as src:
+        return src.read([1, 2]), raster_nodata_inputs(src)
+
+
+def test_raster_inputs_from_an_alpha_band():
+    data = np.full((4, 4, 5), 50, dtype=np.uint8)
+    data[3, :, 0] = 0  # the alpha band: a transparent first column
+    with MemoryFile() as memfile:
+        with memfile.open(
+            driver="GTiff",
+            width=5,
+            height=4,
+            count=4,
+            dtype="uint8",
+            crs="EPSG:4326",
+            transform=TILE_TRANSFORM,
+            photometric="RGB",
+            alpha="YES",
+        ) as dst:
+            dst.write(data)
+        raw = memfile.read()
+    bands, inputs = _read_inputs(raw)
+    assert inputs["alpha"] is not None and inputs["internal_mask"] is None
+    assert not nodata_mask(bands, "none", **inputs).any()
+    mask = nodata_mask(bands, 1.0, **inputs)
+    np.testing.assert_array_equal(mask[:, 0], True)
+    assert mask[:, 1:].sum() == 0
+
+
+def test_raster_inputs_from_an_internal_mask():
+    data = np.full((2, 4, 5), 9, dtype=np.uint16)
+    valid = np.full((4, 5), 255, dtype=np.uint8)
+    valid[1:3, 1:3] = 0
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), MemoryFile() as memfile:
+        with memfile.open(
+            driver="GTiff",
+            width=5,
+            height=4,
+            count=2,
+            dtype="uint16",
+            crs="EPSG:4326",
+            transform=TILE_TRANSFORM,
+        ) as dst:
+            dst.write(data)
+            dst.write_mask(valid)
+        raw = memfile.read()
+    bands, inputs = _read_inputs(raw)
+    assert inputs["alpha"] is None and inputs["nodata_value"] is None
+    np.testing.assert_array_equal(nodata_mask(bands, "auto", **inputs), valid == 0)

@@ -12,9 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import rasterio
+from rasterio.enums import ColorInterp
 
 from shared.imaging import encode_png, read_image, read_mask
 from shared.labels import LabelMap
+from shared.preprocess import STATS_FILE
+from tests.geodata import geotiff_bytes
 from trainer.dataset_layout import find_pairs, validate_dataset
 from trainer.prepare import (
     BuildOptions,
@@ -24,8 +28,10 @@ from trainer.prepare import (
     holdout_columns,
     latitude_rows,
     load_bluemarble,
+    load_relief,
     main,
     plan_tiles,
+    relief_band,
     resample_nearest,
     tile_origins,
 )
@@ -296,3 +302,209 @@ def test_real_default_build_meets_the_dataset_targets(tmp_path: Path, capsys) ->
     first = _tree_digest(out)
     assert main(["bluemarble", "--out", str(out)]) == 0
     assert _tree_digest(out) == first
+
+
+# ----------------------------------------------------------------------------- bands
+
+RELIEF_NAMES = ("red", "green", "blue", "relief")
+
+
+def _globe4() -> tuple[np.ndarray, np.ndarray]:
+    """The small globe with a fourth band that differs from every colour band."""
+    image, mask = _globe()
+    relief = (np.arange(48 * 96).reshape(48, 96) % 251).astype(np.uint8)
+    return np.concatenate([image, relief[..., None]], axis=2), mask
+
+
+@pytest.fixture
+def relief_dataset(tmp_path: Path) -> Path:
+    image, mask = _globe4()
+    build_dataset(image, mask, tmp_path / "relief", SMALL, band_names=RELIEF_NAMES)
+    return tmp_path / "relief"
+
+
+def test_multiband_build_writes_georeferenced_lossless_geotiffs(relief_dataset: Path) -> None:
+    image, mask = _globe4()
+    degrees = 360 / 96  # the small globe's pixel size
+    for split in ("trainval", "test"):
+        pairs = find_pairs(relief_dataset, split)
+        assert pairs
+        for image_path, mask_path in pairs:
+            assert image_path.suffix == ".tif"
+            row, col = (int(part[1:]) for part in image_path.stem.split("_"))
+            with rasterio.open(image_path) as src:
+                assert (src.count, src.dtypes[0], src.crs.to_epsg()) == (4, "uint8", 4326)
+                assert src.descriptions == RELIEF_NAMES
+                assert ColorInterp.alpha not in src.colorinterp
+                # Top-left corner of the tile in lon/lat, computed by hand from its place.
+                assert src.transform @ (0, 0) == pytest.approx(
+                    (-180 + col * degrees, 90 - row * 180 / 48)
+                )
+                assert src.res == pytest.approx((degrees, 180 / 48))
+                assert np.array_equal(
+                    np.moveaxis(src.read(), 0, 2), image[row : row + 8, col : col + 8]
+                )
+            assert read_mask(mask_path).tolist() == mask[row : row + 8, col : col + 8].tolist()
+    assert validate_dataset(relief_dataset, LabelMap.load()) == []
+    info = json.loads((relief_dataset / "dataset.json").read_text())
+    assert info["images"]["bands"] == list(RELIEF_NAMES) and info["images"]["crs"] == "EPSG:4326"
+
+
+def test_multiband_rebuild_is_byte_identical(relief_dataset: Path) -> None:
+    first = _tree_digest(relief_dataset)
+    image, mask = _globe4()
+    build_dataset(image, mask, relief_dataset, SMALL, band_names=RELIEF_NAMES)
+    assert _tree_digest(relief_dataset) == first
+
+
+def test_multiband_build_refuses_a_band_count_mismatch(tmp_path: Path) -> None:
+    image, mask = _globe4()
+    with pytest.raises(PrepareError, match=r"\(3 bands\) and mask"):
+        build_dataset(image, mask, tmp_path / "ds", SMALL, band_names=RELIEF_NAMES[:3])
+
+
+def test_check_reports_bands_per_split(relief_dataset: Path, capsys) -> None:
+    assert main(["check", str(relief_dataset)]) == 0
+    out = capsys.readouterr().out
+    for split in ("trainval", "test"):
+        assert f"{split} " in out
+    assert out.count("4 bands uint8 (red, green, blue, relief), nodata tag none") == 2
+
+
+def test_check_refuses_files_whose_bands_disagree(relief_dataset: Path, capsys) -> None:
+    odd = find_pairs(relief_dataset, "test")[0][0]
+    with rasterio.open(odd) as src:
+        profile, data = src.profile, src.read()
+    profile.update(count=3, dtype="uint16", nodata=0)
+    with rasterio.open(odd, "w", **profile) as dst:
+        dst.write(data[:3].astype(np.uint16))
+    assert main(["check", str(relief_dataset)]) == 1
+    out = capsys.readouterr().out
+    problems = [line for line in out.splitlines() if "other images have" in line]
+    assert len(problems) == 1 and problems[0].startswith(f"{odd}: 3 bands uint16")
+    assert "nodata tag 0" in problems[0]
+    assert "other images have 4 bands uint8 (red, green, blue, relief)" in problems[0]
+    # The image decoder refuses the 16-bit file too; both lines name the one file.
+    assert "in 1 file(s)" in out.splitlines()[-1]
+
+
+def test_stats_match_numpy_over_the_training_tiles(relief_dataset: Path, capsys) -> None:
+    assert main(["stats", str(relief_dataset)]) == 0
+    stats = json.loads((relief_dataset / STATS_FILE).read_text())
+    tiles = []
+    for image_path, _ in find_pairs(relief_dataset, "trainval"):
+        with rasterio.open(image_path) as src:
+            tiles.append(src.read().reshape(4, -1))
+    pixels = np.concatenate(tiles, axis=1).astype(np.float64)
+    assert stats["bands"]["bands"] == [
+        {"name": n, "index": i} for i, n in enumerate(RELIEF_NAMES, 1)
+    ]
+    np.testing.assert_allclose(stats["normalization"]["mean"], pixels.mean(axis=1), rtol=1e-9)
+    np.testing.assert_allclose(stats["normalization"]["std"], pixels.std(axis=1), rtol=1e-9)
+    assert stats["normalization"]["scale"] == 1.0
+    assert stats["files"] == len(tiles)
+    assert "band 4 relief" in capsys.readouterr().out
+
+
+def _collar_dataset(root: Path) -> tuple[Path, np.ndarray]:
+    """Two 16-bit 2-band training scenes with an untagged zero collar, and their valid pixels."""
+    rows, cols = np.mgrid[0:12, 0:12]
+    inside = np.abs(rows - 5.5) + np.abs(cols - 5.5) <= 6  # a rotated (diamond) footprint
+    valid = []
+    for i, name in enumerate(("a", "b")):
+        data = np.stack([1000 + 10 * rows + cols + i, 3000 - rows * cols]).astype(np.uint16)
+        data[:, ~inside] = 0
+        data[:, 5, 5] = 0  # an interior zero: data, not collar
+        folder = root / "TAIN_VAL_SET"
+        for sub in ("IMAGES", "MASKS"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        (folder / "IMAGES" / f"{name}.tif").write_bytes(geotiff_bytes(data))
+        (folder / "MASKS" / f"{name}.png").write_bytes(encode_png(np.zeros((12, 12), np.uint8)))
+        keep = inside.copy()
+        keep[5, 5] = True
+        valid.append(data[:, keep])
+    return root, np.concatenate(valid, axis=1).astype(np.float64)
+
+
+def test_stats_exclude_the_nodata_collar(tmp_path: Path) -> None:
+    root, valid = _collar_dataset(tmp_path / "s2")
+    assert main(["stats", str(root), "--bands", "2,1"]) == 0
+    stats = json.loads((root / STATS_FILE).read_text())
+    np.testing.assert_allclose(stats["normalization"]["mean"], valid[::-1].mean(axis=1))
+    np.testing.assert_allclose(stats["normalization"]["std"], valid[::-1].std(axis=1))
+    assert stats["valid_pixels"] == [valid.shape[1]] * 2
+    assert stats["bands"]["dtype"] == "uint16"
+    # nodata=none counts the collar, and the mean drops towards 0.
+    assert main(["stats", str(root), "--nodata", "none"]) == 0
+    everything = json.loads((root / STATS_FILE).read_text())
+    assert everything["normalization"]["mean"][0] < stats["normalization"]["mean"][1]
+
+
+def test_stats_errors_name_the_band_or_file(tmp_path: Path, capsys) -> None:
+    root, _ = _collar_dataset(tmp_path / "s2")
+    assert main(["stats", str(root), "--bands", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "a.tif" in err and "band 3 does not exist" in err and "Traceback" not in err
+    assert main(["stats", str(root), "--nodata", "zero"]) == 2
+    assert "nodata must be 'auto', 'none' or a number" in capsys.readouterr().err
+    (root / "TAIN_VAL_SET" / "IMAGES" / "b.tif").write_bytes(
+        geotiff_bytes(np.zeros((3, 12, 12), np.uint16))
+    )
+    assert main(["stats", str(root)]) == 2
+    err = capsys.readouterr().err
+    assert "b.tif: 3 bands uint16, but a.tif has 2 bands uint16" in err
+
+
+def test_real_relief_band_rises_with_elevation() -> None:
+    relief, source = load_relief((2700, 5400))
+    assert relief.shape == (2700, 5400) and relief.dtype == np.uint8
+    assert source["file"] == "etopo1.jpg" and len(source["sha256"]) == 64
+
+    def median(lat0: float, lat1: float, lon0: float, lon1: float) -> float:
+        box = relief[
+            int((90 - lat1) * 15) : int((90 - lat0) * 15),
+            int((lon0 + 180) * 15) : int((lon1 + 180) * 15),
+        ]
+        return float(np.median(box))
+
+    deep_pacific = median(-20, 0, -150, -130)
+    caspian = median(39, 43, 50, 52)
+    amazon = median(-8, -3, -65, -55)
+    sahara = median(20, 25, 0, 10)
+    tibet = median(31, 35, 82, 92)
+    assert deep_pacific < caspian < amazon < sahara < tibet
+
+
+def test_real_relief_is_aligned_with_the_mosaic_grid() -> None:
+    # The relief's land (above the shallow-water part of the ramp) agrees best with the GSHHG
+    # land mask, which sits on the mosaic's coasts (test above), when not shifted at all.
+    _, mask, _ = load_bluemarble()
+    relief, _ = load_relief(mask.shape)
+    rows = slice(300, 2400)
+    land = mask[rows] == 1
+
+    def agreement(shift: tuple[int, int]) -> float:
+        return float((np.roll(relief >= 50, shift, axis=(0, 1))[rows] == land).mean())
+
+    aligned = agreement((0, 0))
+    assert aligned > 0.95
+    for shift in ((0, 1), (0, -1), (1, 0), (-1, 0), (2, 2), (0, 2700)):
+        assert aligned > agreement(shift), shift
+
+
+def test_relief_band_orders_the_tint_colours() -> None:
+    # Median ETOPO1 tint colours of the deep Pacific, the Caspian, the Amazon, the Sahara and
+    # Tibet: deepest sea to highest ground.
+    ramp = np.array(
+        [[[16, 122, 215], [153, 219, 244], [73, 181, 87], [229, 193, 141], [156, 138, 138]]],
+        dtype=np.uint8,
+    )
+    values = relief_band(ramp)[0].tolist()
+    assert values == sorted(values) and len(set(values)) == 5
+
+
+def test_cli_unknown_band_set_is_a_usage_error(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["bluemarble", "--bands", "rgb+nir", "--out", str(tmp_path / "x")])
+    assert info.value.code == 2
+    assert "rgb+relief" in capsys.readouterr().err
