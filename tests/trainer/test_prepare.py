@@ -508,3 +508,17 @@ def test_cli_unknown_band_set_is_a_usage_error(tmp_path: Path, capsys) -> None:
         main(["bluemarble", "--bands", "rgb+nir", "--out", str(tmp_path / "x")])
     assert info.value.code == 2
     assert "rgb+relief" in capsys.readouterr().err
+
+
+def test_stats_on_rgb_jpeg_tiles_note_imagenet(small_dataset: Path, capsys) -> None:
+    assert main(["stats", str(small_dataset)]) == 0
+    out = capsys.readouterr().out
+    assert "8-bit RGB: training keeps the ImageNet mean and std" in out
+    stats = json.loads((small_dataset / STATS_FILE).read_text())
+    assert [b["name"] for b in stats["bands"]["bands"]] == ["red", "green", "blue"]
+    pixels = np.concatenate(
+        [read_image(p).reshape(-1, 3) for p, _ in find_pairs(small_dataset, "trainval")]
+    ).astype(np.float64)
+    assert stats["valid_pixels"] == [len(pixels)] * 3
+    # GDAL's JPEG decoder and Pillow's may differ by one level on a few pixels.
+    np.testing.assert_allclose(stats["normalization"]["mean"], pixels.mean(axis=0), rtol=1e-4)
