@@ -18,12 +18,15 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import queue
+import re
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,7 +70,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "shared/imaging.py",
         "if width * height > max_pixels:",
         "if False:",
-        ("tests/shared/test_imaging.py", "-k", "cap or pixels"),
+        ("tests/shared/test_imaging.py", "-k", "cap"),
         "an image over SATSEG_MAX_PIXELS (under Pillow's own limit) is decoded",
     ),
     Mutant(
@@ -75,7 +78,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "service/app.py",
         "app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)",
         "pass",
-        ("tests/service/test_limits.py", "-k", "content_length or limit"),
+        ("tests/service/test_limits.py", "-k", "honest_content_length or mid_stream"),
         "request bodies of any size reach the route",
     ),
     Mutant(
@@ -83,7 +86,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "service/limits.py",
         "if received > self.max_body_bytes:",
         "if False:",
-        ("tests/service/test_limits.py", "-k", "mid_stream or content_length"),
+        ("tests/service/test_limits.py", "-k", "mid_stream"),
         "a body without an honest Content-Length is read whole",
     ),
     Mutant(
@@ -91,7 +94,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "service/app.py",
         'found.append((page.router, frozenset(getattr(page, "PUBLIC_PATHS", ()))))',
         "pass",
-        ("tests/service/test_app.py",),
+        ("tests/service/test_app.py", "-k", "viewer_page"),
         "GET / is a 404: the viewer page is gone",
     ),
     Mutant(
@@ -99,7 +102,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "service/limits.py",
         "if key_matches(key, self._keys):",
         "if key is not None:",
-        ("tests/service/test_security.py", "-k", "key"),
+        ("tests/service/test_security.py", "-k", "wrong_key or valid_key"),
         "any key opens the API",
     ),
     Mutant(
@@ -107,7 +110,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "service/limits.py",
         "found |= hmac.compare_digest(given, key)",
         "found |= key.startswith(given)",
-        ("tests/service/test_security.py", "-k", "key"),
+        ("tests/service/test_security.py", "-k", "matches_only_itself"),
         "a prefix of a key (or an empty one) is accepted",
     ),
     Mutant(
@@ -123,7 +126,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "service/errors.py",
         "status = 504",
         "status = 503",
-        ("tests/service/test_engine.py", "-k", "deadline"),
+        ("tests/service/test_engine.py", "-k", "past_its_deadline"),
         "a request past its deadline is not answered 504",
     ),
     Mutant(
@@ -131,7 +134,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "service/engine.py",
         "if time.monotonic() >= job.deadline:",
         "if False:",
-        ("tests/service/test_engine.py", "-k", "expired or deadline"),
+        ("tests/service/test_engine.py", "-k", "expired"),
         "the batcher spends the device on requests that already gave up",
     ),
     Mutant(
@@ -139,7 +142,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "service/engine.py",
         "if is_out_of_memory(exc):  # the blend accumulator",
         "if False:  # the blend accumulator",
-        ("tests/service/test_engine.py", "-k", "memory"),
+        ("tests/service/test_engine.py", "-k", "tiled_path"),
         "device out of memory outside the forward pass is a 500 instead of a 503",
     ),
     Mutant(
@@ -264,7 +267,8 @@ def check_imports_from(copy: Path, env: dict[str, str]) -> None:
 @dataclass
 class Outcome:
     mutant: Mutant
-    verdict: str  # killed, survived, not applied, no tests, timeout
+    verdict: str  # killed, survived, could not be applied, no tests, timeout (or, with
+    # --baseline: passes, fails)
     seconds: float
     detail: str
 
@@ -281,10 +285,13 @@ def apply(mutant: Mutant, copy: Path) -> str | None:
     return original
 
 
-def run_one(mutant: Mutant, copy: Path, env: dict[str, str]) -> Outcome:
+def run_one(mutant: Mutant, copy: Path, env: dict[str, str], baseline: bool = False) -> Outcome:
+    """Apply ``mutant`` to ``copy``, run its tests, restore the file. With ``baseline`` the
+    tests run on the unmutated copy (they must pass there, or a kill proves nothing)."""
     start = time.monotonic()
-    original = apply(mutant, copy)
-    if original is None:
+    path = copy / mutant.path
+    original = path.read_text() if baseline and path.is_file() else apply(mutant, copy)
+    if original is None or (baseline and original.count(mutant.old) != 1):
         where = f"{mutant.path}: text not found exactly once: {mutant.old!r}"
         return Outcome(mutant, "could not be applied", 0.0, where)
     missing = [t for t in mutant.tests if t.startswith("tests/") and not (copy / t).exists()]
@@ -299,31 +306,64 @@ def run_one(mutant: Mutant, copy: Path, env: dict[str, str]) -> Outcome:
         except subprocess.TimeoutExpired:
             return Outcome(mutant, "timeout", time.monotonic() - start, f"over {TIMEOUT_S} s")
     finally:
-        (copy / mutant.path).write_text(original)
+        path.write_text(original)
     seconds = time.monotonic() - start
-    if proc.returncode == 0:
-        return Outcome(mutant, "survived", seconds, _last_line(proc.stdout))
-    if proc.returncode == 1:
-        return Outcome(mutant, "killed", seconds, _first_failure(proc.stdout))
+    if proc.returncode in (0, 1):
+        passed = proc.returncode == 0
+        verdict = (
+            ("passes" if passed else "fails") if baseline else ("survived" if passed else "killed")
+        )
+        return Outcome(mutant, verdict, seconds, _summary(proc.stdout, passed))
     # 2: interrupted (a collection error), 4: usage, 5: nothing collected.
-    return Outcome(
-        mutant,
-        "no tests",
-        seconds,
-        f"pytest exit {proc.returncode}: " + _last_line(proc.stdout + proc.stderr),
-    )
+    detail = f"pytest exit {proc.returncode}: " + _last_line(proc.stdout + proc.stderr)
+    return Outcome(mutant, "no tests", seconds, detail)
 
 
-def _first_failure(output: str) -> str:
-    for line in output.splitlines():
-        if line.startswith(("FAILED ", "ERROR ")):
-            return line[:200]
+def _summary(output: str, passed: bool) -> str:
+    """The first failing test (pytest's short summary), else the final count line."""
+    if not passed:
+        for line in output.splitlines():
+            if re.match(r"(FAILED|ERROR) tests/", line):
+                return line[:160]
     return _last_line(output)
 
 
 def _last_line(output: str) -> str:
     lines = [line for line in output.splitlines() if line.strip()]
-    return lines[-1][:200] if lines else ""
+    return lines[-1][:160] if lines else ""
+
+
+def run_all(mutants: list[Mutant], rev: str | None, jobs: int, baseline: bool) -> list[Outcome]:
+    """Each worker owns one copy of the tree, so mutants never see each other's changes."""
+    with tempfile.TemporaryDirectory(prefix="satseg-mutants-") as tmp:
+        copies: queue.Queue[tuple[Path, dict[str, str]]] = queue.Queue()
+        for i in range(jobs):
+            copy = Path(tmp) / f"tree{i}"
+            copy_tree(ROOT, copy, rev)
+            env = test_env(copy)
+            check_imports_from(copy, env)
+            copies.put((copy, env))
+
+        def work(mutant: Mutant) -> Outcome:
+            copy, env = copies.get()
+            try:
+                outcome = run_one(mutant, copy, env, baseline)
+            finally:
+                copies.put((copy, env))
+            line = f"{outcome.verdict:>20}  {mutant.name:26} {outcome.seconds:5.1f} s"
+            print(f"{line}  {outcome.detail}", flush=True)
+            return outcome
+
+        with ThreadPoolExecutor(jobs) as pool:
+            return list(pool.map(work, mutants))
+
+
+def markdown(outcomes: list[Outcome]) -> str:
+    rows = ["| mutant | file | breaks | result | s |", "| --- | --- | --- | --- | --- |"]
+    for o in outcomes:
+        m = o.mutant
+        rows.append(f"| `{m.name}` | `{m.path}` | {m.breaks} | {o.verdict} | {o.seconds:.0f} |")
+    return "\n".join(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -335,6 +375,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--rev", help="test the tree as committed at this git revision (default: working tree)"
     )
+    parser.add_argument(
+        "--jobs", type=int, default=min(2, os.cpu_count() or 1), help="mutants run at once"
+    )
+    parser.add_argument(
+        "--baseline",
+        action="store_true",
+        help="run each mutant's tests on the unmutated tree instead (they must all pass)",
+    )
+    parser.add_argument("--markdown", action="store_true", help="end with a Markdown table")
     args = parser.parse_args(argv)
 
     known = {m.name: m for m in MUTANTS}
@@ -344,28 +393,21 @@ def main(argv: list[str] | None = None) -> int:
     chosen = [known[n] for n in args.names] if args.names else list(MUTANTS)
     if args.list:
         for m in chosen:
-            print(f"{m.name:28} {m.path:22} {m.breaks}\n{'':28} tests: {' '.join(m.tests)}")
+            print(f"{m.name:26} {m.path:20} {m.breaks}\n{'':26} tests: {' '.join(m.tests)}")
         return 0
 
-    total = time.monotonic()
-    outcomes = []
-    with tempfile.TemporaryDirectory(prefix="satseg-mutants-") as tmp:
-        copy = Path(tmp) / "tree"
-        copy_tree(ROOT, copy, args.rev)
-        env = test_env(copy)
-        check_imports_from(copy, env)
-        for mutant in chosen:
-            outcome = run_one(mutant, copy, env)
-            outcomes.append(outcome)
-            line = f"{outcome.verdict:>20}  {mutant.name:26} {outcome.seconds:5.1f} s"
-            print(f"{line}  {outcome.detail}", flush=True)
-
-    bad = [o for o in outcomes if o.verdict != "killed"]
+    start = time.monotonic()
+    outcomes = run_all(chosen, args.rev, max(1, args.jobs), args.baseline)
+    good = "passes" if args.baseline else "killed"
+    bad = [o for o in outcomes if o.verdict != good]
     print(
-        f"\n{len(outcomes) - len(bad)}/{len(outcomes)} mutants killed in "
-        f"{time.monotonic() - total:.0f} s"
-        + (f"; not killed: {', '.join(o.mutant.name for o in bad)}" if bad else "")
+        f"\n{len(outcomes) - len(bad)}/{len(outcomes)} "
+        + ("baselines pass" if args.baseline else "mutants killed")
+        + f" in {time.monotonic() - start:.0f} s with {args.jobs} jobs"
+        + (f"; not {good}: {', '.join(o.mutant.name for o in bad)}" if bad else "")
     )
+    if args.markdown:
+        print("\n" + markdown(outcomes))
     return 1 if bad else 0
 
 

@@ -175,16 +175,24 @@ def test_concurrent_requests_with_different_images_each_get_their_own_mask(gated
 
 def test_a_full_queue_is_503_with_retry_after_and_the_service_recovers(gated) -> None:
     client, engine, gate = gated(max_queue=1, retry_after_s=3)
-    with ThreadPoolExecutor(1) as pool:
+    with ThreadPoolExecutor(2) as pool:
         first = pool.submit(_post, client)
         assert gate.entered.wait(30)
 
-        refused = _post(client)
-        assert client.get("/healthz").status_code == 200
-        ready = client.get("/readyz").json()
-        gate.open()
+        try:
+            second = pool.submit(_post, client)
+            # Refused at once, or admitted (counted in flight) to wait behind the held batch.
+            _wait_for(lambda: second.done() or engine.in_flight > 1, "the second request")
+            refused_at_once = second.done()
+            healthy = client.get("/healthz").status_code
+            ready = client.get("/readyz").json()
+        finally:
+            gate.open()  # never leave the first request waiting, whatever failed above
         assert first.result(60).status_code == 200
+        refused = second.result(60)
 
+    assert refused_at_once, "the second request was admitted past max_queue"
+    assert healthy == 200
     assert refused.status_code == 503
     assert refused.json()["error"]["code"] == "overloaded"
     assert refused.headers["retry-after"] == "3"
