@@ -9,7 +9,7 @@ RUN    ?= runs/quickstart
 CKPT   ?= $(RUN)/best.pt
 PORT   ?= 8000
 
-.PHONY: demo test install data train serve lint format bench clean docker-base wheelhouse docker
+.PHONY: demo test install data train serve lint format bench clean docker-base wheelhouse docker mutants
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ demo: install data train serve
 
 test: $(VENV)/.installed
 	$(PY) -m pytest
+
+# Break each protection on purpose and check the tests that guard it fail (tests/mutants.py).
+mutants: $(VENV)/.installed
+	$(PY) -m tests.mutants
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
