@@ -142,10 +142,12 @@ def adapt_rgb_kernels(weight: torch.Tensor, band_names: Sequence[str]) -> torch.
     The rule: a band named ``red``, ``green`` or ``blue`` (case-insensitive) gets the kernel of
     that colour, taken from input 0, 1 or 2 by name and never by position, so bands listed as
     blue, green, red get the B, G, R kernels. Every other band gets the mean of the three.
-    Then the whole layer is multiplied by 3 / N: on a grey input (the same normalised value in
-    every band) the N-band layer then gives exactly the activations the RGB layer gives, so
-    the batch norm that follows sees the scale it was trained on. Equivalently, the adapted
-    model on ``(x_r, x_g, x_b, 0, ...) * N / 3`` equals the RGB model on ``(x_r, x_g, x_b)``.
+    Then the whole layer is multiplied by 3 / N. When the bands include red, green and blue,
+    a grey input (the same normalised value in every band) then gives exactly the activations
+    the RGB layer gives on it, so the batch norm that follows sees the scale it was trained on;
+    and the adapted model on ``(x_r, x_g, x_b, 0, ...) * N / 3`` equals the RGB model on
+    ``(x_r, x_g, x_b)``. The 3 / N factor is the one timm applies when it repeats RGB kernels
+    for other channel counts; here the kernels are chosen by band name, never by position.
     """
     if weight.ndim != 4 or weight.shape[1] != 3:
         raise ValueError(f"expected RGB kernels (O, 3, kh, kw), got {tuple(weight.shape)}")
