@@ -62,3 +62,29 @@ def geotiff_bytes(
             ) as dst:
                 dst.write(bands)
             return memfile.read()
+
+
+S2_BAND_NAMES = ("B02 blue", "B03 green", "B04 red", "B08 nir", "B11 swir1", "B12 swir2")
+
+
+def sentinel2_like_scene(angle_degrees: float = 12.0) -> tuple[np.ndarray, np.ndarray]:
+    """``(6, 64, 96)`` uint16 bands and the ``(64, 96)`` bool footprint they cover.
+
+    Bands 1-3 are the Blue Marble tile's blue, green and red on Sentinel-2's reflectance scale
+    (1..10000); bands 4-6 are fixed mixtures of them, so the scene has six distinct bands (they
+    are not physical NIR or SWIR). Outside a rectangle rotated by ``angle_degrees`` every band
+    is 0 and untagged: the fill collar of a real scene edge.
+    """
+    rgb = bluemarble_tile().astype(np.float64).transpose(2, 0, 1)  # (3, H, W): r, g, b
+    red, green, blue = (1 + band * (9999 / 255) for band in rgb)
+    bands = np.stack(
+        [blue, green, red, 0.3 * red + 0.7 * green, 0.6 * red + 0.4 * blue, 0.8 * red + 0.2 * blue]
+    )
+    rows, cols = np.mgrid[0:TILE_H, 0:TILE_W]
+    theta = np.deg2rad(angle_degrees)
+    y, x = rows - (TILE_H - 1) / 2, cols - (TILE_W - 1) / 2
+    along = x * np.cos(theta) + y * np.sin(theta)
+    across = -x * np.sin(theta) + y * np.cos(theta)
+    footprint = (np.abs(along) <= 0.42 * TILE_W) & (np.abs(across) <= 0.36 * TILE_H)
+    scene = np.where(footprint, np.rint(bands), 0).astype(np.uint16)
+    return scene, footprint

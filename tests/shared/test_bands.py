@@ -17,9 +17,15 @@ from shared.bands import (
     raster_nodata_inputs,
     resolve_bands,
 )
-from tests.geodata import TILE_TRANSFORM, bluemarble_tile, geotiff_bytes
+from tests.geodata import (
+    S2_BAND_NAMES,
+    TILE_TRANSFORM,
+    bluemarble_tile,
+    geotiff_bytes,
+    sentinel2_like_scene,
+)
 
-S2_DESCRIPTIONS = ("B02 blue", "B03 green", "B04 red", "B08 nir", "B11 swir1", "B12 swir2")
+S2_DESCRIPTIONS = S2_BAND_NAMES
 
 
 # --------------------------------------------------------------------------- BandSpec
@@ -275,3 +281,16 @@ def test_raster_inputs_from_an_internal_mask():
     bands, inputs = _read_inputs(raw)
     assert inputs["alpha"] is None and inputs["nodata_value"] is None
     np.testing.assert_array_equal(nodata_mask(bands, "auto", **inputs), valid == 0)
+
+
+def test_auto_finds_the_rotated_collar_of_a_sentinel2_like_scene():
+    scene, footprint = sentinel2_like_scene()
+    assert scene.shape == (6, 64, 96) and scene.dtype == np.uint16
+    assert (~footprint).any() and footprint.mean() > 0.5
+    # Written without a nodata tag, as the untagged products are, and read back.
+    with MemoryFile(geotiff_bytes(scene)) as memfile, memfile.open() as src:
+        data = src.read()
+        mask = nodata_mask(data, "auto", **raster_nodata_inputs(src))
+    np.testing.assert_array_equal(mask, ~footprint)
+    spec = resolve_bands([4, "B04 red"], S2_DESCRIPTIONS, dtype="uint16")
+    assert spec.names == ("B08 nir", "B04 red")
