@@ -10,12 +10,17 @@ Shutdown on SIGTERM (what orchestrators send) happens in two steps, all within
    and the process exits with status 0.
 
 Ctrl-C (SIGINT) skips the drain, as does a second SIGTERM; a second Ctrl-C exits at once.
+
+SIGHUP reloads the model from ``SATSEG_CHECKPOINT`` as ``POST /admin/reload`` does: the new
+model is warmed up beside the old one and swapped in; a refused checkpoint is logged and
+counted, and the old model keeps serving.
 """
 
 from __future__ import annotations
 
 import logging
 import signal
+import threading
 import time
 from collections.abc import Callable
 from types import FrameType
@@ -23,6 +28,9 @@ from types import FrameType
 import uvicorn
 
 from service.app import create_app
+from service.engine import Engine
+from service.errors import ApiError
+from service.logs import configure_logging
 from service.settings import Settings
 
 log = logging.getLogger("service")
@@ -81,20 +89,40 @@ class GracefulServer(uvicorn.Server):
         self.should_exit = True
 
 
+def reload_on_sighup(engine: Engine) -> None:
+    """SIGHUP -> ``engine.reload()`` in a thread of its own (a signal handler must not block
+    the event loop for the seconds a load takes)."""
+
+    def reload() -> None:
+        try:
+            engine.reload()
+        except ApiError as exc:  # refused or busy: already logged and counted by the engine
+            log.warning("SIGHUP reload not done: %s", exc.message)
+
+    def handle(sig: int, frame: FrameType | None) -> None:
+        log.info("received SIGHUP: reloading %s", engine.settings.checkpoint)
+        threading.Thread(target=reload, name="satseg-sighup-reload", daemon=True).start()
+
+    signal.signal(signal.SIGHUP, handle)
+
+
 def main() -> None:
     settings = Settings()
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_level, settings.log_format)
     app = create_app(settings)
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        # Our handler formats every line (text or JSON, with request ids); the access line
+        # comes from service.access, which knows the request id and the route.
+        log_config=None,
+        access_log=False,
         timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)),
         lifespan="on",
     )
+    reload_on_sighup(app.state.engine)
     server = GracefulServer(
         config,
         on_drain=app.state.engine.begin_drain,

@@ -14,16 +14,27 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import APIRouter, FastAPI
+from fastapi.responses import Response
 
-from service import routes
+from service import admin, routes
+from service.access import AccessMiddleware
 from service.engine import Engine
 from service.errors import install_error_handlers
 from service.limits import ApiKeyMiddleware, BodySizeLimitMiddleware
+from service.metrics import CONTENT_TYPE
 from service.settings import Settings
 
 # Open even when API keys are set: probes, and the API description itself.
 PUBLIC_PATHS = frozenset(
-    {"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+    {
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/docs",
+        "/docs/oauth2-redirect",
+        "/redoc",
+        "/openapi.json",
+    }
 )
 
 DESCRIPTION = """\
@@ -31,7 +42,10 @@ Semantic segmentation of satellite images with a DeepLabV3 model.
 
 * `POST /segment` — a class-id mask as a palette PNG, or COCO RLE per class.
 * `POST /evaluate` — scores predictions against ground-truth masks.
-* `GET /model`, `GET /healthz`, `GET /readyz`.
+* `GET /model`, `GET /healthz`, `GET /readyz`, `GET /metrics` (Prometheus).
+
+Every answer carries `X-Request-ID` (yours if valid, else a new one) and `X-Model-Version`
+(the sha256 of the checkpoint that answered).
 
 Every error answers `{"error": {"code", "message"}}`. With `SATSEG_API_KEYS` set, send a key
 as `X-API-Key: <key>` or `Authorization: Bearer <key>`.
@@ -82,9 +96,16 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     install_error_handlers(app)
 
     public = set(PUBLIC_PATHS)
-    for router, open_paths in routers():
+    included = routers()
+    if settings.admin_keys:  # otherwise /admin/reload does not exist: 404
+        included.append((admin.router, admin.PUBLIC_PATHS))  # it checks the admin keys itself
+    for router, open_paths in included:
         app.include_router(router)
         public |= open_paths
+    if settings.metrics:
+        _add_metrics_route(app, engine)
+    known_paths = {getattr(r, "path", "") for r in app.routes}
+    known_paths |= {getattr(r, "path", "") for router, _ in included for r in router.routes}
 
     if not settings.api_keys:
         _document_open_access(app)
@@ -96,7 +117,21 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         keys=[k.get_secret_value() for k in settings.api_keys],
         is_public=public_path_matcher(public),
     )
+    # Outermost: ids, model version, metrics and the log line cover the answers above too.
+    app.add_middleware(
+        AccessMiddleware,
+        metrics=engine.metrics,
+        model_version=lambda: engine.model_version,
+        known_paths=frozenset(known_paths - {""}),
+    )
     return app
+
+
+def _add_metrics_route(app: FastAPI, engine: Engine) -> None:
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    async def metrics() -> Response:
+        """Counters, histograms and gauges of this process in the Prometheus text format."""
+        return Response(engine.metrics.render(), media_type=CONTENT_TYPE)
 
 
 def public_path_matcher(paths: Iterable[str]) -> Callable[[str], bool]:

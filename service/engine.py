@@ -4,20 +4,27 @@ Data flow of one request::
 
     route --admit()--> ticket (deadline)            503 overloaded when max_queue are in
     route --segment(image)--> request thread:        (one per admitted request)
-        image -> device -> segment_tiled(run=submit tiles, wait for logits) -> blended argmax
-        -> uint8 mask -> host
+        shared.pipeline.predict(image, run=submit tiles, wait for logits) -> rows of tiles,
+        blended -> uint8 mask (and probabilities)
     batcher thread (one):  tile jobs of equal shape, up to batch_max_tiles or batch_timeout_ms,
         -> Predictor.run_batch -> logits split back to their jobs
 
 Concurrent requests therefore share forward passes, a large image is never more than
 ``batch_max_tiles`` tiles ahead of the model, and a request past its deadline stops
 waiting (504) while the batcher drops its tiles instead of computing them.
+
+Model swap (``reload``): the new checkpoint is loaded and warmed up beside the current model,
+then one assignment under the lock makes it current. A ticket pins the model it was admitted
+with and its tiles carry that model to the batcher (a batch never mixes models), so requests in
+flight finish on the model they started with; the old model is freed when the last one ends.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import hashlib
 import logging
 import queue
 import threading
@@ -28,6 +35,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
@@ -38,12 +46,15 @@ from service.errors import (
     DeviceOutOfMemoryError,
     NotReadyError,
     OverloadedError,
+    ReloadInProgressError,
+    ReloadRefusedError,
 )
+from service.metrics import ServiceMetrics
 from service.settings import Settings
-from shared.checkpoint import CheckpointError
+from shared.checkpoint import CheckpointError, load_checkpoint
 from shared.inference import InferenceOptions, Predictor
-from shared.preprocess import image_to_tensor
-from shared.tiling import segment_tiled
+from shared.pipeline import Prediction, Tiling, predict
+from shared.raster import ArrayRaster
 
 log = logging.getLogger("service.engine")
 
@@ -60,10 +71,22 @@ class State(StrEnum):
 
 
 @dataclass(frozen=True)
+class LoadedModel:
+    """A warmed-up model and the checkpoint it came from."""
+
+    predictor: Predictor
+    path: Path
+    sha256: str  # of the checkpoint file: the model's version in X-Model-Version and /model
+    load_seconds: float
+
+
+@dataclass(frozen=True)
 class Ticket:
-    """An admitted request: it holds one of ``max_queue`` slots until the answer is built."""
+    """An admitted request: it holds one of ``max_queue`` slots until the answer is built, and
+    the model current when it was admitted, which answers all of it."""
 
     deadline: float  # time.monotonic() value
+    model: LoadedModel
 
 
 @dataclass
@@ -73,6 +96,7 @@ class _Job:
     tiles: torch.Tensor  # (n, 3, h, w) uint8 on the device
     deadline: float
     future: Future[torch.Tensor] = field(default_factory=Future)
+    predictor: Predictor | None = None  # the request's model; None: the current one
 
     @property
     def size(self) -> int:
@@ -113,8 +137,16 @@ class Engine:
             optimize=settings.optimize,
             calibration=str(settings.calibration_dir) if settings.calibration_dir else None,
         )
-        self._load_fn = load or self._load_checkpoint
-        self.predictor: Predictor | None = None
+        self._custom_load = load
+        self.metrics = ServiceMetrics()
+        self.metrics.watch(
+            queue_depth=lambda: self._queue.qsize() + len(self._held),
+            admitted=lambda: self._in_flight,
+            memory_reserved=lambda: 0,
+        )
+        self.model: LoadedModel | None = None
+        self._reloading = threading.Lock()  # one load at a time
+        self._forward_lock = threading.Lock()  # forward passes vs building a model
         self.state = State.loading
         self.reason = f"loading the model from {settings.checkpoint}"
         self._lock = threading.Lock()
@@ -147,14 +179,44 @@ class Engine:
         self._loader.join(timeout)
         return not self._loader.is_alive()
 
-    def _load_checkpoint(self, options: InferenceOptions) -> Predictor:
-        return Predictor.from_checkpoint(self.settings.checkpoint, options)
+    @property
+    def predictor(self) -> Predictor | None:
+        """The current model's predictor (None until one is loaded)."""
+        model = self.model
+        return model.predictor if model is not None else None
+
+    @property
+    def model_version(self) -> str | None:
+        """The sha256 of the current checkpoint, or None before one is loaded."""
+        model = self.model
+        return model.sha256 if model is not None else None
+
+    def _read_model(self, path: Path) -> LoadedModel:
+        """Hash, load and warm up the checkpoint at ``path`` (nothing current changes)."""
+        start = time.perf_counter()
+        digest = _sha256(path)
+        # Read and verified while the current model keeps serving.
+        ckpt = None if self._custom_load is not None else load_checkpoint(path)
+        # Building the optimised forward traces the model with torch.fx, which patches
+        # torch.nn.Module for the whole process while it runs: a forward pass of the current
+        # model in the batcher meanwhile would fail. So the batcher waits for the build and
+        # warm-up (a pause, not a failure); loading the file above did not stop it.
+        with self._forward_lock:
+            if self._custom_load is not None:  # a loader given to the constructor
+                predictor = self._custom_load(self.options)
+            else:
+                try:
+                    predictor = Predictor.from_checkpoint(ckpt, self.options)
+                except CheckpointError as exc:
+                    reason = str(exc).removeprefix("<checkpoint dict>: ")
+                    raise CheckpointError(f"checkpoint {path}: {reason}") from None
+            predictor.warmup()
+        return LoadedModel(predictor, path, digest, time.perf_counter() - start)
 
     def _load(self) -> None:
         path = self.settings.checkpoint
         try:
-            predictor = self._load_fn(self.options)
-            predictor.warmup()
+            model = self._read_model(path)
         except CheckpointError as exc:
             hint = "" if path.exists() else " Set SATSEG_CHECKPOINT to a trainer checkpoint"
             self._fail(f"checkpoint refused: {exc}{hint}")
@@ -165,14 +227,74 @@ class Engine:
         with self._lock:
             if self.state is not State.loading:  # stopped while loading
                 return
-            self.predictor = predictor
+            self._install(model)
+        log.info(
+            "model ready: %s (sha256 %s) on %s (%s)",
+            path,
+            model.sha256[:12],
+            model.predictor.device,
+            model.predictor.precision,
+        )
+
+    def _install(self, model: LoadedModel) -> None:
+        """Make ``model`` the current one (caller holds the lock); start the batcher once."""
+        self.model = model
+        if self._batcher is None:
             self._batcher = threading.Thread(
                 target=self._batch_loop, name="satseg-batcher", daemon=True
             )
             self._batcher.start()
-            self.state = State.ready
-            self.reason = "ready"
-        log.info("model ready: %s on %s (%s)", path, predictor.device, predictor.precision)
+        self.state = State.ready
+        self.reason = "ready"
+        info = self.model_labels(model)
+        self.metrics.set_model(load_seconds=model.load_seconds, **info)
+
+    # ----- model swap ------------------------------------------------------------------------
+
+    def reload(self, path: Path | None = None) -> LoadedModel:
+        """Load ``path`` (default ``SATSEG_CHECKPOINT``) beside the current model, warm it up,
+        then make it current in one step; blocks until done (call it off the event loop).
+
+        Works while ready and after a failed start (a good checkpoint makes the service ready).
+
+        Raises:
+            ReloadInProgressError: another load is running (409).
+            ReloadRefusedError: the checkpoint failed to load or verify; the current model
+                keeps serving (422).
+            NotReadyError: the first load is still running, or the service is shutting down.
+        """
+        path = path or self.settings.checkpoint
+        if not self._reloading.acquire(blocking=False):
+            raise ReloadInProgressError("A model reload is already in progress; retry later.")
+        try:
+            with self._lock:
+                if self.state not in (State.ready, State.failed):
+                    raise self.not_ready_error()
+            old = self.model_version
+            try:
+                model = self._read_model(path)
+            except Exception as exc:  # noqa: BLE001 - any failure means: keep the old model
+                detail = str(exc) if isinstance(exc, CheckpointError) else repr(exc)
+                self.metrics.reloads.labels("refused").inc()
+                log.error("model reload refused, the current model keeps serving: %s", detail)
+                raise ReloadRefusedError(
+                    f"checkpoint {path} refused, the current model keeps serving: {detail}"
+                ) from None
+            with self._lock:
+                if self.state not in (State.ready, State.failed):
+                    raise self.not_ready_error()
+                self._install(model)
+            self.metrics.reloads.labels("swapped").inc()
+            log.info(
+                "model swapped: %s -> %s (%s, loaded in %.1f s)",
+                (old or "none")[:12],
+                model.sha256[:12],
+                path,
+                model.load_seconds,
+            )
+            return model
+        finally:
+            self._reloading.release()
 
     def _fail(self, reason: str) -> None:
         # Stay up and say why: a restart loop would not fix a bad checkpoint.
@@ -252,7 +374,8 @@ class Engine:
         """
         with self._lock:
             # Draining still serves: load balancers need a moment to notice readiness.
-            if self.state not in (State.ready, State.draining) or self.predictor is None:
+            model = self.model
+            if self.state not in (State.ready, State.draining) or model is None:
                 raise self.not_ready_error()
             if self._in_flight >= self.settings.max_queue:
                 raise OverloadedError(
@@ -262,7 +385,7 @@ class Engine:
                 )
             self._in_flight += 1
         try:
-            yield Ticket(time.monotonic() + self.settings.request_timeout_s)
+            yield Ticket(time.monotonic() + self.settings.request_timeout_s, model)
         finally:
             with self._idle:
                 self._in_flight -= 1
@@ -273,7 +396,8 @@ class Engine:
     async def run_io(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run a decoding/encoding function on the I/O pool, off the event loop."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._io_pool, lambda: fn(*args, **kwargs))
+        context = contextvars.copy_context()  # log lines there keep the request id
+        return await loop.run_in_executor(self._io_pool, lambda: context.run(fn, *args, **kwargs))
 
     async def segment(self, image: np.ndarray, ticket: Ticket) -> np.ndarray:
         """``(H, W, 3)`` uint8 RGB -> ``(H, W)`` uint8 class ids, sharing forward passes.
@@ -283,37 +407,57 @@ class Engine:
             DeviceOutOfMemoryError: the device ran out of memory for this request (503).
             NotReadyError: the service stopped meanwhile.
         """
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._request_pool, self._segment, image, ticket)
+        return (await self.predict(image, ticket)).mask
 
-    def _segment(self, image: np.ndarray, ticket: Ticket) -> np.ndarray:
-        predictor = self.predictor
-        if predictor is None:
-            raise self.not_ready_error()
+    async def predict(
+        self,
+        image: np.ndarray,
+        ticket: Ticket,
+        *,
+        valid: np.ndarray | None = None,
+        probabilities: bool = False,
+    ) -> Prediction:
+        """:meth:`segment` through :func:`shared.pipeline.predict`, with the batcher as the model
+        call; ``valid`` False (nodata) pixels become ``ignore_index``, and ``probabilities``
+        adds the per-class softmax x 255. Raises as :meth:`segment`."""
+        loop = asyncio.get_running_loop()
+        context = contextvars.copy_context()
+        start = time.perf_counter()
+        result = await loop.run_in_executor(
+            self._request_pool, context.run, self._predict, image, ticket, valid, probabilities
+        )
+        self.metrics.inference.observe(time.perf_counter() - start)
+        return result
+
+    def _predict(
+        self, image: np.ndarray, ticket: Ticket, valid: np.ndarray | None, probabilities: bool
+    ) -> Prediction:
+        predictor = ticket.model.predictor
         try:
             with torch.inference_mode():
-                tensor = predictor.to_device(image_to_tensor(image))
-                mask = segment_tiled(
-                    tensor,
-                    lambda tiles: self._submit(tiles, ticket.deadline),
+                return predict(
+                    ArrayRaster(image, valid),
+                    lambda tiles: self._submit(tiles, ticket.deadline, predictor),
                     num_classes=predictor.num_classes,
-                    tile=self.options.tile,
-                    overlap=self.options.overlap,
-                    batch_size=self.options.tile_batch,
+                    tiling=Tiling(self.options.tile, self.options.overlap, self.options.tile_batch),
+                    probabilities=probabilities,
+                    ignore_index=predictor.label_map.ignore_index,
                 )
-                return mask.cpu().numpy()
         except Exception as exc:
             if is_out_of_memory(exc):  # the blend accumulator of a huge image, for example
                 raise self._out_of_memory(exc) from exc
             raise
 
-    def _submit(self, tiles: torch.Tensor, deadline: float) -> torch.Tensor:
-        """Hand ``(n, 3, h, w)`` uint8 tiles to the batcher; wait for ``(n, C, h, w)`` logits."""
+    def _submit(
+        self, tiles: torch.Tensor, deadline: float, predictor: Predictor | None = None
+    ) -> torch.Tensor:
+        """Hand ``(n, 3, h, w)`` uint8 tiles to the batcher, to run on ``predictor`` (the
+        request's model); wait for ``(n, C, h, w)`` logits."""
         if self._stop.is_set():
             raise self.not_ready_error()
         if time.monotonic() >= deadline:
             raise _deadline_error(self.settings.request_timeout_s)
-        job = _Job(tiles, deadline)
+        job = _Job(tiles, deadline, predictor=predictor)
         self._queue.put(job)
         try:
             return job.future.result(timeout=max(0.0, deadline - time.monotonic()))
@@ -358,7 +502,9 @@ class Engine:
         limit = self.settings.batch_max_tiles
 
         def fits(job: _Job) -> bool:
-            return job.shape == shape and size + job.size <= limit
+            # One model per forward pass: during a swap, old and new requests batch apart.
+            same_model = job.predictor is first.predictor
+            return job.shape == shape and same_model and size + job.size <= limit
 
         for job in list(self._held):
             if size >= limit:
@@ -392,11 +538,15 @@ class Engine:
         return True
 
     def _run(self, jobs: list[_Job]) -> None:
-        predictor = self.predictor
+        predictor = jobs[0].predictor or self.predictor
         assert predictor is not None
         try:
             batch = jobs[0].tiles if len(jobs) == 1 else torch.cat([j.tiles for j in jobs])
-            logits = predictor.run_batch(batch)
+            start = time.perf_counter()
+            with self._forward_lock:
+                logits = predictor.run_batch(batch)
+            self.metrics.forward.observe(time.perf_counter() - start)
+            self.metrics.batch_tiles.observe(int(batch.shape[0]))
         except Exception as exc:
             # The batcher survives every failure; the requests in this batch get the error.
             if is_out_of_memory(exc):
@@ -416,11 +566,12 @@ class Engine:
 
     def model_info(self) -> dict[str, Any]:
         """What ``GET /model`` reports (plain data; the route validates it)."""
-        from service.codec import jsonable
+        from shared.codec import jsonable
 
-        predictor = self.predictor
-        if predictor is None:
+        loaded = self.model
+        if loaded is None:
             raise self.not_ready_error()
+        predictor = loaded.predictor
         meta = predictor.metadata
         arch = dict(meta.get("arch") or {})
         label_map = predictor.label_map
@@ -437,7 +588,9 @@ class Engine:
             "ignore_index": label_map.ignore_index,
             "normalization": predictor.normalization.to_dict(),
             "checkpoint": {
-                "path": str(self.settings.checkpoint),
+                "path": str(loaded.path),
+                "sha256": loaded.sha256,
+                "load_seconds": round(loaded.load_seconds, 3),
                 "schema_version": meta.get("schema_version"),
                 "created_at": meta.get("created_at"),
                 "metrics": jsonable(meta.get("metrics") or {}),
@@ -449,6 +602,28 @@ class Engine:
             "tile": self.options.tile,
             "overlap": self.options.overlap,
         }
+
+    @staticmethod
+    def model_labels(model: LoadedModel) -> dict[str, str]:
+        """The labels of ``satseg_model_info``: checkpoint sha256, architecture, precision."""
+        arch = dict(model.predictor.metadata.get("arch") or {})
+        return {
+            "sha256": model.sha256,
+            "arch": str(arch.get("name", "deeplabv3")),
+            "backbone": str(arch.get("backbone", "unknown")),
+            "precision": model.predictor.precision,
+            "device": str(model.predictor.device),
+        }
+
+
+def _sha256(path: Path) -> str:
+    """The checkpoint file's sha256; ``unknown`` when there is no file (a loader given to the
+    engine that builds its model another way)."""
+    try:
+        with path.open("rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError:
+        return "unknown"
 
 
 def _resolve(

@@ -82,6 +82,20 @@ class UnprocessableError(ApiError):
     code = "unprocessable"
 
 
+class ReloadRefusedError(ApiError):
+    """A checkpoint offered for a model swap failed to load or verify; the old model serves on."""
+
+    status = 422
+    code = "checkpoint_refused"
+
+
+class ReloadInProgressError(ApiError):
+    """Another model reload is running."""
+
+    status = 409
+    code = "reload_in_progress"
+
+
 class BodyTooLargeError(ApiError):
     status = 413
     code = "body_too_large"
@@ -98,6 +112,7 @@ _HTTP_CODES = {
     401: "unauthorized",
     404: "not_found",
     405: "method_not_allowed",
+    409: "conflict",
     413: "body_too_large",
     415: "unsupported_media_type",
     422: "validation_error",
@@ -167,10 +182,15 @@ async def _http_error(_: Request, exc: Exception) -> JSONResponse:
     return error_response(exc.status_code, code, message, exc.headers)
 
 
-async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+def internal_error(method: str, path: str, exc: BaseException) -> JSONResponse:
+    """The 500 answer to an exception nothing else handled; its traceback goes to the log."""
     # The traceback is for the operator's log; the client gets no internals.
-    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    log.error("unhandled error on %s %s", method, path, exc_info=exc)
     return error_response(500, "internal_error", "The server failed to handle this request.")
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    return internal_error(request.method, request.url.path, exc)
 
 
 def install_error_handlers(app: FastAPI) -> None:

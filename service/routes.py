@@ -5,15 +5,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import numpy as np
 from fastapi import APIRouter, Depends, File, Query, Request, Security, UploadFile
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
-from service.codec import mask_to_classes, mask_to_geotiff, mask_to_png, mask_to_rle
-from service.engine import Engine
+from service.engine import Engine, Ticket
 from service.errors import ApiError, UnprocessableError
 from service.schemas import (
     ErrorResponse,
@@ -24,6 +23,14 @@ from service.schemas import (
     Ready,
     SegmentFormat,
     SegmentRle,
+)
+from shared.codec import (
+    mask_to_classes,
+    mask_to_geojson,
+    mask_to_geotiff,
+    mask_to_png,
+    mask_to_rle,
+    probabilities_to_cog,
 )
 from shared.geotiff import (
     GeoImage,
@@ -37,6 +44,8 @@ from shared.geotiff import (
 from shared.imaging import ImageError, decode_mask
 from shared.labels import LabelMap, MaskValueError
 from shared.metrics import ConfusionMatrix, scores
+from shared.pipeline import Prediction
+from shared.raster import georef_of
 
 router = APIRouter()
 T = TypeVar("T")
@@ -95,8 +104,29 @@ FormatQuery = Annotated[
     SegmentFormat,
     Query(
         description="`png`: a palette PNG of class ids; `rle`: JSON with COCO RLE per class; "
-        "`geotiff`: a single-band uint8 GeoTIFF of class ids with the input's CRS and "
-        "geotransform (for georeferenced TIFF input only)."
+        "`geotiff`: a single-band uint8 Cloud Optimized GeoTIFF of class ids with the input's "
+        "CRS and geotransform (for georeferenced TIFF input only); `probabilities`: a uint8 "
+        "COG with one band per class (softmax x 255, summing to 255 per pixel); `geojson`: "
+        "polygons per class (see `crs`, `min_area`, `simplify`)."
+    ),
+]
+GeoJsonCrs = Annotated[
+    Literal["raster", "EPSG:4326"],
+    Query(
+        description="`format=geojson` coordinates: the raster's CRS, or longitude/latitude "
+        "(EPSG:4326). Pixel coordinates (x column, y row) for an image without georeferencing."
+    ),
+]
+MinArea = Annotated[
+    float,
+    Query(ge=0, allow_inf_nan=False, description="`format=geojson`: drop polygons under N px."),
+]
+Simplify = Annotated[
+    float,
+    Query(
+        ge=0,
+        allow_inf_nan=False,
+        description="`format=geojson`: simplification tolerance in pixels (0 keeps every edge).",
     ),
 ]
 
@@ -160,32 +190,34 @@ async def _decode_image(
     )
 
 
-def _label_map(engine: Engine) -> LabelMap:
-    assert engine.predictor is not None  # guaranteed by admission
-    return engine.predictor.label_map
+def _label_map(ticket: Ticket) -> LabelMap:
+    """The label map of the model that answers this request (fixed at admission)."""
+    return ticket.model.predictor.label_map
+
+
+MODEL_VERSION = "X-Model-Version"
 
 
 _FILES = {
     SegmentFormat.png: ("image/png", "mask.png"),
     SegmentFormat.geotiff: ("image/tiff", "mask.tif"),
+    SegmentFormat.probabilities: ("image/tiff", "probabilities.tif"),
 }
 
 
 def _encode_image(
-    mask: np.ndarray, geo: GeoImage | None, label_map: LabelMap, format: SegmentFormat
+    prediction: Prediction, geo: GeoImage | None, label_map: LabelMap, format: SegmentFormat
 ) -> bytes:
-    """The mask as a palette PNG or (``geo`` georeferenced) a GeoTIFF; nodata -> ignore_index."""
-    mask = mask_invalid(mask, geo, label_map.ignore_index)
+    """The mask as a palette PNG or (``geo`` georeferenced) a COG, or the probabilities as a
+    COG; nodata pixels are already ignore_index (probabilities 0)."""
+    mask = prediction.mask
     if format is SegmentFormat.geotiff:
         assert geo is not None  # checked before inference
         return mask_to_geotiff(mask, geo, label_map)
+    if format is SegmentFormat.probabilities:
+        assert prediction.probabilities is not None
+        return probabilities_to_cog(prediction.probabilities, georef_of(geo), label_map, mask)
     return mask_to_png(mask, label_map)
-
-
-def _encode_rle(
-    mask: np.ndarray, geo: GeoImage | None, label_map: LabelMap
-) -> list[dict[str, Any]]:
-    return mask_to_classes(mask_invalid(mask, geo, label_map.ignore_index), label_map)
 
 
 @router.post(
@@ -203,6 +235,7 @@ def _encode_rle(
             "content": {
                 "image/png": {"schema": {"type": "string", "format": "binary"}},
                 "image/tiff": {"schema": {"type": "string", "format": "binary"}},
+                "application/geo+json": {"schema": {"type": "object"}},
             },
         },
         **_INFERENCE_ERRORS,
@@ -212,13 +245,21 @@ async def segment(
     engine: EngineDep,
     image: ImageUpload,
     raster: RasterDep,
+    response: Response,
     format: FormatQuery = SegmentFormat.png,
+    crs: GeoJsonCrs = "raster",
+    min_area: MinArea = 0.0,
+    simplify: Simplify = 0.0,
 ) -> Any:
     """Predict a class for every pixel of the uploaded image.
 
     `curl -F image=@tile.jpg localhost:8000/segment -o mask.png`
 
     `curl -F image=@scene.tif "localhost:8000/segment?format=geotiff&bands=4,3,2" -o mask.tif`
+
+    `curl -F image=@scene.tif "localhost:8000/segment?format=geojson&crs=EPSG:4326"`
+
+    Scenes over the service's pixel limit: `python -m trainer.predict`, which streams them.
     """
     start = time.perf_counter()
     name = f"image '{image.filename}'"
@@ -232,14 +273,36 @@ async def segment(
                 "Ask for format=png or format=rle instead.",
                 code="not_georeferenced",
             )
+        if format is SegmentFormat.geojson and crs != "raster" and not georef_of(geo).crs:
+            raise UnprocessableError(
+                f"crs={crs} needs a TIFF with a CRS; {name} has none. "
+                "Leave crs out for pixel coordinates.",
+                code="not_georeferenced",
+            )
         decoded = time.perf_counter()
-        mask = await engine.segment(array, ticket)
+        prediction = await engine.predict(
+            array,
+            ticket,
+            valid=None if geo is None else geo.valid,
+            probabilities=format is SegmentFormat.probabilities,
+        )
+        mask = prediction.mask
         inferred = time.perf_counter()
-        label_map = _label_map(engine)
+        label_map = _label_map(ticket)
         if format is SegmentFormat.rle:
-            classes = await engine.run_io(_encode_rle, mask, geo, label_map)
+            classes = await engine.run_io(mask_to_classes, mask, label_map)
+        elif format is SegmentFormat.geojson:
+            geojson = await engine.run_io(
+                mask_to_geojson,
+                mask,
+                georef_of(geo),
+                label_map,
+                crs=crs,
+                min_area=min_area,
+                simplify=simplify,
+            )
         else:
-            body = await engine.run_io(_encode_image, mask, geo, label_map, format)
+            body = await engine.run_io(_encode_image, prediction, geo, label_map, format)
         end = time.perf_counter()
     timing = {
         "decode": _ms(decoded - start),
@@ -247,6 +310,13 @@ async def segment(
         "encode": _ms(end - inferred),
         "total": _ms(end - start),
     }
+    if format is SegmentFormat.geojson:
+        server_timing = ", ".join(f"{k};dur={v}" for k, v in timing.items())
+        return JSONResponse(
+            geojson,
+            media_type="application/geo+json",
+            headers={"Server-Timing": server_timing, MODEL_VERSION: ticket.model.sha256},
+        )
     if format is not SegmentFormat.rle:
         server_timing = ", ".join(f"{k};dur={v}" for k, v in timing.items())
         media_type, filename = _FILES[format]
@@ -256,8 +326,10 @@ async def segment(
             headers={
                 "Server-Timing": server_timing,
                 "Content-Disposition": f'inline; filename="{filename}"',
+                MODEL_VERSION: ticket.model.sha256,
             },
         )
+    response.headers[MODEL_VERSION] = ticket.model.sha256
     return {
         "height": int(mask.shape[0]),
         "width": int(mask.shape[1]),
@@ -287,6 +359,7 @@ async def evaluate(
         ),
     ],
     raster: RasterDep,
+    response: Response,
     format: Annotated[
         EvaluateFormat,
         Query(
@@ -315,7 +388,7 @@ async def evaluate(
     start = time.perf_counter()
     decode_s = infer_s = 0.0
     with engine.admit() as ticket:
-        label_map = _label_map(engine)
+        label_map = _label_map(ticket)
         total = ConfusionMatrix(label_map.num_classes, label_map.ignore_index)
         pairs = []
         for index, (image_file, mask_file) in enumerate(zip(image, mask, strict=True)):
@@ -342,6 +415,7 @@ async def evaluate(
             pairs.append(pair)
         aggregate = _scores(total, label_map)
     end = time.perf_counter()
+    response.headers[MODEL_VERSION] = ticket.model.sha256
     return {
         "num_pairs": len(pairs),
         "pairs": pairs,

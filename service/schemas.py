@@ -14,6 +14,8 @@ class SegmentFormat(StrEnum):
     png = "png"
     rle = "rle"
     geotiff = "geotiff"
+    probabilities = "probabilities"
+    geojson = "geojson"
 
 
 class EvaluateFormat(StrEnum):
@@ -138,6 +140,11 @@ class ArchInfo(BaseModel):
 
 class CheckpointInfo(BaseModel):
     path: str
+    sha256: str = Field(
+        description="sha256 of the checkpoint file: the model's version, also "
+        "sent as the X-Model-Version header of every answer."
+    )
+    load_seconds: float = Field(description="Time the model took to load and warm up.")
     schema_version: int | None
     created_at: str | None = Field(description="ISO-8601 UTC time the checkpoint was written.")
     metrics: dict[str, Any] = Field(description="Training metrics stored with the checkpoint.")
@@ -169,3 +176,21 @@ class QueueInfo(BaseModel):
 class Ready(BaseModel):
     status: str = Field("ready", description="`ready` when the model answers requests.")
     queue: QueueInfo
+
+
+class ReloadRequest(BaseModel):
+    """Body of `POST /admin/reload`; empty or absent: reload SATSEG_CHECKPOINT."""
+
+    checkpoint: str | None = Field(
+        None,
+        max_length=1024,
+        description="A checkpoint file inside SATSEG_CHECKPOINT_DIR, as a path relative to it.",
+    )
+
+
+class ReloadResponse(BaseModel):
+    status: str = Field("swapped", description="`swapped`: the new model answers from now on.")
+    sha256: str = Field(description="sha256 of the checkpoint now in use.")
+    previous_sha256: str | None = Field(description="sha256 of the model it replaced.")
+    path: str
+    load_seconds: float = Field(description="Time to load and warm up the new model.")

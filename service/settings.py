@@ -97,8 +97,30 @@ class Settings(BaseSettings):
         "requests are still served, so load balancers stop routing first.",
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="text: readable lines for a terminal; json: one JSON object per line "
+        "(time, level, request id, route, status, duration, sizes) for a log pipeline.",
+    )
 
-    @field_validator("api_keys", mode="before")
+    # Operations.
+    metrics: bool = Field(
+        True,
+        description="Serve Prometheus metrics at GET /metrics, open without a key like "
+        "/healthz (bind to a private network, or turn it off).",
+    )
+    admin_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="Keys for POST /admin/reload (sent like API keys); empty: the endpoint "
+        "does not exist (404). Keep them apart from SATSEG_API_KEYS.",
+    )
+    checkpoint_dir: Path | None = Field(
+        None,
+        description="Folder from which POST /admin/reload may load a checkpoint named in its "
+        "body; unset: a reload reads SATSEG_CHECKPOINT only.",
+    )
+
+    @field_validator("api_keys", "admin_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         """Accept ``a,b`` as well as a JSON list, and drop empty entries."""

@@ -1,0 +1,154 @@
+"""The outermost layer of every request: its id, its model version, its metrics and its log line.
+
+It wraps the whole app, so answers given by the inner middleware (401 without a key, 413 for a
+body over the cap) carry ``X-Request-ID`` and ``X-Model-Version``, are counted and are logged
+like any other.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.errors import internal_error
+from service.logs import REQUEST_ID, request_id_from
+from service.metrics import ServiceMetrics
+
+log = logging.getLogger("service.access")
+
+REQUEST_ID_HEADER = b"x-request-id"
+MODEL_VERSION_HEADER = b"x-model-version"
+
+
+class AccessMiddleware:
+    """Give each request an id (the client's ``X-Request-ID`` if valid, else a new one), echo it
+    and the model version on the answer, count the answer and log one line about it.
+
+    ``model_version`` names the checkpoint in use (its sha256), or None when no model is loaded;
+    a route that pins a model for its request sets the header itself and is left alone.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        metrics: ServiceMetrics,
+        model_version: Callable[[], str | None],
+        known_paths: frozenset[str] = frozenset(),
+    ) -> None:
+        self.app = app
+        self.known_paths = known_paths
+        self.metrics = metrics
+        self.model_version = model_version
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = request_id_from(_header(scope, REQUEST_ID_HEADER))
+        token = REQUEST_ID.set(request_id)
+        start = time.perf_counter()
+        status = 500
+        bytes_in = bytes_out = 0
+        error_code: str | None = None
+        version: str | None = None
+        is_json_error = False
+        response_started = False
+
+        async def counted_receive() -> Message:
+            nonlocal bytes_in
+            message = await receive()
+            if message["type"] == "http.request":
+                bytes_in += len(message.get("body", b""))
+            return message
+
+        async def tagged_send(message: Message) -> None:
+            nonlocal status, bytes_out, error_code, version, is_json_error, response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+                status = message["status"]
+                headers = [
+                    (k, v) for k, v in message.get("headers", ()) if k.lower() != REQUEST_ID_HEADER
+                ]
+                headers.append((REQUEST_ID_HEADER, request_id.encode()))
+                pinned = next((v for k, v in headers if k.lower() == MODEL_VERSION_HEADER), None)
+                if pinned is not None:
+                    version = pinned.decode("latin-1")
+                else:
+                    version = self.model_version()
+                    if version:
+                        headers.append((MODEL_VERSION_HEADER, version.encode()))
+                is_json_error = status >= 400 and any(
+                    k.lower() == b"content-type" and v.startswith(b"application/json")
+                    for k, v in headers
+                )
+                message = {**message, "headers": headers}
+            elif message["type"] == "http.response.body":
+                body = message.get("body", b"")
+                if is_json_error and error_code is None:
+                    error_code = _error_code(body)
+                bytes_out += len(body)
+            await send(message)
+
+        try:
+            try:
+                await self.app(scope, counted_receive, tagged_send)
+            except Exception as exc:
+                # Answered here, inside the request's context, so the 500 carries the request
+                # id and the traceback's log line names it.
+                if response_started:
+                    raise
+                answer = internal_error(scope.get("method", ""), scope.get("path", ""), exc)
+                await answer(scope, counted_receive, tagged_send)
+        finally:
+            seconds = time.perf_counter() - start
+            route = _route(scope, self.known_paths)
+            self.metrics.observe_request(route, status, seconds, error_code)
+            log.info(
+                "%s %s %d %.1f ms",
+                scope.get("method", ""),
+                scope.get("path", ""),
+                status,
+                seconds * 1000,
+                extra={
+                    "method": scope.get("method"),
+                    "route": route,
+                    "path": scope.get("path"),
+                    "status": status,
+                    "duration_ms": round(seconds * 1000, 2),
+                    "bytes_in": bytes_in,
+                    "bytes_out": bytes_out,
+                    "error_code": error_code,
+                    "model_version": version,
+                },
+            )
+            REQUEST_ID.reset(token)
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _route(scope: Scope, known_paths: frozenset[str]) -> str:
+    """The matched route's template (``/segment``), never the raw path: unknown paths share
+    ``other`` so a scanner cannot create a metric series per URL it tries. Answers given before
+    routing (401, 413) fall back to the path when it is one of the app's own."""
+    path = getattr(scope.get("route"), "path", None)
+    if isinstance(path, str) and path:
+        return path
+    raw = scope.get("path", "")
+    return raw if raw in known_paths else "other"
+
+
+def _error_code(body: bytes) -> str | None:
+    try:
+        code = json.loads(body)["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return code if isinstance(code, str) else None
