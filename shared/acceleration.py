@@ -27,6 +27,7 @@ import contextlib
 import copy
 import ctypes
 import os
+import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -215,6 +216,12 @@ def optimize(
     return forward
 
 
+# torch.fx tracing patches torch.nn.Module.__call__ for the whole process while it runs, so a
+# forward pass of another model in another thread (a server building its next model while it
+# serves) would be traced too and fail. Tracing holds this lock; such forward passes take it.
+FX_TRACE_LOCK = threading.RLock()
+
+
 def fold_bn(net: nn.Module, *, inplace: bool = False) -> nn.Module:
     """A ``torch.fx`` graph of ``net`` (eval mode) with each Conv2d->BatchNorm2d pair merged.
 
@@ -225,7 +232,8 @@ def fold_bn(net: nn.Module, *, inplace: bool = False) -> nn.Module:
 
     if net.training:
         raise ValueError("BatchNorm can only be folded in eval mode")
-    return fuse(net, inplace=inplace)
+    with FX_TRACE_LOCK:
+        return fuse(net, inplace=inplace)
 
 
 def quantize_int8(
@@ -266,13 +274,15 @@ def quantize_int8(
         if _HEAD in dict(net.named_modules()):
             mapping = mapping.set_module_name(_HEAD, None)
         net = (net if inplace else copy.deepcopy(net)).cpu().eval()
-        prepared = prepare_fx(net, mapping, example_inputs=(calibration[0][:1],))
+        with FX_TRACE_LOCK:
+            prepared = prepare_fx(net, mapping, example_inputs=(calibration[0][:1],))
         with torch.inference_mode():
             for batch in calibration:
                 if channels_last:
                     batch = batch.contiguous(memory_format=torch.channels_last)
                 prepared(batch)
-        return convert_fx(prepared)
+        with FX_TRACE_LOCK:
+            return convert_fx(prepared)
 
 
 def quantized_engine() -> str:
