@@ -23,7 +23,7 @@ from shared.acceleration import has_int8_matmul
 from shared.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from shared.labels import LabelMap
 from shared.model import head_out_channels
-from shared.pipeline import Prediction, Tiling, predict
+from shared.pipeline import BatchPrediction, Prediction, Tiling, predict, predict_batch
 from shared.preprocess import Normalization, normalize
 from shared.raster import ArrayRaster, RasterSource
 
@@ -254,6 +254,14 @@ class Predictor:
                 tiling=self.tiling,
                 probabilities=probabilities,
                 ignore_index=self.label_map.ignore_index,
+            )
+
+    def predict_batch(self, images: torch.Tensor) -> BatchPrediction:
+        """``(N, 3, H, W)`` uint8 same-sized images -> masks, with the logits when they fit one
+        tile (one forward pass; see :func:`shared.pipeline.predict_batch`)."""
+        with torch.inference_mode():
+            return predict_batch(
+                images, self.run_batch, num_classes=self.num_classes, tiling=self.tiling
             )
 
     def warmup(self) -> None:

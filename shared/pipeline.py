@@ -280,15 +280,25 @@ def run_padded(images: torch.Tensor, run: RunFn, num_classes: int) -> torch.Tens
 
 
 def quantize_probabilities(probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``(C, ...)`` float probabilities -> uint8 x 255 whose bands sum to exactly 255.
+    """``(C, ...)`` float probabilities -> uint8 x 255 whose bands sum to exactly 255 and whose
+    argmax (first maximum, as everywhere) is ``mask``.
 
-    Each class is rounded down; what that loses (0 to C - 1) goes to the class of ``mask``, so
-    the argmax of the result is the mask and no band is off by more than C - 1 levels.
+    Each class is rounded down and what that loses (0 to C - 1 levels) goes to the class of
+    ``mask``. Where the classes are all but tied, rounding can still leave an earlier class level
+    with the mask's; that class gives one level to the mask's.
     """
-    floor = torch.floor(probs * 255.0).clamp_(0, 255).to(torch.int32)
-    deficit = (255 - floor.sum(dim=0, keepdim=True)).to(torch.int32)
-    floor.scatter_add_(0, mask.long().unsqueeze(0), deficit)
-    return floor.to(torch.uint8)
+    levels = torch.floor(probs * 255.0).clamp_(0, 255).to(torch.int32)
+    index = mask.long().unsqueeze(0)
+    deficit = (255 - levels.sum(dim=0, keepdim=True)).to(torch.int32)
+    levels.scatter_add_(0, index, deficit)
+    top = levels.gather(0, index)
+    classes = torch.arange(levels.shape[0], device=levels.device).view(-1, *[1] * mask.ndim)
+    # Levels never exceed the mask's (it has the largest probability); ties ahead of it are
+    # what argmax would pick instead.
+    tied = ((levels == top) & (classes < index)).to(torch.int32)
+    levels -= tied
+    levels.scatter_add_(0, index, tied.sum(dim=0, keepdim=True, dtype=torch.int32))
+    return levels.to(torch.uint8)
 
 
 class _Finisher:

@@ -69,7 +69,7 @@ from shared.geotiff import RasterOptionError, Scale, parse_bands, parse_scale
 from shared.imaging import DEFAULT_MAX_PIXELS, ImageError, encode_png
 from shared.inference import PRECISIONS, InferenceOptions, Predictor
 from shared.labels import LabelMap, overlay
-from shared.pipeline import Band, predict_batch, stream
+from shared.pipeline import Band, stream
 from shared.raster import ArrayRaster, RasterSource, close_source, open_file
 from trainer.dataset_layout import IMAGE_EXTENSIONS
 
@@ -498,10 +498,7 @@ def _stack(predictor: Predictor, items: list[_Loaded], write: WriteOptions) -> l
     """Same-sized pictures no larger than a tile: one forward pass, then each one's outputs."""
     images = [item.source.rgb for item in items]  # type: ignore[union-attr]
     stacked = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)  # (N, 3, H, W) uint8 view
-    with torch.inference_mode():
-        result = predict_batch(
-            stacked, predictor.run_batch, num_classes=predictor.num_classes, tiling=predictor.tiling
-        )
+    result = predictor.predict_batch(stacked)
     written: list[Path] = []
     for item, mask in zip(items, result.masks, strict=True):
         if write.format == "probabilities":

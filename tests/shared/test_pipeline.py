@@ -193,6 +193,16 @@ def test_quantized_probabilities_keep_the_argmax_on_near_ties():
     assert q[:, 0].tolist() == [127, 128, 0]
 
 
+def test_quantized_probabilities_of_a_near_uniform_pixel_keep_the_argmax():
+    # float32 thirds times 255 round to exactly 85 each: the floors already sum to 255.
+    probs = torch.full((3, 4), 1 / 3, dtype=torch.float32)
+    for winner in range(3):
+        mask = torch.full((4,), winner)
+        q = quantize_probabilities(probs, mask)
+        assert q.sum(dim=0).tolist() == [255] * 4
+        assert q.argmax(dim=0).tolist() == [winner] * 4, q[:, 0].tolist()
+
+
 def test_nodata_rows_become_ignore_index(rng):
     image = rng.integers(0, 256, (200, 150, 3), dtype=np.uint8)
     valid = np.ones((200, 150), dtype=bool)
