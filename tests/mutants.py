@@ -158,7 +158,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "shared/checkpoint.py",
         'fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)',
         "fd, tmp_name = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), str(path)",
-        ("tests/shared/test_checkpoint.py", "-k", "keeps_old_file"),
+        ("tests/shared/test_checkpoint.py", "-k", "failed_write or interrupted_serialisation"),
         "a failed or killed write destroys the previous checkpoint",
     ),
     Mutant(
@@ -216,6 +216,30 @@ MUTANTS: tuple[Mutant, ...] = (
         "ramp = torch.ones(tile)",
         ("tests/shared/test_tiling.py",),
         "overlapping tiles are averaged flat: seams at tile edges",
+    ),
+    Mutant(
+        "byte-budget-removed",
+        "shared/imaging.py",
+        "if max_decoded_bytes is not None and size.nbytes > max_decoded_bytes:",
+        "if False:",
+        ("tests/service/test_memory_budget.py", "-k", "byte_budget"),
+        "a 62 MP float64 4-band upload under the pixel cap is decoded: 2 GB for one request",
+    ),
+    Mutant(
+        "memory-admission-removed",
+        "service/engine.py",
+        "while not budget.try_reserve(nbytes, timeout=0):",
+        "while False:",
+        ("tests/service/test_memory_budget.py", "-k", "memory_admission"),
+        "requests are admitted whatever memory the ones already running hold",
+    ),
+    Mutant(
+        "reload-unpinned-model",
+        "service/engine.py",
+        "predictor = ticket.model.predictor",
+        "predictor = self.predictor",
+        ("tests/service/test_reload.py", "-k", "in_flight"),
+        "a request in flight during a model swap is finished by the new model",
     ),
 )
 
@@ -359,10 +383,17 @@ def run_all(mutants: list[Mutant], rev: str | None, jobs: int, baseline: bool) -
 
 
 def markdown(outcomes: list[Outcome]) -> str:
-    rows = ["| mutant | file | breaks | result | s |", "| --- | --- | --- | --- | --- |"]
+    rows = [
+        "| mutant | file | what breaks | result | first failing test | s |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for o in outcomes:
         m = o.mutant
-        rows.append(f"| `{m.name}` | `{m.path}` | {m.breaks} | {o.verdict} | {o.seconds:.0f} |")
+        caught = re.match(r"(?:FAILED|ERROR) (tests/\S+)", o.detail)
+        test = f"`{caught.group(1).rsplit('/', 1)[1]}`" if caught else o.detail
+        rows.append(
+            f"| `{m.name}` | `{m.path}` | {m.breaks} | {o.verdict} | {test} | {o.seconds:.0f} |"
+        )
     return "\n".join(rows)
 
 
