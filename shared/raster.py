@@ -137,6 +137,12 @@ class ArrayRaster:
         valid = None if self.valid is None else self.valid[row:stop]
         return Rows(self.rgb[row:stop], valid)
 
+    def read_window(self, row: int, col: int, height: int, width: int) -> Rows:
+        """Rows ``[row, row + height)`` of columns ``[col, col + width)`` (clipped)."""
+        rows, cols = slice(row, row + height), slice(col, col + width)
+        valid = None if self.valid is None else self.valid[rows, cols]
+        return Rows(self.rgb[rows, cols], valid)
+
 
 class GdalRaster:
     """A raster GDAL reads, read window by window through rasterio.
@@ -207,8 +213,13 @@ class GdalRaster:
         self._stack.close()
 
     def read_rows(self, row: int, count: int) -> Rows:
-        count = min(count, self.height - row)
-        window = Window(0, row, self.width, count)
+        return self.read_window(row, 0, count, self.width)
+
+    def read_window(self, row: int, col: int, height: int, width: int) -> Rows:
+        """Rows ``[row, row + height)`` of columns ``[col, col + width)`` (clipped), scaled
+        with the whole raster's stretch, so that windows of a scene join seamlessly."""
+        height, width = min(height, self.height - row), min(width, self.width - col)
+        window = Window(col, row, width, height)
         try:
             with _small_cache():
                 return self._read(window)
@@ -219,7 +230,7 @@ class GdalRaster:
 
     def _read(self, window: Window) -> Rows:
         valid = self._valid(window)
-        rgb = np.empty((int(window.height), self.width, 3), dtype=np.uint8)
+        rgb = np.empty((int(window.height), int(window.width), 3), dtype=np.uint8)
         unique = list(dict.fromkeys(self.bands))
         values = self.src.read(unique, window=window)
         for i, band in enumerate(self.bands):

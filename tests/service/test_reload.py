@@ -173,19 +173,19 @@ def test_a_request_in_flight_finishes_on_the_model_it_started_with(
 ) -> None:
     engine = admin_app.app.state.engine
     entered, release = threading.Event(), threading.Event()
-    real = engine._submit
+    real = engine._predict
 
-    def held(*args, **kwargs) -> torch.Tensor:
-        # The first request waits after admission, before its tiles reach the batcher.
+    def held(*args, **kwargs):
+        # The first request waits after admission, before its inference starts.
         if not entered.is_set():
             entered.set()
             assert release.wait(60)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "_submit", held)
+    monkeypatch.setattr(engine, "_predict", held)
     with ThreadPoolExecutor(1) as pool:
         in_flight = pool.submit(_segment, admin_app)
-        assert entered.wait(30)  # admitted on the old model, its tiles not yet computed
+        assert entered.wait(30)  # admitted on the old model, inference not yet started
         swap = _reload(admin_app, {"checkpoint": "one.pt"})
         assert swap.status_code == 200
         after = _segment(admin_app)  # the new model answers while the old one is still busy
