@@ -32,13 +32,14 @@ WORKDIR /app
 # Dependencies first, from pyproject.toml and an empty package skeleton, so that editing the code
 # reuses this stage. The editable install registers the satseg distribution (its version goes into
 # checkpoints) while the code itself is read from /app, where label_mapping.json sits beside it.
-# wheelhouse/ always exists (its README is tracked); `make wheelhouse` fills wheelhouse/<variant>/.
+# wheelhouse/ always exists (its README is tracked); `make wheelhouse` fills wheelhouse/<variant>/
+# and marks it .complete.
 COPY pyproject.toml ./
 COPY wheelhouse/ /wheelhouse/
 RUN set -eu; \
     mkdir -p shared trainer service benchmarks; \
     touch README.md shared/__init__.py trainer/__init__.py service/__init__.py benchmarks/__init__.py; \
-    if ls /wheelhouse/"$TORCH_VARIANT"/*.whl >/dev/null 2>&1; then \
+    if [ -f /wheelhouse/"$TORCH_VARIANT"/.complete ]; then \
         echo "installing offline from wheelhouse/$TORCH_VARIANT"; \
         /opt/venv/bin/pip install --no-index --find-links /wheelhouse/"$TORCH_VARIANT" -e .; \
     fi

@@ -100,13 +100,16 @@ docker-base:
 			--change 'CMD ["python3"]' - $(DOCKER_BASE); \
 	fi
 
-wheelhouse:
-	rm -rf wheelhouse/$(TORCH_VARIANT).partial
-	$(PYTHON) -m pip download --quiet --dest wheelhouse/$(TORCH_VARIANT).partial . $(TORCH_$(TORCH_VARIANT)) \
+# Downloads only what is missing; .complete marks a download that finished, and is what the
+# Dockerfile looks for. A change to pyproject.toml makes the next `make wheelhouse` fetch again.
+wheelhouse: wheelhouse/$(TORCH_VARIANT)/.complete
+
+wheelhouse/%/.complete: pyproject.toml
+	rm -f $@
+	$(PYTHON) -m pip download --quiet --dest wheelhouse/$* . $(TORCH_$*) \
 		$$($(PYTHON) -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['build-system']['requires'])")
-	rm -rf wheelhouse/$(TORCH_VARIANT)
-	mv wheelhouse/$(TORCH_VARIANT).partial wheelhouse/$(TORCH_VARIANT)
-	du -sh wheelhouse/$(TORCH_VARIANT)
+	touch $@
+	du -sh wheelhouse/$*
 
 docker:
 	docker build -t $(IMAGE_$(TORCH_VARIANT)) --build-arg TORCH_VARIANT=$(TORCH_VARIANT) \

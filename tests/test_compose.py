@@ -82,7 +82,7 @@ def _torch_variant() -> str:
     if os.environ.get("SATSEG_TORCH_VARIANT"):
         return os.environ["SATSEG_TORCH_VARIANT"]
     for variant in ("cpu", "cuda"):
-        if any((ROOT / "wheelhouse" / variant).glob("*.whl")):
+        if (ROOT / "wheelhouse" / variant / ".complete").is_file():
             return variant
     return "cpu"
 
