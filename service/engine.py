@@ -30,7 +30,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -44,14 +44,18 @@ import torch
 from service.errors import (
     DeadlineExceededError,
     DeviceOutOfMemoryError,
+    MemoryBudgetError,
     NotReadyError,
     OverloadedError,
     ReloadInProgressError,
     ReloadRefusedError,
 )
+from service.memory import MemoryBudget, default_memory_budget
 from service.metrics import ServiceMetrics
 from service.settings import Settings
-from shared.checkpoint import CheckpointError, load_checkpoint
+from shared.acceleration import FX_TRACE_LOCK
+from shared.checkpoint import CheckpointError
+from shared.imaging import DecodedSize
 from shared.inference import InferenceOptions, Predictor
 from shared.pipeline import Prediction, Tiling, predict
 from shared.raster import ArrayRaster
@@ -138,15 +142,16 @@ class Engine:
             calibration=str(settings.calibration_dir) if settings.calibration_dir else None,
         )
         self._custom_load = load
+        self.memory = MemoryBudget(settings.memory_budget_bytes or default_memory_budget())
         self.metrics = ServiceMetrics()
         self.metrics.watch(
             queue_depth=lambda: self._queue.qsize() + len(self._held),
             admitted=lambda: self._in_flight,
-            memory_reserved=lambda: 0,
+            memory_reserved=lambda: self.memory.reserved,
         )
+        self.metrics.memory_budget.set(self.memory.total)
         self.model: LoadedModel | None = None
         self._reloading = threading.Lock()  # one load at a time
-        self._forward_lock = threading.Lock()  # forward passes vs building a model
         self.state = State.loading
         self.reason = f"loading the model from {settings.checkpoint}"
         self._lock = threading.Lock()
@@ -195,22 +200,13 @@ class Engine:
         """Hash, load and warm up the checkpoint at ``path`` (nothing current changes)."""
         start = time.perf_counter()
         digest = _sha256(path)
-        # Read and verified while the current model keeps serving.
-        ckpt = None if self._custom_load is not None else load_checkpoint(path)
-        # Building the optimised forward traces the model with torch.fx, which patches
-        # torch.nn.Module for the whole process while it runs: a forward pass of the current
-        # model in the batcher meanwhile would fail. So the batcher waits for the build and
-        # warm-up (a pause, not a failure); loading the file above did not stop it.
-        with self._forward_lock:
-            if self._custom_load is not None:  # a loader given to the constructor
-                predictor = self._custom_load(self.options)
-            else:
-                try:
-                    predictor = Predictor.from_checkpoint(ckpt, self.options)
-                except CheckpointError as exc:
-                    reason = str(exc).removeprefix("<checkpoint dict>: ")
-                    raise CheckpointError(f"checkpoint {path}: {reason}") from None
-            predictor.warmup()
+        # All of it runs while the current model keeps serving; only the moments the new model
+        # is traced by torch.fx pause the batcher (see FX_TRACE_LOCK in _run).
+        if self._custom_load is not None:  # a loader given to the constructor
+            predictor = self._custom_load(self.options)
+        else:
+            predictor = Predictor.from_checkpoint(path, self.options)
+        predictor.warmup()
         return LoadedModel(predictor, path, digest, time.perf_counter() - start)
 
     def _load(self) -> None:
@@ -391,6 +387,56 @@ class Engine:
                 self._in_flight -= 1
                 self._idle.notify_all()
 
+    # ----- admission by memory ----------------------------------------------------------
+
+    def working_memory(self, size: DecodedSize, upload_bytes: int, ticket: Ticket) -> int:
+        """Estimated peak bytes one image of ``size`` holds while its request runs: the upload,
+        the decoded samples, RGB + validity + mask (5 bytes a pixel, one more for the encoded
+        answer), a band of blended logits as wide as the image, and a batch of tiles in flight
+        with their logits (float32)."""
+        classes = ticket.model.predictor.num_classes
+        tile, overlap, batch = self.options.tile, self.options.overlap, self.options.tile_batch
+        pixels = size.width * size.height
+        accumulator = 4 * classes * (tile + overlap) * size.width
+        tiles = 4 * batch * (3 + classes) * tile * tile
+        return upload_bytes + size.nbytes + 6 * pixels + accumulator + tiles
+
+    @contextlib.asynccontextmanager
+    async def reserve_memory(self, nbytes: int) -> AsyncIterator[None]:
+        """Hold ``nbytes`` of the memory budget for the block.
+
+        A request that does not fit waits up to ``memory_wait_s`` for others to finish (in the
+        bounded queue: it holds its admission slot meanwhile).
+
+        Raises:
+            MemoryBudgetError: ``nbytes`` exceed the whole budget (413): it could never run.
+            OverloadedError: it did not fit in time (503 + Retry-After).
+        """
+        budget = self.memory
+        if nbytes > budget.total:
+            raise MemoryBudgetError(
+                f"This image needs an estimated {nbytes:,} bytes of working memory, more than "
+                f"the service's whole budget of {budget.total:,} bytes "
+                "(SATSEG_MEMORY_BUDGET_BYTES); send a smaller image or fewer bands."
+            )
+        # Polled on the event loop rather than waited for in a thread: a client that goes
+        # away while waiting leaves no reservation behind.
+        end = time.monotonic() + self.settings.memory_wait_s
+        while not budget.try_reserve(nbytes, timeout=0):
+            if time.monotonic() >= end:
+                raise OverloadedError(
+                    f"The service's working memory is taken ({budget.reserved:,} of "
+                    f"{budget.total:,} bytes reserved; this request needs {nbytes:,}); "
+                    "retry shortly.",
+                    code="over_memory_budget",
+                    headers={"Retry-After": str(self.settings.retry_after_s)},
+                )
+            await asyncio.sleep(0.02)
+        try:
+            yield
+        finally:
+            budget.release(nbytes)
+
     # ----- work ---------------------------------------------------------------------------
 
     async def run_io(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
@@ -543,7 +589,9 @@ class Engine:
         try:
             batch = jobs[0].tiles if len(jobs) == 1 else torch.cat([j.tiles for j in jobs])
             start = time.perf_counter()
-            with self._forward_lock:
+            # torch.fx patches torch.nn.Module process-wide while it traces a model being
+            # loaded beside this one; a forward pass then would be traced too.
+            with FX_TRACE_LOCK:
                 logits = predictor.run_batch(batch)
             self.metrics.forward.observe(time.perf_counter() - start)
             self.metrics.batch_tiles.observe(int(batch.shape[0]))

@@ -82,6 +82,13 @@ class UnprocessableError(ApiError):
     code = "unprocessable"
 
 
+class MemoryBudgetError(ApiError):
+    """One request would need more working memory than the whole budget: it can never run."""
+
+    status = 413
+    code = "exceeds_memory_budget"
+
+
 class ReloadRefusedError(ApiError):
     """A checkpoint offered for a model swap failed to load or verify; the old model serves on."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -37,9 +38,11 @@ from shared.geotiff import (
     RasterOptionError,
     Scale,
     decode_raster,
+    is_tiff,
     mask_invalid,
     parse_bands,
     parse_scale,
+    raster_size,
 )
 from shared.imaging import ImageError, decode_mask
 from shared.labels import LabelMap, MaskValueError
@@ -170,23 +173,62 @@ def _ms(seconds: float) -> float:
     return round(seconds * 1000, 2)
 
 
+# The setting behind each size refusal, named in its message.
+_LIMIT_SETTINGS = {
+    "image_too_large": "SATSEG_MAX_PIXELS",
+    "decoded_too_large": "SATSEG_MAX_DECODED_BYTES",
+    "too_many_bands": "SATSEG_MAX_BANDS",
+}
+
+
+async def _checked(
+    engine: Engine, what: str, fn: Callable[..., T], data: bytes, **options: Any
+) -> T:
+    """``fn(data, **options)`` on the I/O pool under the service's size limits; an
+    :class:`ImageError` becomes an answer naming the upload (and the setting that refused it)."""
+    settings = engine.settings
+    try:
+        return await engine.run_io(
+            fn,
+            data,
+            max_pixels=settings.max_pixels,
+            max_decoded_bytes=settings.max_decoded_bytes,
+            **options,
+        )
+    except ImageError as exc:
+        # Name the upload, which matters when several files come in one request.
+        setting = _LIMIT_SETTINGS.get(exc.code)
+        hint = f" ({setting})" if setting else ""
+        raise ApiError(f"{what}: {exc}{hint}", status=exc.status, code=exc.code) from exc
+
+
 async def _decode(
     engine: Engine, upload: UploadFile, what: str, decode: Callable[..., T], **options: Any
 ) -> T:
-    data = await upload.read()
-    try:
-        return await engine.run_io(decode, data, max_pixels=engine.settings.max_pixels, **options)
-    except ImageError as exc:
-        # Name the upload, which matters when several files come in one request.
-        raise ApiError(f"{what}: {exc}", status=exc.status, code=exc.code) from exc
+    return await _checked(engine, what, decode, await upload.read(), **options)
 
 
 async def _decode_image(
-    engine: Engine, upload: UploadFile, what: str, raster: RasterOptions
+    engine: Engine,
+    upload: UploadFile,
+    what: str,
+    raster: RasterOptions,
+    ticket: Ticket,
+    held: AsyncExitStack,
 ) -> tuple[np.ndarray, GeoImage | None]:
-    """``(H, W, 3)`` uint8 RGB and, for a TIFF, its georeferencing and nodata pixels."""
-    return await _decode(
-        engine, upload, what, decode_raster, bands=raster.bands, scale=raster.scale
+    """``(H, W, 3)`` uint8 RGB and, for a TIFF, its georeferencing and nodata pixels.
+
+    The header is checked first (pixels, bands, sample type, decoded bytes: 413/422 before any
+    pixel is decoded), then the request's estimated working memory is reserved on ``held``
+    (waits, or 503), and only then is the image decoded."""
+    data = await upload.read()
+    limits = {"max_bands": engine.settings.max_bands}
+    size = await _checked(engine, what, raster_size, data, **limits)
+    await held.enter_async_context(
+        engine.reserve_memory(engine.working_memory(size, len(data), ticket))
+    )
+    return await _checked(
+        engine, what, decode_raster, data, bands=raster.bands, scale=raster.scale, **limits
     )
 
 
@@ -263,11 +305,14 @@ async def segment(
     """
     start = time.perf_counter()
     name = f"image '{image.filename}'"
-    with engine.admit() as ticket:
-        array, geo = await _decode_image(engine, image, name, raster)
+    async with AsyncExitStack() as held:  # admission, then the image's memory
+        ticket = held.enter_context(engine.admit())
+        array, geo = await _decode_image(engine, image, name, raster, ticket, held)
         if format is SegmentFormat.geotiff and (geo is None or not geo.georeferenced):
             # Checked before inference: the answer could not be placed on the map anyway.
-            found = "not a TIFF" if geo is None else "a TIFF without a CRS, geotransform or GCPs"
+            await image.seek(0)
+            tiff = is_tiff(await image.read(4))  # a plain TIFF decodes through PIL: geo None
+            found = "a TIFF without a CRS, geotransform or GCPs" if tiff else "not a TIFF"
             raise UnprocessableError(
                 f"format=geotiff needs a georeferenced TIFF; {name} is {found}. "
                 "Ask for format=png or format=rle instead.",
@@ -392,12 +437,13 @@ async def evaluate(
         total = ConfusionMatrix(label_map.num_classes, label_map.ignore_index)
         pairs = []
         for index, (image_file, mask_file) in enumerate(zip(image, mask, strict=True)):
-            t0 = time.perf_counter()
-            pixels, geo, truth = await _decode_pair(
-                engine, label_map, index, image_file, mask_file, raster
-            )
-            t1 = time.perf_counter()
-            prediction = await engine.segment(pixels, ticket)
+            async with AsyncExitStack() as held:  # one pair's memory at a time
+                t0 = time.perf_counter()
+                pixels, geo, truth = await _decode_pair(
+                    engine, ticket, held, label_map, index, image_file, mask_file, raster
+                )
+                t1 = time.perf_counter()
+                prediction = await engine.segment(pixels, ticket)
             t2 = time.perf_counter()
             decode_s, infer_s = decode_s + t1 - t0, infer_s + t2 - t1
             names = (image_file.filename, mask_file.filename)
@@ -431,6 +477,8 @@ async def evaluate(
 
 async def _decode_pair(
     engine: Engine,
+    ticket: Ticket,
+    held: AsyncExitStack,
     label_map: LabelMap,
     index: int,
     image_file: UploadFile,
@@ -440,7 +488,7 @@ async def _decode_pair(
     """Decode pair ``index`` to ``(rgb, geo, truth)``; its mask must match the image's size and
     hold only known labels."""
     pixels, geo = await _decode_image(
-        engine, image_file, f"image {index} ('{image_file.filename}')", raster
+        engine, image_file, f"image {index} ('{image_file.filename}')", raster, ticket, held
     )
     raw = await _decode(engine, mask_file, f"mask {index} ('{mask_file.filename}')", decode_mask)
     (ih, iw), (mh, mw) = pixels.shape[:2], raw.shape[:2]

@@ -13,6 +13,9 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from shared.geotiff import DEFAULT_MAX_BANDS
+from shared.imaging import DEFAULT_MAX_DECODED_BYTES
+
 MIB = 1024 * 1024
 
 
@@ -59,6 +62,27 @@ class Settings(BaseSettings):
         description="Largest image (width x height) decoded; a 5400x2700 scene is 14.6 MP.",
     )
     max_pairs: int = Field(32, gt=0, description="Most image/mask pairs in one /evaluate call.")
+    max_decoded_bytes: int = Field(
+        DEFAULT_MAX_DECODED_BYTES,
+        gt=0,
+        description="Largest decoded upload: width x height x bands x bytes per sample, "
+        "checked from the header before decoding (a 62 MP float64 4-band raster is 2 GB "
+        "although under the pixel cap). The default fits the pixel cap in 8-bit RGB.",
+    )
+    max_bands: int = Field(DEFAULT_MAX_BANDS, gt=0, description="Most bands in an uploaded raster.")
+    memory_budget_bytes: int | None = Field(
+        None,
+        gt=0,
+        description="Working memory the admitted requests may hold together (estimated per "
+        "request from the image header: decoded bytes, RGB, mask, a band of blended logits). "
+        "Unset: half of the container's cgroup memory limit, or of physical memory.",
+    )
+    memory_wait_s: float = Field(
+        2.0,
+        ge=0,
+        description="How long a request whose memory does not fit waits for others to finish "
+        "before the answer is 503 with Retry-After.",
+    )
 
     # Batching and back-pressure.
     max_queue: int = Field(

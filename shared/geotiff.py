@@ -49,11 +49,14 @@ from rasterio.transform import Affine
 from shared.imaging import (
     DEFAULT_MAX_PIXELS,
     CorruptImageError,
+    DecodedSize,
     EmptyImageError,
     ImageError,
     ImageTooLargeError,
     UnsupportedFormatError,
+    check_decoded_size,
     decode_image,
+    image_size,
 )
 from shared.labels import LabelMap
 
@@ -65,6 +68,23 @@ DEFAULT_PERCENTILES = (2.0, 98.0)
 STATS_SAMPLES = 1_000_000
 # GDAL's own failure messages name the in-memory file (/vsimem/<uuid>/<uuid>.tif); drop it.
 _VSIMEM_NAME = re.compile(r"(/vsimem/[^\s:']*|[0-9a-f]{8}-[0-9a-f-]{27}\.tif)[:']?\s*")
+
+
+# Hyperspectral sensors have a few hundred bands (AVIRIS-NG 425); thousands are a header attack.
+DEFAULT_MAX_BANDS = 512
+
+
+class TooManyBandsError(ImageTooLargeError):
+    """The raster has more bands than the cap; nothing was decoded."""
+
+    code = "too_many_bands"
+
+
+class UnsupportedDataTypeError(UnsupportedFormatError):
+    """A sample type the model's input path does not take (complex, 64-bit integers)."""
+
+    status = 422
+    code = "unsupported_dtype"
 
 
 class RasterOptionError(ImageError):
@@ -222,12 +242,42 @@ def parse_scale(text: str | Scale | None) -> Scale:
     return Scale(kind=kind, low=low, high=high)
 
 
+def raster_size(
+    data: bytes,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_decoded_bytes: int | None = None,
+    max_bands: int | None = None,
+) -> DecodedSize:
+    """What decoding an upload takes, from its header alone, with every header check applied:
+    pixel cap, band count, sample type and decoded bytes (all bands of a TIFF, as GDAL decodes
+    whole pixel-interleaved blocks).
+
+    Raises:
+        ImageError: the subclass a decode would raise for this header; nothing is decoded.
+    """
+    if not is_tiff(data):
+        size = image_size(data, max_pixels=max_pixels)
+        check_decoded_size(size, max_decoded_bytes)
+        return size
+    try:
+        with _opened(data) as src:
+            check_header(src, max_pixels, max_bands=max_bands, max_decoded_bytes=max_decoded_bytes)
+            return _tiff_size(src)
+    except ImageError:
+        raise
+    except (RasterioError, ValueError) as e:
+        raise CorruptImageError(f"cannot read the TIFF: {clean_error(e)}") from None
+
+
 def read_geotiff(
     data: bytes,
     *,
     bands: Sequence[int] | str | None = None,
     scale: str | Scale | None = "auto",
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_decoded_bytes: int | None = None,
+    max_bands: int | None = None,
 ) -> GeoImage:
     """Read a (Geo)TIFF into RGB uint8 for the model, keeping its georeferencing.
 
@@ -237,6 +287,8 @@ def read_geotiff(
             the defaults. A string such as ``"4,3,2"`` is parsed by :func:`parse_bands`.
         scale: how values become 0..255; see :func:`parse_scale`.
         max_pixels: cap on width x height, checked from the header before reading pixels.
+        max_decoded_bytes: cap on width x height x bands x bytes per sample (None: none).
+        max_bands: cap on the file's band count (None: none).
 
     Returns:
         A :class:`GeoImage` whose ``rgb`` is ``(H, W, 3)`` uint8.
@@ -253,6 +305,10 @@ def read_geotiff(
         raise UnsupportedFormatError("not a TIFF file; GeoTIFF input must be a TIFF")
     from shared.raster import GdalRaster  # the windowed reader; it imports this module
 
+    if max_decoded_bytes is not None or max_bands is not None:
+        raster_size(
+            data, max_pixels=max_pixels, max_decoded_bytes=max_decoded_bytes, max_bands=max_bands
+        )
     try:
         with GdalRaster(data, bands=bands, scale=scale, max_pixels=max_pixels) as raster:
             rows = raster.read_rows(0, raster.height)
@@ -282,6 +338,8 @@ def decode_raster(
     bands: Sequence[int] | str | None = None,
     scale: str | Scale | None = "auto",
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_decoded_bytes: int | None = None,
+    max_bands: int | None = None,
 ) -> tuple[np.ndarray, GeoImage | None]:
     """Any upload to ``(H, W, 3)`` uint8 RGB: TIFFs through :func:`read_geotiff` (any band count
     and type, georeferencing kept), everything else through :func:`shared.imaging.decode_image`.
@@ -295,17 +353,18 @@ def decode_raster(
         ImageError: one of its subclasses (RasterOptionError for bad ``bands``/``scale``).
     """
     chosen, how = parse_bands(bands), parse_scale(scale)
+    limits = {"max_pixels": max_pixels, "max_decoded_bytes": max_decoded_bytes}
     if not is_tiff(data):
-        return decode_image(data, max_pixels=max_pixels), None
+        return decode_image(data, **limits), None
     if chosen is None and how.kind == "auto" and not is_geotiff(data):
         # A plain TIFF (a palette, 1-bit, CMYK or RGBA picture) reads as its colours through
         # PIL; rasterio would hand over raw palette indices. Only rasters PIL cannot read
         # (many bands, float samples) go on to rasterio.
         try:
-            return decode_image(data, max_pixels=max_pixels), None
+            return decode_image(data, **limits), None
         except (UnsupportedFormatError, CorruptImageError):
             pass
-    geo = read_geotiff(data, bands=chosen, scale=how, max_pixels=max_pixels)
+    geo = read_geotiff(data, bands=chosen, scale=how, max_bands=max_bands, **limits)
     return geo.rgb, geo
 
 
@@ -392,8 +451,15 @@ def _opened(data: bytes) -> Iterator[DatasetReader]:
             yield src
 
 
-def check_header(src: DatasetReader, max_pixels: int | None) -> None:
-    """Refuse empty, over-sized (``max_pixels``; None for no cap) and complex rasters."""
+def check_header(
+    src: DatasetReader,
+    max_pixels: int | None,
+    *,
+    max_bands: int | None = None,
+    max_decoded_bytes: int | None = None,
+) -> None:
+    """Refuse empty and over-sized rasters (``max_pixels``, ``max_bands``, ``max_decoded_bytes``;
+    None for no cap), and sample types the model's input path does not take."""
     width, height = src.width, src.height
     if width <= 0 or height <= 0 or src.count < 1:
         raise CorruptImageError(f"the header claims an empty raster ({width}x{height})")
@@ -402,8 +468,27 @@ def check_header(src: DatasetReader, max_pixels: int | None) -> None:
             f"image too large: {width}x{height} = {width * height:,} pixels; "
             f"the limit is {max_pixels:,} pixels"
         )
+    if max_bands is not None and src.count > max_bands:
+        raise TooManyBandsError(
+            f"the raster has {src.count:,} bands; the limit is {max_bands:,} bands"
+        )
     if any(np.dtype(t).kind == "c" for t in src.dtypes):
-        raise UnsupportedFormatError(f"complex-valued rasters are not supported ({src.dtypes[0]})")
+        raise UnsupportedDataTypeError(
+            f"complex-valued rasters are not supported ({src.dtypes[0]}); send real-valued "
+            "bands (e.g. the amplitude)"
+        )
+    if any(np.dtype(t).kind in "iu" and np.dtype(t).itemsize == 8 for t in src.dtypes):
+        raise UnsupportedDataTypeError(
+            f"64-bit integer rasters are not supported ({src.dtypes[0]}); send 8-, 16- or "
+            "32-bit integers or floats"
+        )
+    check_decoded_size(_tiff_size(src), max_decoded_bytes)
+
+
+def _tiff_size(src: DatasetReader) -> DecodedSize:
+    """Every band of the file, at its widest sample type."""
+    widest = max((np.dtype(t) for t in src.dtypes), key=lambda d: d.itemsize)
+    return DecodedSize(src.width, src.height, src.count, widest.itemsize, widest.name)
 
 
 def choose_bands(count: int, chosen: tuple[int, ...] | None) -> tuple[int, int, int]:

@@ -5,7 +5,10 @@ callers never see a bare PIL exception. Two limits protect the process:
 
 * an allow-list of formats (PIL can parse dozens; we only need five), and
 * a pixel cap checked from the header, before any pixel buffer exists, so a small file that
-  claims 30000x30000 pixels (a decompression bomb) costs nothing.
+  claims 30000x30000 pixels (a decompression bomb) costs nothing;
+* optionally a cap on the decoded bytes (width x height x bands x bytes per sample), also from
+  the header: pixels alone do not say what decoding costs (a 62 MP float64 4-band raster
+  decodes to 2 GB).
 
 Decoding is split into :func:`_open` (header, format and size checks) and the per-mode
 conversions, so other decoders (e.g. multi-band GeoTIFF) can reuse the same checks and errors.
@@ -18,12 +21,16 @@ import io
 import struct
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageMode, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 64_000_000  # 5400x2700 scenes are 14.6 MP
+# Decoded bytes of one upload: the default pixel cap in 8-bit RGB (192 MB) fits, with room for
+# a 4-band 16-bit scene of 33 MP; a 62 MP float64 4-band raster (2 GB) does not.
+DEFAULT_MAX_DECODED_BYTES = 256 * 1024 * 1024
 ALLOWED_FORMATS = frozenset({"PNG", "JPEG", "TIFF", "WEBP", "BMP"})
 
 # PIL reports multi-picture JPEGs (what many cameras write) as "MPO"; they are JPEGs.
@@ -84,12 +91,60 @@ class ImageTooLargeError(ImageError):
     code = "image_too_large"
 
 
-def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+class DecodedTooLargeError(ImageTooLargeError):
+    """Decoding would take more bytes than the cap (pixels x bands x bytes per sample)."""
+
+    code = "decoded_too_large"
+
+
+@dataclass(frozen=True)
+class DecodedSize:
+    """What decoding an image takes, from its header: ``width x height x bands`` samples of
+    ``sample_bytes`` each (``dtype`` names the sample type)."""
+
+    width: int
+    height: int
+    bands: int
+    sample_bytes: int
+    dtype: str
+
+    @property
+    def nbytes(self) -> int:
+        return self.width * self.height * self.bands * self.sample_bytes
+
+
+def check_decoded_size(size: DecodedSize, max_decoded_bytes: int | None) -> None:
+    """Raise :class:`DecodedTooLargeError`, naming the numbers, when ``size`` is over the cap
+    (None: no cap)."""
+    if max_decoded_bytes is not None and size.nbytes > max_decoded_bytes:
+        raise DecodedTooLargeError(
+            f"decoding needs {size.width}x{size.height} pixels x {size.bands} "
+            f"band{'s' * (size.bands != 1)} x {size.sample_bytes} bytes ({size.dtype}) = "
+            f"{size.nbytes:,} bytes; the limit is {max_decoded_bytes:,} bytes"
+        )
+
+
+def image_size(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedSize:
+    """The :class:`DecodedSize` of a PNG/JPEG/TIFF/WebP/BMP from its header (no pixel decoded).
+
+    Raises:
+        ImageError: as :func:`decode_image` would for the header.
+    """
+    with _open(data, max_pixels) as im:
+        return _decoded_size(im)
+
+
+def decode_image(
+    data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_decoded_bytes: int | None = None
+) -> np.ndarray:
     """Decode an image file to RGB.
 
     L, LA, P, RGBA (alpha dropped), CMYK and YCbCr go through PIL's conversion; 16-bit grey is
     scaled to 8 bits over its full range (``round(v / 257)``, never clipped); 16-bit RGB is
     reduced by PIL to its high byte.
+
+    ``max_decoded_bytes`` (None: no cap) bounds width x height x bands x bytes per sample of the
+    file's own pixel mode, checked from the header.
 
     Returns:
         ``(H, W, 3)`` uint8, C-contiguous and writable.
@@ -97,11 +152,13 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
     Raises:
         ImageError: one of its subclasses; nothing else.
     """
-    with _open(data, max_pixels) as im:
+    with _open(data, max_pixels, max_decoded_bytes) as im:
         return _decoded(im, _to_rgb)
 
 
-def decode_mask(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def decode_mask(
+    data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_decoded_bytes: int | None = None
+) -> np.ndarray:
     """Decode a ground-truth mask without changing its values; feed it to ``LabelMap.to_index``.
 
     Returns:
@@ -112,7 +169,7 @@ def decode_mask(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndar
     Raises:
         ImageError: one of its subclasses; nothing else.
     """
-    with _open(data, max_pixels) as im:
+    with _open(data, max_pixels, max_decoded_bytes) as im:
         return _decoded(im, _mask_array)
 
 
@@ -162,8 +219,9 @@ def encode_png(array: np.ndarray, palette: list[int] | None = None) -> bytes:
 # -- internals ---------------------------------------------------------------------------------
 
 
-def _open(data: bytes, max_pixels: int) -> Image.Image:
-    """Parse the header only, enforce the allow-list and the pixel cap, return the lazy image."""
+def _open(data: bytes, max_pixels: int, max_decoded_bytes: int | None = None) -> Image.Image:
+    """Parse the header only, enforce the allow-list, the pixel cap and the decoded-bytes cap,
+    return the lazy image."""
     if not isinstance(data, bytes | bytearray | memoryview):
         raise TypeError(f"expected bytes, got {type(data).__name__}")
     if len(data) == 0:
@@ -192,7 +250,20 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     if width * height > max_pixels:
         im.close()
         raise _too_large((width, height), max_pixels)
+    try:
+        check_decoded_size(_decoded_size(im), max_decoded_bytes)
+    except ImageError:
+        im.close()
+        raise
     return im
+
+
+def _decoded_size(im: Image.Image) -> DecodedSize:
+    """Bands and bytes per sample of PIL's buffer for this mode (``I;16`` 2 bytes, ``F`` 4)."""
+    mode = ImageMode.getmode(im.mode)
+    sample = np.dtype(mode.typestr)
+    width, height = im.size
+    return DecodedSize(width, height, len(mode.bands), sample.itemsize, sample.name)
 
 
 def _decoded(im: Image.Image, convert: Callable[[Image.Image], np.ndarray]) -> np.ndarray:
