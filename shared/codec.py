@@ -46,6 +46,9 @@ from shared.pipeline import Band
 from shared.raster import Georef, georef_of
 
 COG_BLOCK = 512
+# GDAL keeps written blocks in its cache (by default 5% of RAM) until it must flush them; a
+# scene written band by band needs little, and a small cache keeps memory flat.
+WRITE_CACHE_BYTES = 128 * 1024 * 1024
 GEOJSON_CRS = ("raster", "EPSG:4326")
 
 
@@ -183,7 +186,7 @@ class CogWriter:
             "compress": "deflate",
             "BIGTIFF": "IF_SAFER",
         }
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _small_cache():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             self._dst = rasterio.open(self._tmp, "w", **profile)
         if georef.gcps:
@@ -200,21 +203,23 @@ class CogWriter:
     def write(self, band: Band) -> None:
         height, width = band.mask.shape
         window = Window(0, band.row, width, height)
-        if self.kind == "mask":
-            self._dst.write(band.mask, 1, window=window)
-        else:
-            if band.probabilities is None:
-                raise ValueError("a probabilities COG needs bands with probabilities")
-            self._dst.write(band.probabilities, window=window)
+        with _small_cache():
+            if self.kind == "mask":
+                self._dst.write(band.mask, 1, window=window)
+            else:
+                if band.probabilities is None:
+                    raise ValueError("a probabilities COG needs bands with probabilities")
+                self._dst.write(band.probabilities, window=window)
 
     def close(self) -> Path:
         """Finish the COG; returns its path."""
         try:
-            self._dst.close()
+            with _small_cache():
+                self._dst.close()
             resampling = "MODE" if self.kind == "mask" else "AVERAGE"
             # Copied beside the target and renamed: a run stopped half-way leaves no partial COG.
             partial = self._tmp.with_suffix(".cog")
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _small_cache():
                 warnings.simplefilter("ignore", NotGeoreferencedWarning)
                 rasterio.shutil.copy(
                     self._tmp,
@@ -358,6 +363,11 @@ def jsonable(value: Any) -> Any:
 
 
 # -- internals ---------------------------------------------------------------------------------
+
+
+def _small_cache() -> rasterio.Env:
+    # Entered around each GDAL call, in the calling thread (GDAL environments are per thread).
+    return rasterio.Env(GDAL_CACHEMAX=WRITE_CACHE_BYTES)
 
 
 def _crs_of(georef: Georef) -> Any:

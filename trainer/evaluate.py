@@ -3,8 +3,9 @@
     python -m trainer.evaluate --checkpoint runs/quickstart/best.pt --data data/bluemarble \
         [--split test] [--json PATH] [--device auto] [--precision auto]
 
-Every image goes through :class:`shared.inference.Predictor` (normalisation on the device,
-tiling with blended overlaps, argmax), exactly as the service segments an upload. Prints a
+Every image goes through :meth:`shared.inference.Predictor.segment`, that is
+:mod:`shared.pipeline` (normalisation on the device, tiles in row bands with blended overlaps,
+argmax), the path the service and ``trainer.predict`` segment with. Prints a
 per-class table (IoU, Dice, precision, recall, boundary IoU) plus mIoU and pixel accuracy, and
 writes the same numbers as JSON. Errors are one line on stderr and exit code 2.
 """
