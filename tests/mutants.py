@@ -114,6 +114,14 @@ MUTANTS: tuple[Mutant, ...] = (
         "a prefix of a key (or an empty one) is accepted",
     ),
     Mutant(
+        "public-path-prefixes",
+        "service/app.py",
+        "return path in exact or path.startswith(prefixes)",
+        "return path.startswith(tuple(exact) + prefixes)",
+        ("tests/service/test_security.py", "-k", "public_paths"),
+        'with API keys set, every path opens ("/" would be a prefix of all)',
+    ),
+    Mutant(
         "overload-503",
         "service/engine.py",
         "if self._in_flight >= self.settings.max_queue:",
@@ -244,16 +252,18 @@ MUTANTS: tuple[Mutant, ...] = (
 )
 
 
-def tracked_files(root: Path) -> list[str]:
+def tracked_files(root: Path, untracked: bool = False) -> list[str]:
+    """``git ls-files``; with ``untracked``, new files git does not ignore as well."""
+    extra = ["--cached", "--others", "--exclude-standard"] if untracked else []
     out = subprocess.run(
-        ["git", "ls-files", "-z"], cwd=root, check=True, capture_output=True
+        ["git", "ls-files", "-z", *extra], cwd=root, check=True, capture_output=True
     ).stdout.decode()
     return [name for name in out.split("\0") if name and (root / name).is_file()]
 
 
-def copy_tree(root: Path, dest: Path, rev: str | None = None) -> None:
-    """The tracked files as they are in the working tree (uncommitted edits included), or as
-    committed at ``rev``."""
+def copy_tree(root: Path, dest: Path, rev: str | None = None, untracked: bool = False) -> None:
+    """The tracked files as they are in the working tree (uncommitted edits included; new files
+    too with ``untracked``), or as committed at ``rev``."""
     if rev is not None:
         archive = subprocess.run(
             ["git", "archive", "--format=tar", rev], cwd=root, check=True, capture_output=True
@@ -261,7 +271,7 @@ def copy_tree(root: Path, dest: Path, rev: str | None = None) -> None:
         with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
             tar.extractall(dest, filter="data")
         return
-    for name in tracked_files(root):
+    for name in tracked_files(root, untracked):
         target = dest / name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(root / name, target)
@@ -357,13 +367,15 @@ def _last_line(output: str) -> str:
     return lines[-1][:160] if lines else ""
 
 
-def run_all(mutants: list[Mutant], rev: str | None, jobs: int, baseline: bool) -> list[Outcome]:
+def run_all(
+    mutants: list[Mutant], rev: str | None, jobs: int, baseline: bool, untracked: bool = False
+) -> list[Outcome]:
     """Each worker owns one copy of the tree, so mutants never see each other's changes."""
     with tempfile.TemporaryDirectory(prefix="satseg-mutants-") as tmp:
         copies: queue.Queue[tuple[Path, dict[str, str]]] = queue.Queue()
         for i in range(jobs):
             copy = Path(tmp) / f"tree{i}"
-            copy_tree(ROOT, copy, rev)
+            copy_tree(ROOT, copy, rev, untracked)
             env = test_env(copy)
             check_imports_from(copy, env)
             copies.put((copy, env))
@@ -407,6 +419,11 @@ def main(argv: list[str] | None = None) -> int:
         "--rev", help="test the tree as committed at this git revision (default: working tree)"
     )
     parser.add_argument(
+        "--untracked",
+        action="store_true",
+        help="copy new files git does not ignore too (a test not yet committed)",
+    )
+    parser.add_argument(
         "--jobs", type=int, default=min(2, os.cpu_count() or 1), help="mutants run at once"
     )
     parser.add_argument(
@@ -428,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     start = time.monotonic()
-    outcomes = run_all(chosen, args.rev, max(1, args.jobs), args.baseline)
+    outcomes = run_all(chosen, args.rev, max(1, args.jobs), args.baseline, args.untracked)
     good = "passes" if args.baseline else "killed"
     bad = [o for o in outcomes if o.verdict != good]
     print(
