@@ -128,6 +128,7 @@ class TrainConfig:
     threads: int | None = None
     # CPU only: every so often time a few steps with 1 thread and with `threads` (null: all
     # CPUs) and keep the faster, for machines shared with other work (see trainer/threads.py).
+    # Off when `deterministic` is on: the thread count changes the order of sums.
     adapt_threads: bool = False
     # Also write last.pt every N optimiser steps inside an epoch (resume continues mid-epoch).
     checkpoint_every: int | None = None

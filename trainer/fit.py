@@ -24,7 +24,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -291,7 +291,10 @@ class Trainer:
     predictor: Predictor
     board: Board
     state: RunState
-    started: float = field(default_factory=time.perf_counter)
+    # The time source of the budget and the thread tuner, read when training progresses; a
+    # resumed run reproduces a straight one exactly when both runs read the same times.
+    clock: Callable[[], float] = time.monotonic
+    started: float = 0.0
     # This process's training throughput (not counting validation and checkpoints).
     images_trained: int = 0
     train_seconds: float = 0.0
@@ -309,7 +312,7 @@ class Trainer:
 
     def elapsed(self) -> float:
         """Training wall time, including what earlier (interrupted) processes spent."""
-        return self.state.elapsed_s + time.perf_counter() - self.started
+        return self.state.elapsed_s + self.clock() - self.started
 
     def out_of_time(self) -> bool:
         budget = self.cfg.train.max_minutes
@@ -345,7 +348,8 @@ class Trainer:
         )
         sums: dict[str, torch.Tensor] = {}
         seen, window_images, window_start = 0, 0, time.perf_counter()
-        epoch_start = step_start = time.perf_counter()
+        epoch_start = time.perf_counter()
+        step_start = self.clock()
         epoch_images, epoch_loss = 0, torch.zeros((), device=device)
         finished = True
         for i, (images, masks) in enumerate(loader):
@@ -391,7 +395,7 @@ class Trainer:
             if self.ema is not None:
                 self.ema.update(self.model, state.step)
             if self.threads is not None:
-                now = time.perf_counter()
+                now = self.clock()
                 self.threads.observe(now - step_start)
                 step_start = now
 
@@ -447,19 +451,16 @@ class Trainer:
         loss_sum, loss_count = 0.0, 0
         grid: list = []
         start = time.perf_counter()
-        tile = self.cfg.eval.tile
         for batch in loader:
             for images, masks in iterate_batches(batch):
-                if max(images.shape[-2:]) <= tile:
-                    logits = self.predictor.run_batch(images)
-                    target = masks.to(logits.device).long()
-                    loss, _ = self.criterion(logits, target)
+                # The service's path (shared.pipeline): one pass up to a tile, tiled above.
+                result = self.predictor.predict_batch(images)
+                if result.logits is not None:  # one forward pass: its logits give the loss
+                    target = masks.to(result.logits.device).long()
+                    loss, _ = self.criterion(result.logits, target)
                     loss_sum += float(loss) * images.shape[0]
                     loss_count += images.shape[0]
-                    pred = logits.argmax(dim=1).to(torch.uint8).cpu()
-                else:
-                    image = images[0].permute(1, 2, 0).numpy()
-                    pred = torch.from_numpy(self.predictor.segment(image)).unsqueeze(0)
+                pred = torch.from_numpy(result.masks)
                 matrix.update(pred, masks)
                 if self.info.is_main and len(grid) < self.cfg.log.image_samples:
                     for img, truth, p in zip(images, masks, pred, strict=True):
@@ -499,8 +500,11 @@ class Trainer:
                 if self.ema is not None
                 else None
             ),
-            # Every rank's generators, in rank order.
+            # Every rank's generators and thread tuner, in rank order.
             "rng": distributed.all_gather_object(capture_rng()),
+            "threads": distributed.all_gather_object(
+                self.threads.state_dict() if self.threads is not None else None
+            ),
         }
 
     def save(self, *, best: bool) -> None:
@@ -571,8 +575,11 @@ class Trainer:
             last_val=dict(ckpt.get("metrics", {}).get("val") or {}),
         )
         rng = ts.get("rng") or []
+        tuners = ts.get("threads") or []
         if len(rng) == self.info.world_size:
             restore_rng(rng[self.info.rank])
+            if self.threads is not None and len(tuners) == len(rng) and tuners[self.info.rank]:
+                self.threads.load_state_dict(tuners[self.info.rank])
         elif rng:
             log.warning(
                 "checkpoint was written by %d process(es), this run has %d: RNG streams reseeded",
@@ -585,6 +592,7 @@ class Trainer:
 
     def run(self) -> None:
         cfg, state = self.cfg, self.state
+        self.started = self.clock()
         if state.epoch > 0 or state.batches_done > 0:
             log.info("resuming at epoch %d, step %d", state.epoch + 1, state.step)
         while state.epoch < cfg.train.epochs:
@@ -671,12 +679,48 @@ def train(cfg: Config) -> dict[str, Any]:
 
 
 def _train(cfg: Config, info: DistInfo) -> dict[str, Any]:
+    trainer = build_trainer(cfg, info)
+    board, run_dir, precision = trainer.board, trainer.run_dir, trainer.precision
+    board.text("config", "```\n" + format_config(cfg) + "\n```", trainer.state.step)
+
+    trainer.run()
+    summary: dict[str, Any] = {
+        "run_dir": str(run_dir),
+        "epochs": trainer.state.epoch,
+        "steps": trainer.state.step,
+        "train_minutes": round(trainer.elapsed() / 60.0, 2),
+        "train_images_per_s": round(trainer.images_trained / max(trainer.train_seconds, 1e-9), 2),
+        "best_miou": trainer.state.best_miou,
+        "best_epoch": trainer.state.best_epoch,
+    }
+    distributed.average_buffers(trainer.eval_model)
+    dump_dir = os.environ.get(RANK_STATE_ENV)
+    if dump_dir:
+        Path(dump_dir).mkdir(parents=True, exist_ok=True)
+        torch.save(
+            {k: v.detach().cpu() for k, v in trainer.eval_model.state_dict().items()},
+            Path(dump_dir) / f"rank{info.rank}.pt",
+        )
+    distributed.barrier()
+    if info.is_main and cfg.eval.enabled:
+        summary["test"] = run_test_evaluation(cfg, run_dir, precision, board, trainer.state.step)
+    board.close()
+    return summary
+
+
+def build_trainer(cfg: Config, info: DistInfo) -> Trainer:
+    """Every piece of a run wired together (and restored from ``train.resume`` if set)."""
     device = info.device
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     tuner = None
     if cfg.train.adapt_threads and device.type == "cpu":
-        tuner = ThreadTuner([1, cfg.train.threads or available_cpus()])
+        if cfg.train.deterministic:
+            # The thread count changes the order of floating-point sums, and the tuner picks
+            # it by timing: a deterministic run keeps one count.
+            log.info("train.deterministic: adapt_threads is off")
+        else:
+            tuner = ThreadTuner([1, cfg.train.threads or available_cpus()])
     configure_determinism(cfg.train.deterministic)
     precision = training_precision(cfg.train.precision, device)
 
@@ -784,33 +828,7 @@ def _train(cfg: Config, info: DistInfo) -> dict[str, Any]:
     )
     if resume_ckpt is not None:
         trainer.restore(resume_ckpt)
-        del resume_ckpt
-    trainer.started = time.perf_counter()
-    board.text("config", "```\n" + format_config(cfg) + "\n```", trainer.state.step)
-
-    trainer.run()
-    summary: dict[str, Any] = {
-        "run_dir": str(run_dir),
-        "epochs": trainer.state.epoch,
-        "steps": trainer.state.step,
-        "train_minutes": round(trainer.elapsed() / 60.0, 2),
-        "train_images_per_s": round(trainer.images_trained / max(trainer.train_seconds, 1e-9), 2),
-        "best_miou": trainer.state.best_miou,
-        "best_epoch": trainer.state.best_epoch,
-    }
-    distributed.average_buffers(trainer.eval_model)
-    dump_dir = os.environ.get(RANK_STATE_ENV)
-    if dump_dir:
-        Path(dump_dir).mkdir(parents=True, exist_ok=True)
-        torch.save(
-            {k: v.detach().cpu() for k, v in trainer.eval_model.state_dict().items()},
-            Path(dump_dir) / f"rank{info.rank}.pt",
-        )
-    distributed.barrier()
-    if info.is_main and cfg.eval.enabled:
-        summary["test"] = run_test_evaluation(cfg, run_dir, precision, board, trainer.state.step)
-    board.close()
-    return summary
+    return trainer
 
 
 def run_test_evaluation(

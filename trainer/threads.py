@@ -34,6 +34,10 @@ class ThreadTuner:
     keeps winning, so a count that is far slower is rarely tried; and at once when the last
     ``probe`` steps take ``slowdown`` times as long as the probe measured (the machine got
     busier). ``set_threads`` is injectable for tests.
+
+    Thread counts sum in different orders, so the count is part of a run's numerics: its state
+    goes into the training checkpoint, and a resumed run carries on with the same count and
+    the same point of the probe schedule instead of starting a new probe.
     """
 
     def __init__(
@@ -67,6 +71,36 @@ class ThreadTuner:
             self._start_probe()
         else:
             self._use(self.current)
+
+    def state_dict(self) -> dict:
+        """Plain numbers and lists only (``torch.load(weights_only=True)`` reads them)."""
+        return {
+            "candidates": list(self.candidates),
+            "choices": list(self.choices),
+            "current": self.current,
+            "period_s": self._period_s,
+            "since_probe_s": self._since_probe_s,
+            "expected_s": self._expected_s,
+            "recent": list(self._recent),
+            "timings": [[count, list(t)] for count, t in self._timings.items()],
+            "queue": list(self._queue),
+            "warmup": self._warmup,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict`; a different candidate list starts afresh."""
+        if [int(c) for c in state["candidates"]] != self.candidates:
+            return
+        self.choices = [int(c) for c in state["choices"]]
+        self._period_s = float(state["period_s"])
+        self._since_probe_s = float(state["since_probe_s"])
+        self._expected_s = float(state["expected_s"])
+        self._recent = [float(t) for t in state["recent"]]
+        self._timings = {int(c): [float(x) for x in t] for c, t in state["timings"]}
+        self._queue = [int(c) for c in state["queue"]]
+        self.current = int(state["current"])
+        self._set(self.current)
+        self._warmup = int(state["warmup"])
 
     def observe(self, seconds: float) -> None:
         if len(self.candidates) == 1:

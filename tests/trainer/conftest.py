@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+import trainer.fit
 from shared.labels import LabelMap
+from trainer import distributed
+from trainer.config import Config
+from trainer.fit import Trainer, build_trainer
+from trainer.threads import ThreadTuner
 
 # Distinct colours per class so an image says what its mask holds (and a model can learn it).
 CLASS_RGB = np.array([[20, 60, 170], [90, 160, 30], [0, 220, 250]], dtype=np.uint8)
@@ -87,3 +95,35 @@ def _yaml(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
+
+
+def train_in_process(
+    cfg: Config, seconds_per_step: float
+) -> tuple[Trainer, list[tuple[int, float, int | None]]]:
+    """Build and run the trainer for ``cfg`` on the CPU with a clock that advances
+    ``seconds_per_step`` per optimiser step: the time budget and the thread tuner then see the
+    same times in every run, whatever the machine's speed.
+
+    The thread tuner (``train.adapt_threads``) decides as in a real run, but torch's thread
+    count stays as it is: two threads on a machine shared with other work are slow, and the
+    decisions are what a test compares.
+
+    Returns the trainer and, for every optimiser step it took, (step, learning rate, the thread
+    count the tuner had chosen or None).
+    """
+    quiet_tuner = functools.partial(ThreadTuner, set_threads=lambda count: None)
+    with mock.patch.object(trainer.fit, "ThreadTuner", quiet_tuner):
+        run = build_trainer(cfg, distributed.setup(torch.device("cpu")))
+    run.clock = lambda: run.state.step * seconds_per_step
+    applied: list[tuple[int, float, int | None]] = []
+    apply = run.schedule.apply
+
+    def record(elapsed_s: float = 0.0) -> float:
+        lr = apply(elapsed_s)
+        applied.append((run.state.step, lr, run.threads.current if run.threads else None))
+        return lr
+
+    run.schedule.apply = record  # type: ignore[method-assign]
+    run.run()
+    run.board.close()
+    return run, applied

@@ -54,3 +54,31 @@ def test_a_single_candidate_never_switches() -> None:
 def test_candidates_must_be_positive() -> None:
     with pytest.raises(ValueError, match="positive"):
         ThreadTuner([0, 2], set_threads=lambda n: None)
+
+
+def test_a_restored_tuner_continues_exactly_where_the_saved_one_was() -> None:
+    steps = [0.5, 0.4, 0.6, 0.5, 0.3, 0.2, 0.3, 0.3, 0.5, 2.0, 2.5, 3.0, 0.4, 0.5, 0.6]
+    calls: list[int] = []
+    straight = ThreadTuner([1, 2], probe=3, period_s=1.0, set_threads=lambda n: None)
+    saved = ThreadTuner([1, 2], probe=3, period_s=1.0, set_threads=lambda n: None)
+    for seconds in steps[:6]:  # mid-probe: the second candidate is being timed
+        straight.observe(seconds)
+        saved.observe(seconds)
+    resumed = ThreadTuner([1, 2], probe=3, period_s=1.0, set_threads=calls.append)
+    assert resumed.current == 1  # a fresh tuner would probe from the first candidate again
+    resumed.load_state_dict(saved.state_dict())
+    assert calls[-1] == 2  # the restored count is applied at once
+    history = []
+    for seconds in steps[6:]:
+        straight.observe(seconds)
+        resumed.observe(seconds)
+        history.append((straight.current, resumed.current))
+    assert all(a == b for a, b in history), history
+    assert resumed.choices == straight.choices and resumed.state_dict() == straight.state_dict()
+
+
+def test_a_state_for_other_candidates_is_ignored() -> None:
+    tuner = ThreadTuner([1, 4], probe=3, set_threads=lambda n: None)
+    other = ThreadTuner([1, 2], probe=3, set_threads=lambda n: None)
+    tuner.load_state_dict(other.state_dict())
+    assert tuner.candidates == [1, 4] and tuner.current == 1 and tuner.choices == []
