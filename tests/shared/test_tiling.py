@@ -5,33 +5,6 @@ import torch
 
 from shared.tiling import blend_window, pad_reflect, tile_origins
 
-NUM_CLASSES = 5
-
-
-def pixel_class(batch: torch.Tensor) -> torch.Tensor:
-    """The "true" class of each pixel, from its own values: (N,3,h,w) uint8 -> (N,h,w)."""
-    return (batch[:, 0].long() + 2 * batch[:, 1].long() + 3 * batch[:, 2].long()) % NUM_CLASSES
-
-
-class PixelwiseModel:
-    """A stand-in model whose logits are the one-hot of :func:`pixel_class`, so the right mask
-    is known exactly; it records what it was given."""
-
-    def __init__(self) -> None:
-        self.calls: list[torch.Tensor] = []
-
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        assert batch.dtype == torch.uint8
-        self.calls.append(batch.clone())
-        one_hot = torch.nn.functional.one_hot(pixel_class(batch), NUM_CLASSES)
-        return one_hot.permute(0, 3, 1, 2).float()
-
-
-def random_image(height: int, width: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=g)
-
-
 # -- tile_origins --------------------------------------------------------------------------------
 
 

@@ -25,6 +25,7 @@ from shared.inference import InferenceOptions, Predictor
 from shared.labels import LabelMap, overlay
 from shared.model import build_model
 from shared.preprocess import Normalization, preprocess
+from tests.geodata import geotiff_bytes
 from trainer.predict import EXIT_OK, EXIT_SKIPPED, EXIT_USAGE, PredictError, collect_jobs, main
 
 # Blue Marble mosaic: 15 pixels a degree from lon -180, lat 90. Tiles of 64x96 pixels.
@@ -370,28 +371,12 @@ def run_scene(tmp_path, checkpoint, scene, fmt, *extra, crs="EPSG:32633", transf
     folder = tmp_path / "in"
     folder.mkdir(exist_ok=True)
     path = folder / "scene.tif"
-    write_geotiff_crs(path, scene.transpose(2, 0, 1).copy(), transform, crs)
+    bands = scene.transpose(2, 0, 1).copy()
+    path.write_bytes(geotiff_bytes(bands, crs=crs, transform=transform, compress="lzw"))
     out = tmp_path / f"out_{fmt}"
     args = ["--checkpoint", str(checkpoint), str(path), "--out", str(out), "--format", fmt]
     code = main(args + ["--tile", "128", "--overlap", "32", "--batch", "1", *extra] + FAST)
     return code, out
-
-
-def write_geotiff_crs(path: Path, bands: np.ndarray, transform: Affine, crs: str) -> None:
-    count, height, width = bands.shape
-    with rasterio.open(
-        path,
-        "w",
-        driver="GTiff",
-        width=width,
-        height=height,
-        count=count,
-        dtype="uint8",
-        crs=crs,
-        transform=transform,
-        compress="lzw",
-    ) as dst:
-        dst.write(bands)
 
 
 def test_scene_to_cog_equals_a_whole_scene_computation(tmp_path, checkpoint, scene, capsys):
