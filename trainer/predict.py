@@ -72,6 +72,7 @@ from shared.labels import LabelMap, overlay
 from shared.pipeline import Band, stream
 from shared.raster import ArrayRaster, RasterSource, close_source, open_file
 from trainer.dataset_layout import IMAGE_EXTENSIONS
+from trainer.ray_options import add_ray_arguments
 
 EXIT_OK, EXIT_SKIPPED, EXIT_USAGE = 0, 1, 2
 OVERLAY_SUFFIX = "_overlay"
@@ -296,6 +297,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             overlap=args.overlap,
             tile_batch=args.batch,
         )
+        if args.ray:
+            from trainer.ray_predict import main_on_ray
+
+            return main_on_ray(args, jobs, read=read, write=write, options=options)
         predictor = Predictor.from_checkpoint(args.checkpoint, options)
     except (PredictError, RasterOptionError, CheckpointError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -383,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip-existing", action="store_true", help="keep masks already written")
     parser.add_argument("--workers", type=int, default=2, help="decoding threads")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_ray_arguments(parser)
     return parser
 
 
