@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from shared.geotiff import DEFAULT_MAX_BANDS
 from shared.imaging import DEFAULT_MAX_DECODED_BYTES
+from shared.precision import INFERENCE_PRECISIONS
 
 MIB = 1024 * 1024
 
@@ -32,7 +33,7 @@ class Settings(BaseSettings):
     device: Literal["auto", "cuda", "cpu"] = Field(
         "auto", description="auto picks CUDA when it is available."
     )
-    precision: Literal["auto", "fp32", "bf16", "fp16", "int8"] = Field(
+    precision: Literal[INFERENCE_PRECISIONS] = Field(
         "auto",
         description="auto: on CPUs with int8 dot-product units (AVX512-VNNI, AVX-VNNI, AMX) "
         "and optimize on, int8 when the quantised model's argmax agrees with float32 on at "

@@ -36,11 +36,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from shared.precision import AUTOCAST_DTYPES, FLOAT_PRECISIONS
 from shared.preprocess import Normalization, image_to_tensor, normalize
 
-PRECISIONS = ("fp32", "bf16", "fp16")
 QUANTIZE = ("none", "int8")
-_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # The head's final 1x1 convolution: kept in float32 so argmax sees unquantised logits.
 _HEAD = "model.classifier.4"
 # Pixel boxes (top, left, bottom, right) of the Blue Marble mosaic. The bundled test set is the
@@ -151,8 +150,9 @@ def optimize(
             ``min_agreement``.
     """
     device = torch.device(device)
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
+    if precision not in FLOAT_PRECISIONS:
+        allowed = ", ".join(FLOAT_PRECISIONS)
+        raise ValueError(f"unknown precision {precision!r}; allowed: {allowed}")
     if quantize not in QUANTIZE:
         raise ValueError(f"unknown quantize mode {quantize!r}; allowed: {', '.join(QUANTIZE)}")
 
@@ -178,7 +178,7 @@ def optimize(
     else:
         net = net.to(device)
         graph = fold_bn(net, inplace=True) if fold_batchnorm else net
-        low = _AUTOCAST_DTYPES.get(precision)
+        low = AUTOCAST_DTYPES.get(precision)
         autocast_dtype = input_dtype = None
         description = precision + (", batchnorm folded" if fold_batchnorm else "")
         if low is not None and cast_weights:

@@ -22,12 +22,8 @@ Checkpoints written before bands existed have no ``in_channels`` and no ``bands`
 
 from __future__ import annotations
 
-import contextlib
-import glob
-import os
 import pickle
 import re
-import tempfile
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from enum import Enum
@@ -41,6 +37,7 @@ import torchvision
 from torch import nn
 
 from shared.bands import BandError, BandSpec
+from shared.files import atomic_writer
 from shared.labels import LabelMap, LabelMapError
 from shared.model import BACKBONES, build_model, head_out_channels, model_in_channels
 from shared.preprocess import Normalization
@@ -163,25 +160,8 @@ def save_checkpoint(payload: dict, path: str | Path) -> None:
     left as it was; temporary files left by a writer that was killed outright are removed by
     the next write. Missing parent folders are created.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A writer killed outright (SIGKILL, power cut) cannot remove its temporary file; the next
-    # write of the same checkpoint does. One process writes a given checkpoint at a time.
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        with contextlib.suppress(FileNotFoundError):
-            stale.unlink()
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
-    _fsync_dir(path.parent)
+    with atomic_writer(path, durable=True) as f:
+        torch.save(payload, f)
 
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
@@ -384,20 +364,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
         if not isinstance(inner, nn.Module):
             return model
         model = inner
-
-
-def _fsync_dir(folder: Path) -> None:
-    # Not every platform can open a directory (Windows cannot); the rename is already done.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _satseg_version() -> str:

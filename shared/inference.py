@@ -24,14 +24,14 @@ from shared.checkpoint import CheckpointError, load_checkpoint, model_from_check
 from shared.labels import LabelMap
 from shared.model import head_out_channels
 from shared.pipeline import BatchPrediction, Prediction, Tiling, predict, predict_batch
+from shared.precision import INFERENCE_PRECISIONS, autocast_dtype, cpu_has_native_bf16
 from shared.preprocess import Normalization, normalize
 from shared.raster import ArrayRaster, RasterSource
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
+PRECISIONS = INFERENCE_PRECISIONS
 # An int8 model whose argmax differs from float32 on more pixels than this is not used.
 INT8_MIN_AGREEMENT = 0.995
 log = logging.getLogger("shared.inference")
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -118,16 +118,6 @@ def resolve_precision(precision: str, device: torch.device, *, optimize: bool = 
     return precision
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX).
-
-    Without it, oneDNN emulates bf16 and autocast is slower than fp32.
-    """
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    # Private helpers of torch.cpu (present in torch 2.x); absent ones count as unsupported.
-    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
-
-
 class Predictor:
     """A segmentation model on its device, with its label map and normalisation.
 
@@ -207,7 +197,7 @@ class Predictor:
     @property
     def autocast_dtype(self) -> torch.dtype | None:
         """The autocast dtype, or None for fp32."""
-        return _DTYPES.get(self.precision)
+        return autocast_dtype(self.precision)
 
     def run_batch(self, batch: torch.Tensor) -> torch.Tensor:
         """``(N, 3, h, w)`` uint8 (host or device) -> ``(N, C, h, w)`` float32 logits on the device.

@@ -25,6 +25,7 @@ from shared.checkpoint import CheckpointError
 from shared.inference import InferenceOptions, Predictor
 from shared.labels import LabelMapError
 from shared.metrics import BoundaryIoU, ConfusionMatrix, scores
+from shared.precision import INFERENCE_PRECISIONS
 from trainer.data import DatasetError, collect_pairs, load_pair
 from trainer.dataset_layout import DatasetLayoutError
 
@@ -141,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", default="test", choices=("test", "trainval"))
     parser.add_argument("--json", default=None, help="where to write the JSON result")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    parser.add_argument("--precision", default="auto", choices=INFERENCE_PRECISIONS)
     parser.add_argument("--tile", type=int, default=512, help="tile side for large images")
     parser.add_argument("--overlap", type=int, default=64, help="pixels shared by neighbour tiles")
     parser.add_argument("--tile-batch", type=int, default=4, help="tiles per forward pass")

@@ -48,9 +48,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -65,6 +63,7 @@ from tqdm import tqdm
 
 from shared.checkpoint import CheckpointError
 from shared.codec import GEOJSON_CRS, CogWriter, PolygonWriter, mask_to_png
+from shared.files import atomic_write_bytes
 from shared.geotiff import RasterOptionError, Scale, parse_bands, parse_scale
 from shared.imaging import DEFAULT_MAX_PIXELS, ImageError, encode_png
 from shared.inference import PRECISIONS, InferenceOptions, Predictor
@@ -599,16 +598,7 @@ class _Whole:
 
 def _atomic_write(path: Path, data: bytes) -> Path:
     # A run stopped half-way leaves whole files only, so --skip-existing can trust them.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_bytes(path, data)
 
 
 def _skip(report: Report, path: Path, reason: str) -> None:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import shared.checkpoint as ckpt_mod
+import shared.files
 from shared.bands import Band, BandSpec
 from shared.checkpoint import (
     SCHEMA_VERSION,
@@ -248,7 +249,7 @@ def test_failed_write_keeps_old_file_and_leaves_no_tmp(
     def broken_replace(src: str, dst: str) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ckpt_mod.os, "replace", broken_replace)
+    monkeypatch.setattr(shared.files.os, "replace", broken_replace)
     with pytest.raises(OSError, match="No space left"):
         save_checkpoint(_payload(label_map), path)
     assert path.read_bytes() == b"previous checkpoint"
