@@ -5,9 +5,10 @@
 Both loops train the same architecture on the same data (the trainer's dataset and
 augmentations, from ``data.root``) at the same batch size and crop size:
 
-- **trainer**: :class:`trainer.fit.Trainer` wired by trainer.fit's own functions, running its
+- **trainer**: the run wired by trainer.fit's own ``build_run``, running its
   ``train_one_epoch`` -- DataLoader workers, autocast (bf16/fp16), channels_last, the configured
-  loss, gradient clipping and schedule;
+  loss, accumulation, gradient clipping, schedule and EMA (the thread tuner is off by default,
+  ``train.adapt_threads=false``, so both loops run on the same threads);
 - **plain**: what a first PyTorch loop looks like: ``DataLoader(num_workers=0)``, fp32, NCHW,
   cross-entropy, Adam.
 
@@ -19,6 +20,7 @@ spent waiting for the next batch (time blocked in the loader's ``__next__``). Th
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import tempfile
 import time
@@ -31,24 +33,16 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from benchmarks.common import REPO, describe, machine, markdown_table, write_json
-from shared.inference import InferenceOptions, Predictor, resolve_device
+from shared.inference import resolve_device
 from shared.labels import DEFAULT_LABEL_MAPPING, LabelMap
 from shared.model import build_model
 from shared.preprocess import Normalization, normalize
 from trainer import distributed
+from trainer.build import build_run, load_data
 from trainer.config import Config, load_config
 from trainer.data import collate
-from trainer.fit import (
-    RunState,
-    Trainer,
-    load_data,
-    make_model,
-    make_optimizer,
-    training_precision,
-)
-from trainer.logging_utils import Board
-from trainer.losses import SegmentationLoss, class_weight_tensor
-from trainer.schedule import LRSchedule
+from trainer.fit import train_one_epoch
+from trainer.run import Run
 
 DEFAULT_CONFIG = REPO / "trainer" / "configs" / "quickstart.yaml"
 TARGET = {"trainer_over_plain": 1.5}
@@ -81,79 +75,32 @@ class TimedLoader:
             yield batch
 
 
-def build_trainer(cfg: Config, workdir: Path) -> Trainer:
-    """The trainer's pieces, wired the way ``trainer.fit`` wires them (single process)."""
-    device = resolve_device(cfg.train.device)
-    info = distributed.setup(device)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    precision = training_precision(cfg.train.precision, device)
-    label_map = LabelMap.load(cfg.data.label_map or DEFAULT_LABEL_MAPPING)
-    loaders = load_data(cfg, label_map, info)
-    model = make_model(cfg, label_map.num_classes, resuming=False).to(device)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    criterion = SegmentationLoss(
-        cfg.train.loss,
-        num_classes=label_map.num_classes,
-        ignore_index=label_map.ignore_index,
-        smooth=cfg.train.dice_smooth,
-        class_weights=class_weight_tensor(cfg.train.class_weights, label_map.names),
-        aux_weight=cfg.train.aux_weight,
-    ).to(device)
-    optimizer = make_optimizer(model, cfg)
-    schedule = LRSchedule(
-        optimizer,
-        base_lr=cfg.train.lr,
-        total_steps=max(1, cfg.train.epochs * len(loaders.train)),
-        warmup_steps=cfg.train.warmup_steps,
-        kind=cfg.train.schedule,
-        power=cfg.train.poly_power,
-        min_lr=cfg.train.min_lr,
-        budget_s=None,
-    )
-    train_model: nn.Module = torch.compile(model) if cfg.train.compile else model
-    predictor = Predictor(
-        model,
-        label_map,
-        Normalization(),
-        InferenceOptions(device=str(device), precision=precision),
-    )
-    model.train()
-    return Trainer(
-        cfg=cfg,
-        info=info,
-        run_dir=workdir,
-        label_map=label_map,
-        normalization=Normalization(),
-        model=model,
-        train_model=train_model,
-        criterion=criterion,
-        optimizer=optimizer,
-        schedule=schedule,
-        scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
-        loaders=loaders,
-        precision=precision,
-        predictor=predictor,
-        board=Board(None),
-        state=RunState(),
-    )
+def build_trainer_run(cfg: Config, workdir: Path) -> Run:
+    """The run exactly as ``python -m trainer.fit`` wires it (:func:`trainer.build.build_run`),
+    in a scratch folder and without a time budget: the benchmark times a fixed step count."""
+    cfg = copy.deepcopy(cfg)
+    cfg.out_dir, cfg.run_name, cfg.overwrite = str(workdir), "bench", True
+    cfg.train.max_minutes = None
+    cfg.train.resume = None
+    run = build_run(cfg, distributed.setup(resolve_device(cfg.train.device)))
+    logging.getLogger("trainer").setLevel(logging.WARNING)
+    return run
 
 
 def run_trainer(
     cfg: Config, warmup: int, steps: int, workdir: Path, *, profile_step: bool = False
 ) -> dict[str, Any]:
-    """Images/s and data-wait share of ``Trainer.train_one_epoch`` over ``steps`` steps; with
+    """Images/s and data-wait share of ``train_one_epoch`` over ``steps`` steps; with
     ``profile_step``, one more step under ``torch.profiler`` (its top operators, as text)."""
-    trainer = build_trainer(cfg, workdir)
-    timed = TimedLoader(trainer.loaders.train)
-    trainer.loaders.train = timed  # type: ignore[assignment]
-    device = trainer.info.device
+    run = build_trainer_run(cfg, workdir)
+    timed = TimedLoader(run.loaders.train)
+    run.loaders.train = timed  # type: ignore[assignment]
+    device = run.info.device
 
     def train_until(total_steps: int) -> None:
-        trainer.cfg.train.max_steps = total_steps
-        while trainer.state.step < total_steps:
-            trainer.train_one_epoch()
+        run.cfg.train.max_steps = total_steps
+        while run.state.step < total_steps:
+            train_one_epoch(run)
 
     train_until(warmup)  # worker start-up, allocator, first kernels
     _sync(device)
@@ -176,10 +123,10 @@ def run_trainer(
         sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         profile_table = prof.key_averages().table(sort_by=sort, row_limit=12)
     return {
-        "what": f"trainer.fit Trainer.train_one_epoch: {trainer.precision}, channels_last "
+        "what": f"trainer.fit.train_one_epoch: {run.precision}, channels_last "
         f"{cfg.train.channels_last}, {cfg.data.num_workers} loader worker(s), "
         f"loss {cfg.train.loss}, compile {cfg.train.compile}",
-        "precision": trainer.precision,
+        "precision": run.precision,
         "device": str(device),
         "steps": steps,
         "images": images,
@@ -246,7 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     quick = args.quick
     warmup = args.warmup if args.warmup is not None else (1 if quick else 3)
     steps = args.steps or (3 if quick else 20)
-    overrides = ["eval.enabled=false", "log.tensorboard=false", *args.overrides]
+    overrides = [
+        "eval.enabled=false",
+        "log.tensorboard=false",
+        "train.adapt_threads=false",
+        *args.overrides,
+    ]
     cfg = load_config(args.config, overrides)
     cfg.log.progress = "off"  # type: ignore[assignment]  # no bar inside a benchmark
     if cfg.train.threads:

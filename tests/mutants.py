@@ -59,9 +59,9 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "restore-no-op",
-        "trainer/fit.py",
-        "def restore(self, ckpt: dict[str, Any]) -> None:",
-        "def restore(self, ckpt: dict[str, Any]) -> None:\n        return",
+        "trainer/resume.py",
+        "def restore(run: Run, ckpt: dict[str, Any]) -> None:",
+        "def restore(run: Run, ckpt: dict[str, Any]) -> None:\n    return",
         ("tests/trainer/test_resume.py",),
         "a resumed run silently restarts from scratch",
     ),

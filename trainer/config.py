@@ -1,213 +1,240 @@
-"""Training configuration: YAML defaults, dotted command-line overrides, typed dataclasses.
-
-Layering, lowest to highest: the dataclass defaults below, the YAML file, then ``key.path=value``
-overrides from the command line (values parsed as YAML, so ``null``, ``true``, ``[0.5, 1.0]`` work).
-Every key is checked against the dataclasses before any work starts: an unknown key or a value of
-the wrong type raises :class:`ConfigError` whose message names the key.
+"""Training configuration: defaults below, then a YAML file, then ``key.path=value`` overrides
+(values parsed as YAML, so ``null``, ``true``, ``[0.5, 1.0]`` work). Every key, type and range
+is checked before any work starts; a :class:`ConfigError` names the key, the value and the file.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
-import math
-import types
-import typing
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
+
+from shared.precision import TRAINING_PRECISIONS
 
 
 class ConfigError(ValueError):
     """A configuration file or override is invalid; the message names the key (and the file)."""
 
 
-@dataclass
-class DataConfig:
+def _not_bool(value: Any) -> Any:
+    # YAML's true/false are not numbers, whatever Python thinks of bool.
+    if isinstance(value, bool):
+        raise ValueError("expected a number, not true/false")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_not_bool)]
+Float = Annotated[float, BeforeValidator(_not_bool)]
+Probability = Annotated[float, BeforeValidator(_not_bool), Field(ge=0.0, le=1.0)]
+Positive = Annotated[int, BeforeValidator(_not_bool), Field(gt=0)]
+NonNegative = Annotated[float, BeforeValidator(_not_bool), Field(ge=0.0)]
+ClassFactors = dict[str, NonNegative]  # per class name; classes not listed weigh 1.0
+
+
+def _folder_name(value: str) -> str:
+    if not value or "/" in value or "\\" in value or value in {".", ".."}:
+        raise ValueError("must be a plain folder name")
+    return value
+
+
+FolderName = Annotated[str, AfterValidator(_folder_name)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class DataConfig(Section):
     root: str = "data/bluemarble"
-    # label_mapping.json to use; null = the one at the repository root.
-    label_map: str | None = None
-    # Side of the square training crop. Validation and test run at full tile resolution.
-    image_size: int = 512
-    # Share of TAIN_VAL_SET held out for validation (seeded by train.seed).
-    val_fraction: float = 0.1
-    num_workers: int = 2
-    # Keep decoded tiles in memory after the start-up validation pass (small datasets only).
-    cache: bool = False
-    # A corrupt image, unreadable mask or unknown label value: stop, or skip it with a warning.
+    label_map: str | None = None  # null: label_mapping.json at the repository root
+    image_size: Positive = 512  # side of the square training crop
+    val_fraction: Float = Field(0.1, ge=0.0, lt=1.0)  # share of TAIN_VAL_SET held out
+    num_workers: Int = Field(2, ge=0)
+    cache: bool = False  # keep decoded tiles in memory (small datasets only)
     on_bad_file: Literal["error", "skip"] = "error"
-    # Sampling weight per class name: a tile is drawn with the largest factor among the classes
-    # it contains (1.0 when none is listed), so tiles holding rare classes are seen more often.
-    oversample: dict[str, float] = field(default_factory=dict)
-    # A tile "contains" a class for oversampling when it holds at least this many of its pixels.
-    oversample_min_pixels: int = 1
+    # A tile is drawn with the largest factor among the classes it holds at least
+    # oversample_min_pixels of (1.0 when none is listed).
+    oversample: ClassFactors = {}
+    oversample_min_pixels: Positive = 1
 
 
-@dataclass
-class AugmentConfig:
-    # "random_resized": RandomResizedCrop to image_size (area share crop_scale, aspect crop_ratio);
-    # "random": pad with ignore_index if needed, then a random image_size crop at native resolution.
+class AugmentConfig(Section):
+    # random_resized: zoom (area share crop_scale, aspect crop_ratio); random: native resolution.
     crop: Literal["random_resized", "random"] = "random_resized"
-    crop_scale: tuple[float, float] = (0.25, 1.0)
-    crop_ratio: tuple[float, float] = (0.75, 1.3333333)
-    # Share of crops taken instead at native resolution around a pixel of one of focus_classes
-    # (when the tile has one): rare classes then appear in crops, not only in their tiles.
-    focus_crop: float = 0.0
-    focus_classes: list[str] = field(default_factory=list)
-    hflip: float = 0.5
-    vflip: float = 0.5
-    rotate90: float = 0.5
-    # Affine (shift-scale-rotate) probability and ranges; areas rotated in are ignore_index.
-    affine: float = 0.0
-    affine_scale: tuple[float, float] = (0.9, 1.1)
-    affine_rotate: float = 15.0
-    affine_translate: float = 0.05
-    # ColorJitter probability and strengths.
-    color_jitter: float = 0.0
-    brightness: float = 0.2
-    contrast: float = 0.2
-    saturation: float = 0.2
-    hue: float = 0.02
+    crop_scale: tuple[Float, Float] = (0.25, 1.0)
+    crop_ratio: tuple[Float, Float] = (0.75, 1.3333333)
+    focus_crop: Probability = 0.0  # share of crops centred on a pixel of focus_classes
+    focus_classes: list[str] = []
+    hflip: Probability = 0.5
+    vflip: Probability = 0.5
+    rotate90: Probability = 0.5
+    affine: Probability = 0.0  # shift-scale-rotate; areas rotated in are ignore_index
+    affine_scale: tuple[Float, Float] = (0.9, 1.1)
+    affine_rotate: Float = 15.0
+    affine_translate: Float = 0.05
+    color_jitter: Probability = 0.0
+    brightness: Float = 0.2
+    contrast: Float = 0.2
+    saturation: Float = 0.2
+    hue: Float = 0.02
+
+    @model_validator(mode="after")
+    def _ranges(self) -> AugmentConfig:
+        for key in ("crop_scale", "crop_ratio", "affine_scale"):
+            lo, hi = getattr(self, key)
+            if not 0.0 < lo <= hi or (key == "crop_scale" and hi > 1.0):
+                top = " <= 1" if key == "crop_scale" else ""
+                raise _KeyError(key, f"need 0 < min <= max{top}, got {[lo, hi]}")
+        return self
 
 
-@dataclass
-class ModelConfig:
+class ModelConfig(Section):
     backbone: Literal["resnet50", "mobilenet_v3_large"] = "resnet50"
-    # none | coco_voc | imagenet | path to a local state_dict or checkpoint.
-    weights: str = "none"
+    weights: str = "none"  # none | coco_voc | imagenet | a path
     aux_loss: bool = False
-    # BatchNorm momentum for every BN layer while training; null keeps torchvision's (0.01 in
-    # the MobileNetV3 backbone: running statistics that trail far behind the weights in a short
-    # from-scratch run, so validation in eval mode sees a different network than training).
-    bn_momentum: float | None = None
+    # BatchNorm momentum while training; null keeps torchvision's (see configs/quickstart.yaml).
+    bn_momentum: Float | None = Field(None, gt=0.0, le=1.0)
 
 
-@dataclass
-class TrainConfig:
-    epochs: int = 30
-    # Per process; the effective batch is batch_size * accumulate * world size.
-    batch_size: int = 8
-    lr: float = 1e-4
-    # Cap on optimiser steps (smoke runs); null = no cap.
-    max_steps: int | None = None
-    # Wall-clock budget for training; the schedule decays to min_lr as it runs out. null = none.
-    max_minutes: float | None = None
-    seed: int = 42
-    # Checkpoint (last.pt) to continue from: model, optimiser, scheduler, scaler, epoch, RNG.
-    resume: str | None = None
+class TrainConfig(Section):
+    epochs: Positive = 30
+    batch_size: Int = Field(8, ge=2)  # per process; BatchNorm needs two values per channel
+    lr: Float = Field(1e-4, gt=0.0)
+    max_steps: Positive | None = None
+    max_minutes: Float | None = Field(None, gt=0.0)  # the schedule decays to min_lr as it ends
+    seed: Int = 42
+    resume: str | None = None  # a last.pt to continue from
     loss: Literal["dice", "ce", "dice+ce"] = "dice+ce"
-    # Per class name; classes not listed weigh 1.0. Applies to CE and Dice.
-    class_weights: dict[str, float] = field(default_factory=dict)
-    dice_smooth: float = 1.0
-    aux_weight: float = 0.4
+    class_weights: ClassFactors = {}
+    dice_smooth: NonNegative = 1.0
+    aux_weight: NonNegative = 0.4
     optimizer: Literal["adam", "adamw"] = "adam"
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
+    weight_decay: NonNegative = 0.0
+    warmup_steps: Int = Field(0, ge=0)
     schedule: Literal["poly", "cosine", "constant"] = "poly"
-    poly_power: float = 0.9
-    min_lr: float = 0.0
-    grad_clip: float | None = None
-    accumulate: int = 1
-    # auto: bf16 where the device supports it, fp16 + GradScaler on CUDA without bf16, else fp32.
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    poly_power: Float = 0.9
+    min_lr: NonNegative = 0.0
+    grad_clip: Float | None = Field(None, gt=0.0)
+    accumulate: Positive = 1
+    precision: Literal[TRAINING_PRECISIONS] = "auto"  # bf16/fp16 on devices that run them fast
     channels_last: bool = True
     compile: bool = False
-    # Validate and save an exponential moving average of the weights (e.g. 0.999); null = off.
-    ema_decay: float | None = None
-    # Early stopping: epochs without a val mIoU gain above min_delta; null = off.
-    patience: int | None = None
-    min_delta: float = 0.0
-    # Deterministic kernels (slower): a resumed run then matches a straight one bit for bit.
-    deterministic: bool = False
+    ema_decay: Float | None = Field(None, gt=0.0, lt=1.0)  # validate and save a weight EMA
+    patience: Positive | None = None  # epochs without a val mIoU gain above min_delta
+    min_delta: NonNegative = 0.0
+    deterministic: bool = False  # deterministic kernels and one thread count
     sync_bn: bool = False
     device: str = "auto"
-    # torch intra-op threads per process; null = torch's default.
-    threads: int | None = None
-    # CPU only: every so often time a few steps with 1 thread and with `threads` (null: all
-    # CPUs) and keep the faster, for machines shared with other work (see trainer/threads.py).
+    threads: Positive | None = None  # torch intra-op threads per process
+    # CPU: time 1 thread against `threads` now and then, keep the faster (trainer/threads.py).
     # Off when `deterministic` is on: the thread count changes the order of sums.
     adapt_threads: bool = False
-    # Also write last.pt every N optimiser steps inside an epoch (resume continues mid-epoch).
-    checkpoint_every: int | None = None
-    log_every: int = 10
+    checkpoint_every: Positive | None = None  # also write last.pt every N steps
+    log_every: Positive = 10
 
 
-@dataclass
-class EvalConfig:
-    # Evaluate a checkpoint of the run on the test split after training.
-    enabled: bool = True
+class EvalConfig(Section):
+    enabled: bool = True  # evaluate a checkpoint of the run on the test split after training
     checkpoint: Literal["best", "last"] = "best"
     split: Literal["test", "trainval"] = "test"
-    tile: int = 512
-    overlap: int = 64
-    tile_batch: int = 4
-    boundary_width: int = 3
+    tile: Positive = 512
+    overlap: Int = Field(64, ge=0)
+    tile_batch: Positive = 4
+    boundary_width: Positive = 3
+
+    @model_validator(mode="after")
+    def _overlap_below_tile(self) -> EvalConfig:
+        if self.overlap >= self.tile:
+            raise _KeyError("overlap", f"must be smaller than eval.tile ({self.tile})")
+        return self
 
 
-@dataclass
-class LogConfig:
+class LogConfig(Section):
     tensorboard: bool = True
-    # Validation images shown as input / truth / prediction overlays every epoch.
-    image_samples: int = 4
-    # auto: a progress bar in a terminal, plain log lines otherwise.
+    image_samples: Int = Field(4, ge=0)  # validation overlays shown every epoch
     progress: Literal["auto", "bar", "lines"] = "auto"
 
 
-@dataclass
-class Config:
+class Config(Section):
     out_dir: str = "runs"
-    # Folder under out_dir; null = a UTC timestamp.
-    run_name: str | None = None
-    # Allow a new run to replace the checkpoints of an existing run folder.
-    overwrite: bool = False
-    data: DataConfig = field(default_factory=DataConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    log: LogConfig = field(default_factory=LogConfig)
+    run_name: FolderName | None = None  # null: a UTC timestamp
+    overwrite: bool = False  # allow a new run to replace an existing run folder's checkpoints
+    data: DataConfig = DataConfig()
+    augment: AugmentConfig = AugmentConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    log: LogConfig = LogConfig()
+
+
+class _KeyError(ValueError):  # a cross-field check's failure, naming its key
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Defaults, then the YAML file at ``path``, then ``key.path=value`` overrides; validated."""
-    data: dict[str, Any] = {}
-    source = "<defaults>"
-    if path is not None:
-        source = str(path)
-        data = read_yaml(path)
+    data = read_yaml(path) if path is not None else {}
     for item in overrides:
-        key, value = parse_override(item)
-        set_dotted(data, key, value)
-    cfg = from_dict(data, source=source)
-    check_values(cfg)
-    return cfg
+        set_dotted(data, *parse_override(item))
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        source = str(path) if path is not None else "<defaults>"
+        raise ConfigError(f"{source}: {_describe(err.errors()[0])}") from None
+
+
+def _describe(error: Any) -> str:
+    loc = [str(part) for part in error["loc"] if not str(part).startswith(("function-", "tuple["))]
+    key = ".".join(loc) or "<top level>"
+    if error["type"] == "extra_forbidden":
+        section = _section_fields(loc[:-1])
+        close = difflib.get_close_matches(loc[-1], section, n=1)
+        hint = f" (did you mean '{'.'.join([*loc[:-1], close[0]])}'?)" if close else ""
+        return f"unknown key '{key}'{hint}"
+    message = error["msg"].removeprefix("Value error, ")
+    if isinstance(error.get("ctx", {}).get("error"), _KeyError):
+        return f"{key}.{message}" if loc else message
+    return f"{key}: {message}, got {error['input']!r}"
+
+
+def _section_fields(path: list[str]) -> list[str]:
+    model: Any = Config
+    for part in path:
+        model = model.model_fields[part].annotation
+    return list(model.model_fields)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping, turning every failure into a ConfigError naming the file."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{p}: config file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{p}: cannot read config file ({exc})") from None
-    try:
-        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{p}:{where} invalid YAML ({getattr(exc, 'problem', exc)})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
+    if not isinstance(data, dict | None):
         raise ConfigError(
             f"{p}: the top level must be a mapping of keys, got {type(data).__name__}"
         )
-    return data
+    return data or {}
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -217,10 +244,9 @@ def parse_override(item: str) -> tuple[str, Any]:
     if not sep or not key:
         raise ConfigError(f"override {item!r}: expected key.path=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        return key, yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
-        value = raw
-    return key, value
+        return key, raw
 
 
 def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
@@ -237,24 +263,9 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Config:
-    """Build a Config from nested mappings; unknown keys and wrong types raise ConfigError."""
-    return _build(Config, data, prefix="", source=source)
-
-
 def to_dict(cfg: Config) -> dict[str, Any]:
     """Plain nested dict of built-in types (tuples become lists): YAML- and weights_only-safe."""
-
-    def plain(value: Any) -> Any:
-        if dataclasses.is_dataclass(value):
-            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-        if isinstance(value, dict):
-            return {str(k): plain(v) for k, v in value.items()}
-        if isinstance(value, list | tuple):
-            return [plain(v) for v in value]
-        return value
-
-    return plain(cfg)
+    return cfg.model_dump(mode="json")
 
 
 def dump_yaml(cfg: Config, path: str | Path) -> None:
@@ -263,205 +274,11 @@ def dump_yaml(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(text, encoding="utf-8")
 
 
-def check_values(cfg: Config) -> None:
-    """Range checks that types alone cannot express; each error names its key."""
-    positive = {
-        "data.image_size": cfg.data.image_size,
-        "train.epochs": cfg.train.epochs,
-        "train.batch_size": cfg.train.batch_size,
-        "train.accumulate": cfg.train.accumulate,
-        "train.log_every": cfg.train.log_every,
-        "eval.tile": cfg.eval.tile,
-        "data.oversample_min_pixels": cfg.data.oversample_min_pixels,
-        "eval.tile_batch": cfg.eval.tile_batch,
-        "eval.boundary_width": cfg.eval.boundary_width,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key}: must be > 0, got {value}")
-    optional_positive = {
-        "train.max_steps": cfg.train.max_steps,
-        "train.max_minutes": cfg.train.max_minutes,
-        "train.patience": cfg.train.patience,
-        "train.grad_clip": cfg.train.grad_clip,
-        "train.threads": cfg.train.threads,
-        "train.checkpoint_every": cfg.train.checkpoint_every,
-    }
-    for key, value in optional_positive.items():
-        if value is not None and value <= 0:
-            raise ConfigError(f"{key}: must be > 0 or null, got {value}")
-    if cfg.train.batch_size < 2:
-        # BatchNorm after DeepLabV3's image pooling needs two values per channel to train.
-        raise ConfigError(f"train.batch_size: must be >= 2, got {cfg.train.batch_size}")
-    if cfg.train.lr <= 0:
-        raise ConfigError(f"train.lr: must be > 0, got {cfg.train.lr}")
-    non_negative = {
-        "data.num_workers": cfg.data.num_workers,
-        "train.weight_decay": cfg.train.weight_decay,
-        "train.warmup_steps": cfg.train.warmup_steps,
-        "train.min_lr": cfg.train.min_lr,
-        "train.dice_smooth": cfg.train.dice_smooth,
-        "train.aux_weight": cfg.train.aux_weight,
-        "train.min_delta": cfg.train.min_delta,
-        "eval.overlap": cfg.eval.overlap,
-        "log.image_samples": cfg.log.image_samples,
-    }
-    for key, value in non_negative.items():
-        if value < 0:
-            raise ConfigError(f"{key}: must be >= 0, got {value}")
-    if cfg.model.bn_momentum is not None and not 0.0 < cfg.model.bn_momentum <= 1.0:
-        raise ConfigError(
-            f"model.bn_momentum: must be in (0, 1] or null, got {cfg.model.bn_momentum}"
-        )
-    if cfg.train.ema_decay is not None and not 0.0 < cfg.train.ema_decay < 1.0:
-        raise ConfigError(f"train.ema_decay: must be in (0, 1) or null, got {cfg.train.ema_decay}")
-    if not 0.0 <= cfg.data.val_fraction < 1.0:
-        raise ConfigError(f"data.val_fraction: must be in [0, 1), got {cfg.data.val_fraction}")
-    if cfg.eval.overlap >= cfg.eval.tile:
-        raise ConfigError(f"eval.overlap: must be smaller than eval.tile ({cfg.eval.tile})")
-    aug = cfg.augment
-    for key in ("hflip", "vflip", "rotate90", "affine", "color_jitter", "focus_crop"):
-        p = getattr(aug, key)
-        if not 0.0 <= p <= 1.0:
-            raise ConfigError(f"augment.{key}: a probability in [0, 1], got {p}")
-    lo, hi = aug.crop_scale
-    if not 0.0 < lo <= hi <= 1.0:
-        raise ConfigError(f"augment.crop_scale: need 0 < min <= max <= 1, got {[lo, hi]}")
-    lo, hi = aug.crop_ratio
-    if not 0.0 < lo <= hi:
-        raise ConfigError(f"augment.crop_ratio: need 0 < min <= max, got {[lo, hi]}")
-    lo, hi = aug.affine_scale
-    if not 0.0 < lo <= hi:
-        raise ConfigError(f"augment.affine_scale: need 0 < min <= max, got {[lo, hi]}")
-    for key, weights in (
-        ("data.oversample", cfg.data.oversample),
-        ("train.class_weights", cfg.train.class_weights),
-    ):
-        for name, w in weights.items():
-            if not w >= 0:
-                raise ConfigError(f"{key}.{name}: must be >= 0, got {w}")
-    if cfg.run_name is not None and (
-        not cfg.run_name
-        or "/" in cfg.run_name
-        or "\\" in cfg.run_name
-        or cfg.run_name in {".", ".."}
-    ):
-        raise ConfigError(f"run_name: must be a plain folder name, got {cfg.run_name!r}")
-
-
 def check_class_names(cfg: Config, names: Sequence[str]) -> None:
     """Class names used in the config must exist in the label map."""
-    for i, name in enumerate(cfg.augment.focus_classes):
+    used = [(f"augment.focus_classes[{i}]", n) for i, n in enumerate(cfg.augment.focus_classes)]
+    used += [(f"data.oversample.{n}", n) for n in cfg.data.oversample]
+    used += [(f"train.class_weights.{n}", n) for n in cfg.train.class_weights]
+    for key, name in used:
         if name not in names:
-            raise ConfigError(
-                f"augment.focus_classes[{i}]: unknown class {name!r}; classes: {list(names)}"
-            )
-    for key, weights in (
-        ("data.oversample", cfg.data.oversample),
-        ("train.class_weights", cfg.train.class_weights),
-    ):
-        for name in weights:
-            if name not in names:
-                raise ConfigError(f"{key}.{name}: unknown class {name!r}; classes: {list(names)}")
-
-
-# --- typed conversion -------------------------------------------------------------------------
-
-
-def _build(cls: type, data: Any, prefix: str, source: str) -> Any:
-    where = prefix.rstrip(".") or "<top level>"
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{source}: {where}: expected a mapping, got {_show(data)}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in data:
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-            raise ConfigError(f"{source}: unknown key '{prefix}{key}'{hint}")
-    kwargs = {}
-    for name in names:
-        if name not in data:
-            continue
-        kwargs[name] = _coerce(data[name], hints[name], f"{prefix}{name}", source)
-    return cls(**kwargs)
-
-
-def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, {} if value is None else value, key + ".", source)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        if len(inner) == 1:
-            if value is None:
-                raise ConfigError(f"{source}: {key}: must not be null")
-            return _coerce(value, inner[0], key, source)
-        raise TypeError(f"unsupported config type {tp}")  # pragma: no cover
-    if value is None:
-        raise ConfigError(f"{source}: {key}: must not be null (expected {_type_name(tp)})")
-    if origin is Literal:
-        if value not in args or isinstance(value, bool):
-            choices = " | ".join(str(a) for a in args)
-            raise ConfigError(f"{source}: {key}: expected one of {choices}, got {_show(value)}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{source}: {key}: expected true or false, got {_show(value)}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{source}: {key}: expected an integer, got {_show(value)}")
-        if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
-            raise ConfigError(f"{source}: {key}: expected an integer, got {_show(value)}")
-        return int(value)
-    if tp is float:
-        # YAML 1.1 reads "1e-4" (no dot) as a string; accept any numeric text for float keys.
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                raise ConfigError(
-                    f"{source}: {key}: expected a number, got {_show(value)}"
-                ) from None
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{source}: {key}: expected a number, got {_show(value)}")
-        if not math.isfinite(value):
-            raise ConfigError(f"{source}: {key}: expected a finite number, got {value}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{source}: {key}: expected a string, got {_show(value)}")
-        return value
-    if origin is tuple:
-        if not isinstance(value, list | tuple) or len(value) != len(args):
-            raise ConfigError(
-                f"{source}: {key}: expected a list of {len(args)} values, got {_show(value)}"
-            )
-        return tuple(
-            _coerce(v, a, f"{key}[{i}]", source)
-            for i, (v, a) in enumerate(zip(value, args, strict=True))
-        )
-    if origin is list:
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{source}: {key}: expected a list, got {_show(value)}")
-        return [_coerce(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{source}: {key}: expected a mapping, got {_show(value)}")
-        return {
-            _coerce(k, args[0], f"{key} key", source): _coerce(v, args[1], f"{key}.{k}", source)
-            for k, v in value.items()
-        }
-    raise TypeError(f"unsupported config type {tp}")  # pragma: no cover
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp))
-
-
-def _show(value: Any) -> str:
-    return f"{value!r} ({type(value).__name__})"
+            raise ConfigError(f"{key}: unknown class {name!r}; classes: {list(names)}")

@@ -11,11 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-import trainer.fit
+import trainer.build
 from shared.labels import LabelMap
 from trainer import distributed
+from trainer.build import build_run
 from trainer.config import Config
-from trainer.fit import Trainer, build_trainer
+from trainer.fit import train_epochs
+from trainer.run import Run
 from trainer.threads import ThreadTuner
 
 # Distinct colours per class so an image says what its mask holds (and a model can learn it).
@@ -99,8 +101,8 @@ def _yaml(value: object) -> str:
 
 def train_in_process(
     cfg: Config, seconds_per_step: float
-) -> tuple[Trainer, list[tuple[int, float, int | None]]]:
-    """Build and run the trainer for ``cfg`` on the CPU with a clock that advances
+) -> tuple[Run, list[tuple[int, float, int | None]]]:
+    """Build and train the run for ``cfg`` on the CPU with a clock that advances
     ``seconds_per_step`` per optimiser step: the time budget and the thread tuner then see the
     same times in every run, whatever the machine's speed.
 
@@ -108,12 +110,12 @@ def train_in_process(
     count stays as it is: two threads on a machine shared with other work are slow, and the
     decisions are what a test compares.
 
-    Returns the trainer and, for every optimiser step it took, (step, learning rate, the thread
+    Returns the run and, for every optimiser step it took, (step, learning rate, the thread
     count the tuner had chosen or None).
     """
     quiet_tuner = functools.partial(ThreadTuner, set_threads=lambda count: None)
-    with mock.patch.object(trainer.fit, "ThreadTuner", quiet_tuner):
-        run = build_trainer(cfg, distributed.setup(torch.device("cpu")))
+    with mock.patch.object(trainer.build, "ThreadTuner", quiet_tuner):
+        run = build_run(cfg, distributed.setup(torch.device("cpu")))
     run.clock = lambda: run.state.step * seconds_per_step
     applied: list[tuple[int, float, int | None]] = []
     apply = run.schedule.apply
@@ -124,6 +126,6 @@ def train_in_process(
         return lr
 
     run.schedule.apply = record  # type: ignore[method-assign]
-    run.run()
+    train_epochs(run)
     run.board.close()
     return run, applied

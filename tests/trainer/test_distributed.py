@@ -14,7 +14,6 @@ import torch.distributed as dist
 from shared.checkpoint import load_checkpoint
 from tests.trainer.conftest import tiny_overrides
 from trainer import distributed
-from trainer.fit import RANK_STATE_ENV
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -57,10 +56,18 @@ def test_torchrun_two_cpu_processes_end_with_identical_weights(
     torchrun = Path(sys.executable).with_name("torchrun")
     states = tmp_path / "states"
     out = tmp_path / "runs"
-    env = {**os.environ, RANK_STATE_ENV: str(states), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = tiny_overrides(dataset, out, train__max_steps=2, model__aux_loss=True)
     proc = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "trainer.fit", *args],
+        [
+            str(torchrun),
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "tests.trainer.rank_weights",
+            str(states),
+            *args,
+        ],  # fmt: skip
         cwd=REPO,
         env=env,
         capture_output=True,

@@ -25,7 +25,7 @@ def fit(capsys: pytest.CaptureFixture, data: Path, out: Path, **extra: object) -
 
 
 def test_bn_momentum_applies_to_every_batchnorm() -> None:
-    from trainer.fit import make_model
+    from trainer.build import make_model
 
     cfg = load_config(None, ["model.backbone=mobilenet_v3_large", "model.bn_momentum=0.1"])
     model = make_model(cfg, 3, resuming=False)

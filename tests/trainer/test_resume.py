@@ -160,12 +160,12 @@ def test_killed_run_resumes_from_its_last_checkpoint(
     kill_after_save = (
         "import os, signal, sys\n"
         "import trainer.fit as fit\n"
-        "save = fit.Trainer.save\n"
-        "def save_then_die(self, *, best):\n"
-        "    save(self, best=best)\n"
-        "    if self.state.step == 5:\n"
+        "save = fit.save_checkpoints\n"
+        "def save_then_die(run, *, best):\n"
+        "    save(run, best=best)\n"
+        "    if run.state.step == 5:\n"
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
-        "fit.Trainer.save = save_then_die\n"
+        "fit.save_checkpoints = save_then_die\n"
         "sys.exit(fit.main(sys.argv[1:]))\n"
     )
     proc = subprocess.run(
