@@ -473,7 +473,9 @@ def _segment(
     for item in items:
         source = item.source
         assert source is not None
-        if item.small and source.height <= tile and source.width <= tile:
+        # Probabilities need each image's own softmax: those are streamed one by one.
+        stackable = item.small and write.format != "probabilities"
+        if stackable and source.height <= tile and source.width <= tile:
             small.setdefault((source.height, source.width), []).append(item)
         else:
             _guarded(
@@ -506,10 +508,6 @@ def _stack(predictor: Predictor, items: list[_Loaded], write: WriteOptions) -> l
     result = predictor.predict_batch(stacked)
     written: list[Path] = []
     for item, mask in zip(items, result.masks, strict=True):
-        if write.format == "probabilities":
-            # Softmax needs the logits; the pipeline computes them for one image alone.
-            written.extend(_stream_one(predictor, item, write))
-            continue
         assert item.source is not None
         band = Band(0, mask, None, item.source.rgb)
         written.extend(_write_bands(predictor.label_map, item, [band], write))
