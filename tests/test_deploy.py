@@ -193,7 +193,15 @@ def test_docker_compose_config_accepts_the_gpu_stack(tmp_path):
         timeout=60,
         cwd=ROOT,
     )
-    assert sorted(profiles.stdout.split()) == ["api", "tensorboard", "train", "trainer"]
+    # `config --services` lists the services of every profile here, ray included.
+    assert sorted(profiles.stdout.split()) == [
+        "api",
+        "ray-head",
+        "ray-worker",
+        "tensorboard",
+        "train",
+        "trainer",
+    ]
 
 
 def test_docker_compose_config_accepts_the_cpu_stack():
