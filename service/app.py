@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import importlib.util
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import Response
 
-from service import admin, routes
+from service import admin, page, routes
 from service.access import AccessMiddleware
 from service.engine import Engine
 from service.errors import install_error_handlers
@@ -55,14 +54,10 @@ as `X-API-Key: <key>` or `Authorization: Bearer <key>`.
 def routers() -> list[tuple[APIRouter, frozenset[str]]]:
     """Routers to include, each with the paths of it that need no API key.
 
-    The browser page (``service/page.py``) joins when it exists; its ``PUBLIC_PATHS``
-    stay open: exact paths, or prefixes ending in ``/`` (``"/"`` itself is exact).
+    The browser page's ``PUBLIC_PATHS`` stay open: exact paths, or prefixes ending in ``/``
+    (``"/"`` itself is exact).
     """
-    found: list[tuple[APIRouter, frozenset[str]]] = [(routes.router, frozenset())]
-    if importlib.util.find_spec("service.page") is not None:
-        page = importlib.import_module("service.page")
-        found.append((page.router, frozenset(getattr(page, "PUBLIC_PATHS", ()))))
-    return found
+    return [(routes.router, frozenset()), (page.router, frozenset(page.PUBLIC_PATHS))]
 
 
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:

@@ -103,11 +103,6 @@ class ReloadInProgressError(ApiError):
     code = "reload_in_progress"
 
 
-class BodyTooLargeError(ApiError):
-    status = 413
-    code = "body_too_large"
-
-
 class UnauthorizedError(ApiError):
     status = 401
     code = "unauthorized"

@@ -543,10 +543,7 @@ def _score_pair(
 
 
 def _scores(matrix: ConfusionMatrix, label_map: LabelMap) -> dict[str, Any]:
-    result = scores(matrix.matrix, label_map.names)
-    # The matrix is indexed 0..C-1; per-class entries carry the label ids.
-    for entry, cls in zip(result["per_class"], label_map.classes, strict=True):
-        entry["id"] = cls.id
+    result = scores(matrix.matrix, label_map.names)  # per-class "id": label ids are 0..C-1
     result["confusion_matrix"] = matrix.matrix.tolist()
     return result
 

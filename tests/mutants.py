@@ -92,8 +92,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "page-router",
         "service/app.py",
-        'found.append((page.router, frozenset(getattr(page, "PUBLIC_PATHS", ()))))',
-        "pass",
+        "(routes.router, frozenset()), (page.router, frozenset(page.PUBLIC_PATHS))]",
+        "(routes.router, frozenset())]",
         ("tests/service/test_app.py", "-k", "viewer_page"),
         "GET / is a 404: the viewer page is gone",
     ),
