@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torchvision
 
+from benchmarks.stats import percentile
 from shared.acceleration import cpu_flags
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,19 +52,6 @@ class Timing:
             "min_s": min(self.seconds),
             "runs": len(self.seconds),
         }
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The ``q``-th percentile (0..100) with linear interpolation between order statistics."""
-    if not values:
-        raise ValueError("no values")
-    if not 0 <= q <= 100:
-        raise ValueError(f"q must be in [0, 100], got {q}")
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q / 100
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 def synchronize(device: torch.device) -> None:

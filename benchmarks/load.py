@@ -34,6 +34,8 @@ from urllib.parse import urlparse
 
 import httpx
 
+from benchmarks import stats
+
 LOOPBACK_NAMES = {"localhost"}
 
 
@@ -50,13 +52,7 @@ def is_loopback(url: str) -> bool:
 
 def percentile(values: list[float], q: float) -> float | None:
     """The q-th percentile (0..100) by linear interpolation; None for no values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q / 100
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+    return stats.percentile(values, q) if values else None
 
 
 @dataclass(frozen=True)
