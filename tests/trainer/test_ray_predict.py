@@ -11,6 +11,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -83,6 +84,7 @@ def ray_temp(tmp_path_factory) -> Iterator[Path]:
         os.environ.pop("RAY_TMPDIR", None)
     else:
         os.environ["RAY_TMPDIR"] = old
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def ray_processes(folder: Path) -> list[int]:
@@ -232,3 +234,35 @@ def test_a_killed_driver_resumes_without_recomputing_finished_blocks(
     assert (total, reused) == (UNITS, len(finished))
     assert computed == UNITS - len(finished)
     assert_same_outputs(out, reference)
+
+
+# -- the driver's bookkeeping, without a cluster -------------------------------------------------
+
+
+def test_manifest_keeps_units_only_for_the_same_arguments_and_existing_files(tmp_path):
+    from trainer.ray_predict import Manifest
+
+    part = tmp_path / "part.tif"
+    part.write_bytes(b"done")
+    path = tmp_path / "state" / "manifest.json"
+    manifest = Manifest(path, {"tile": 128})
+    manifest.mark_unit("scene.tif#3", [str(part)])
+    manifest.save()
+    assert Manifest.load(path, {"tile": 128}).has("scene.tif#3")
+    assert not Manifest.load(path, {"tile": 256}).has("scene.tif#3")  # other arguments
+    assert [p.name for p in path.parent.iterdir()] == ["manifest.json"]  # no temporary left
+    part.unlink()
+    assert not Manifest.load(path, {"tile": 128}).has("scene.tif#3")  # its file is gone
+
+
+def test_unreadable_inputs_are_named_before_the_cluster_is_used(tmp_path, inputs):
+    from shared.pipeline import Tiling
+    from trainer.predict import Job, ReadOptions
+    from trainer.ray_predict import plan_units
+
+    broken = tmp_path / "broken.tif"
+    broken.write_bytes(b"II*\x00 not a tiff")
+    jobs = [Job(inputs / "scene.tif", tmp_path / "scene"), Job(broken, tmp_path / "broken")]
+    units, failures = plan_units(jobs, ReadOptions(), Tiling(128, 32, 4), 192)
+    assert len(units) == BLOCKS and all(u.job.source.name == "scene.tif" for u in units)
+    assert [path for path, _ in failures] == [broken]
