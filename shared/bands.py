@@ -21,6 +21,12 @@ Nodata rules (``nodata``):
 Non-finite values (NaN, inf) in any band are nodata under every rule: no model can read them.
 A pixel is nodata by value only when *every* band holds the value (GDAL's dataset-mask rule), so
 a pure red pixel (255, 0, 0) of an 8-bit image tagged nodata=0 stays valid.
+
+This is the one nodata rule: the windowed reader (:mod:`shared.raster`), dataset reading and
+statistics all call :func:`nodata_mask`. The collar is a property of the whole scene, so a reader
+of windows traces it once per scene (:func:`trace_collar`) and hands each window its part
+(:meth:`Collar.window`): a zero area in the middle of a window is collar only if it reaches the
+scene's edge, wherever the window lies.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from rasterio.enums import ColorInterp, MaskFlags
+from rasterio.enums import ColorInterp, MaskFlags, Resampling
 from rasterio.io import DatasetReader
 from rasterio.windows import Window
 from scipy import ndimage
@@ -42,6 +48,9 @@ NODATA_AUTO = "auto"
 NODATA_NONE = "none"
 NodataRule = str | float  # "auto", "none" or a value
 RGB_NAMES = ("red", "green", "blue")
+# The collar is traced at full resolution for scenes up to this many pixels (a bool and an int32
+# label per pixel: 80 MB), on a decimated overview of the scene above it.
+COLLAR_MAX_PIXELS = 16_000_000
 # Colour interpretations that name a band when the file gives no description.
 _NAMED_COLORINTERP = frozenset({"red", "green", "blue", "gray", "alpha", "undefined"})
 
@@ -151,6 +160,63 @@ def parse_nodata(value: Any) -> NodataRule:
     return float(value)
 
 
+def parse_band_list(text: str | Sequence[int] | None) -> tuple[int, ...] | None:
+    """``"1,2,3,4"`` (or a sequence of ints) -> ``(1, 2, 3, 4)``: 1-based band numbers in model
+    order, any count; None or ``""`` -> None.
+
+    Raises:
+        BandError: anything else (the message quotes it).
+    """
+    if text is None or (isinstance(text, str) and not text.strip()):
+        return None
+    try:
+        parts = text.split(",") if isinstance(text, str) else list(text)
+        bands = tuple(int(p) for p in parts)
+    except (TypeError, ValueError):
+        raise BandError(
+            f"bands must be comma-separated band numbers such as 4,3,2; got {text!r}"
+        ) from None
+    if any(b < 1 for b in bands):
+        raise BandError(f"band numbers count from 1; got {bands}")
+    return bands
+
+
+def model_band_indexes(
+    spec: BandSpec, count: int, chosen: Sequence[int] | None = None
+) -> tuple[int, ...]:
+    """Which bands of a raster of ``count`` bands feed a model reading ``spec``.
+
+    ``chosen`` (``bands=``) gives them in model order. Without it, a raster of exactly
+    ``spec.count`` bands holds the model's bands in order; a larger one (a full product, like
+    the training files) gives them at the spec's source indices.
+
+    Raises:
+        BandError: another number of bands; the message names the bands expected and received.
+    """
+    expected = f"{spec.count} bands ({', '.join(spec.names)}, {spec.dtype})"
+    if chosen is not None:
+        if len(chosen) != spec.count:
+            raise BandError(
+                f"the model reads {expected}; bands= lists {len(chosen)}: "
+                f"{','.join(map(str, chosen))}"
+            )
+        missing = [b for b in chosen if b > count]
+        if missing:
+            raise BandError(
+                f"band {missing[0]} asked for but the raster has {count} band"
+                f"{'s' * (count != 1)}; the model reads {expected}"
+            )
+        return tuple(chosen)
+    if count == spec.count:
+        return tuple(range(1, count + 1))
+    if count > spec.count and max(spec.indexes) <= count:
+        return spec.indexes
+    raise BandError(
+        f"the model reads {expected}; the image has {count} band{'s' * (count != 1)}. "
+        "Send a GeoTIFF with the model's bands, or choose them with bands="
+    )
+
+
 def band_names(
     descriptions: Sequence[str | None], colorinterp: Sequence[str | None] | None = None
 ) -> tuple[str, ...]:
@@ -245,6 +311,7 @@ def nodata_mask(
     alpha: np.ndarray | None = None,
     internal_mask: np.ndarray | None = None,
     scene_edges: tuple[bool, bool, bool, bool] = (True, True, True, True),
+    collar: np.ndarray | None = None,
 ) -> np.ndarray:
     """``(H, W)`` bool, True where a pixel of ``data`` is nodata under ``rule``.
 
@@ -259,6 +326,9 @@ def nodata_mask(
             A window inside a larger scene passes False for the sides that are not, so zeros
             there are not taken for the collar. The collar is traced within ``data`` only: a
             reader of windows must give each window the scene's collar, not this call's.
+        collar: ``(H, W)`` bool, the window's part of the scene's collar
+            (:meth:`Collar.window`); with it, ``auto`` marks the all-zero pixels inside it
+            instead of tracing the collar within ``data`` (``scene_edges`` is then unused).
     """
     data = np.asarray(data)
     if data.ndim != 3:
@@ -279,8 +349,70 @@ def nodata_mask(
     if value is not None and not (isinstance(value, float) and math.isnan(value)):
         mask |= (data == value).all(axis=0)
     if rule == NODATA_AUTO:
-        mask |= edge_connected(np.logical_not(data.any(axis=0)), scene_edges)
+        zero = np.logical_not(data.any(axis=0))
+        if collar is not None:
+            if collar.shape != mask.shape:
+                raise ValueError(f"collar shape {collar.shape} does not match data {mask.shape}")
+            mask |= zero & collar
+        else:
+            mask |= edge_connected(zero, scene_edges)
     return mask
+
+
+@dataclass(frozen=True)
+class Collar:
+    """A scene's edge-connected all-zero region, traced once on a grid of ``step`` pixel cells.
+
+    With ``step`` 1 (scenes up to :data:`COLLAR_MAX_PIXELS`) ``cells`` is the collar itself and
+    every window gets exactly the whole-scene rule. Above that the collar is traced on a
+    nearest-neighbour overview and grown by one cell; a window's zero pixels inside those cells
+    are collar. The limit of that approximation: a zero area narrower than a cell that reaches
+    the edge only through the overview's gaps can be missed, and zeros inside the scene within
+    one cell of the collar count as collar.
+
+    Attributes:
+        cells: ``(h, w)`` bool over the overview grid, True where the collar may lie.
+        height, width: the scene's size in pixels.
+    """
+
+    cells: np.ndarray
+    height: int
+    width: int
+
+    def window(self, row: int, col: int, height: int, width: int) -> np.ndarray:
+        """``(height, width)`` bool: the cells of the collar over pixels ``[row, row + height)``
+        x ``[col, col + width)``."""
+        ch, cw = self.cells.shape
+        rows = (np.arange(row, row + height) * ch) // self.height
+        cols = (np.arange(col, col + width) * cw) // self.width
+        return self.cells[np.ix_(rows, cols)]
+
+    def any(self) -> bool:
+        return bool(self.cells.any())
+
+
+def trace_collar(
+    src: DatasetReader, indexes: Sequence[int], *, max_pixels: int = COLLAR_MAX_PIXELS
+) -> Collar:
+    """The collar of an open raster's bands ``indexes``: pixels zero in every one of them and
+    4-connected to the scene's edge, read one band at a time (memory: a few bytes per overview
+    pixel, whatever the band count)."""
+    height, width = src.height, src.width
+    step = max(1, math.ceil(math.sqrt(height * width / max_pixels)))
+    shape = (math.ceil(height / step), math.ceil(width / step))
+    zero = np.ones(shape, dtype=bool)
+    for index in dict.fromkeys(indexes):
+        if step == 1:
+            band = src.read(index)
+        else:
+            band = src.read(index, out_shape=shape, resampling=Resampling.nearest)
+        zero &= band == 0
+        if not zero.any():
+            break
+    cells = edge_connected(zero)
+    if step > 1 and cells.any():
+        cells = ndimage.binary_dilation(cells)
+    return Collar(cells, height, width)
 
 
 def edge_connected(
@@ -309,14 +441,20 @@ def edge_connected(
     return np.isin(labels, touching)
 
 
-def raster_nodata_inputs(src: DatasetReader, window: Window | None = None) -> dict[str, Any]:
+def raster_nodata_inputs(
+    src: DatasetReader, window: Window | None = None, out_shape: tuple[int, int] | None = None
+) -> dict[str, Any]:
     """What marks nodata in an open rasterio dataset, as keyword arguments of
-    :func:`nodata_mask`: its nodata tag, its alpha band and its internal (per-dataset) mask.
+    :func:`nodata_mask`: its nodata tag, its alpha band and its internal (per-dataset) mask;
+    ``out_shape`` reads the masks decimated (nearest), as for an overview of the scene.
     """
+    kw: dict[str, Any] = {"window": window}
+    if out_shape is not None:
+        kw = {"window": window, "out_shape": out_shape, "resampling": Resampling.nearest}
     alpha_bands = [i for i, c in enumerate(src.colorinterp, start=1) if c == ColorInterp.alpha]
-    alpha = src.read(alpha_bands[0], window=window) if alpha_bands else None
+    alpha = src.read(alpha_bands[0], **kw) if alpha_bands else None
     internal = None
     flags = src.mask_flag_enums[0] if src.count else ()
     if MaskFlags.per_dataset in flags and MaskFlags.alpha not in flags:
-        internal = src.dataset_mask(window=window)
+        internal = src.dataset_mask(**kw)
     return {"nodata_value": src.nodata, "alpha": alpha, "internal_mask": internal}

@@ -10,6 +10,8 @@ weights_only=True)`` reads it and a tampered file cannot run code. Layout (``SCH
     label_map       label_mapping.json structure
     normalization   {"mean": [B floats], "std": [B floats], "scale": float}
     bands           the input bands (shared.bands.BandSpec.to_dict())
+    gsd_m           optional: ground sample distance of the training data, metres per pixel
+                    (absent when the data were not georeferenced, and in older checkpoints)
     config          the resolved training config (plain dict)
     metrics         dict (may be empty)
     versions        {"torch": str, "torchvision": str, "satseg": str}
@@ -86,6 +88,7 @@ def build_checkpoint(
     metrics: dict | None = None,
     training_state: dict | None = None,
     bands: BandSpec | None = None,
+    gsd_m: float | None = None,
 ) -> dict:
     """Assemble the checkpoint dict for ``model`` (see the module docstring for the layout).
 
@@ -146,9 +149,25 @@ def build_checkpoint(
         },
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
+    if gsd_m is not None:
+        payload["gsd_m"] = _checked_gsd(gsd_m, "gsd_m", ValueError)
     if training_state is not None:
         payload["training_state"] = _plain(training_state, "training_state")
     return payload
+
+
+def gsd_from_checkpoint(ckpt: Mapping[str, Any]) -> float | None:
+    """The training data's ground sample distance in metres, or None when not recorded."""
+    value = ckpt.get("gsd_m")
+    return None if value is None else _checked_gsd(value, "checkpoint gsd_m", CheckpointError)
+
+
+def _checked_gsd(value: Any, what: str, error: type[Exception]) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise error(f"{what} must be a positive number of metres, got {value!r}")
+    if value == float("inf"):
+        raise error(f"{what} must be finite, got {value!r}")
+    return float(value)
 
 
 def save_checkpoint(payload: dict, path: str | Path) -> None:
@@ -312,6 +331,8 @@ def _validate(payload: Any, path: str | Path) -> None:
             f"checkpoint {path}: bands lists {bands.count} ({', '.join(bands.names)}) but the "
             f"model reads {in_channels}"
         )
+
+    gsd_from_checkpoint(payload)
 
     state = payload["state_dict"]
     if not isinstance(state, dict) or not all(

@@ -278,6 +278,7 @@ def read_geotiff(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_decoded_bytes: int | None = None,
     max_bands: int | None = None,
+    nodata: str | float = "auto",
 ) -> GeoImage:
     """Read a (Geo)TIFF into RGB uint8 for the model, keeping its georeferencing.
 
@@ -289,6 +290,7 @@ def read_geotiff(
         max_pixels: cap on width x height, checked from the header before reading pixels.
         max_decoded_bytes: cap on width x height x bands x bytes per sample (None: none).
         max_bands: cap on the file's band count (None: none).
+        nodata: the nodata rule (``auto``, ``none`` or a value; :mod:`shared.bands`).
 
     Returns:
         A :class:`GeoImage` whose ``rgb`` is ``(H, W, 3)`` uint8.
@@ -310,7 +312,9 @@ def read_geotiff(
             data, max_pixels=max_pixels, max_decoded_bytes=max_decoded_bytes, max_bands=max_bands
         )
     try:
-        with GdalRaster(data, bands=bands, scale=scale, max_pixels=max_pixels) as raster:
+        with GdalRaster(
+            data, bands=bands, scale=scale, max_pixels=max_pixels, nodata=nodata
+        ) as raster:
             rows = raster.read_rows(0, raster.height)
             georef = raster.georef
             return GeoImage(
@@ -340,6 +344,7 @@ def decode_raster(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_decoded_bytes: int | None = None,
     max_bands: int | None = None,
+    nodata: str | float = "auto",
 ) -> tuple[np.ndarray, GeoImage | None]:
     """Any upload to ``(H, W, 3)`` uint8 RGB: TIFFs through :func:`read_geotiff` (any band count
     and type, georeferencing kept), everything else through :func:`shared.imaging.decode_image`.
@@ -364,7 +369,9 @@ def decode_raster(
             return decode_image(data, **limits), None
         except (UnsupportedFormatError, CorruptImageError):
             pass
-    geo = read_geotiff(data, bands=chosen, scale=how, max_bands=max_bands, **limits)
+    geo = read_geotiff(
+        data, bands=chosen, scale=how, max_bands=max_bands, nodata=nodata, **limits
+    )
     return geo.rgb, geo
 
 

@@ -200,13 +200,15 @@ class Predictor:
         return autocast_dtype(self.precision)
 
     def run_batch(self, batch: torch.Tensor) -> torch.Tensor:
-        """``(N, 3, h, w)`` uint8 (host or device) -> ``(N, C, h, w)`` float32 logits on the device.
+        """``(N, B, h, w)`` band values (host or device) -> ``(N, C, h, w)`` float32 logits on
+        the device; B is the model's band count, uint8 for RGB, float32 band values for others.
 
-        Normalisation happens on the device, so only uint8 is copied from the host.
+        Normalisation happens on the device, so only uint8 is copied from the host for RGB.
         """
-        if batch.ndim != 4 or batch.shape[1] != 3 or batch.dtype != torch.uint8:
+        bands = self.normalization.channels
+        if batch.ndim != 4 or batch.shape[1] != bands:
             raise ValueError(
-                f"batch must be (N, 3, h, w) uint8, got {tuple(batch.shape)} {batch.dtype}"
+                f"batch must be (N, {bands}, h, w), got {tuple(batch.shape)} {batch.dtype}"
             )
         with torch.inference_mode():
             batch = self.to_device(batch)
@@ -258,7 +260,8 @@ class Predictor:
         """Run one tile so that lazy initialisation (kernels, allocator, autotuning) is paid
         before the first real request."""
         tile = self.options.tile
-        self.run_batch(torch.zeros((1, 3, tile, tile), dtype=torch.uint8))
+        bands = self.normalization.channels
+        self.run_batch(torch.zeros((1, bands, tile, tile), dtype=torch.uint8))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 

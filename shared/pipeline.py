@@ -7,7 +7,8 @@
 
 ``run`` is the model call: ``Predictor.run_batch`` locally, the service's batcher in the
 service (so requests share forward passes and keep their deadlines). It maps ``(N, 3, t, t)``
-uint8 tiles to ``(N, C, t, t)`` float logits.
+uint8 tiles (``(N, B, t, t)`` float32 band values for a multi-band model, ``Rows.pixels``) to
+``(N, C, t, t)`` float logits.
 
 Blending: tile logits are weighted by :func:`shared.tiling.blend_window` and summed; the argmax
 of the sum is the mask. The result is the same, bit for bit, as summing every tile into one
@@ -112,7 +113,7 @@ def stream(
     finish = _Finisher(num_classes, probabilities, ignore_index)
     if height <= tile and width <= tile:
         rows = source.read_rows(0, height)
-        logits = run_padded(_chw(rows.rgb)[None], run, num_classes)[0]
+        logits = run_padded(_chw(rows.model_input)[None], run, num_classes)[0]
         mask, probs = finish(logits)
         yield finish.band(0, mask, probs, rows.valid, rows.rgb)
         return
@@ -359,7 +360,7 @@ def _tile_logits(
     def crops() -> Iterator[torch.Tensor]:
         for band_index, y in enumerate(ys):
             rows = rows_of[band_index] = source.read_rows(y, tile)
-            image = pad_reflect(_chw(rows.rgb), tile, padded_w)
+            image = pad_reflect(_chw(rows.model_input), tile, padded_w)
             for x in xs:
                 yield image[:, :, x : x + tile]
 
