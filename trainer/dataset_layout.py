@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from shared.datasets import IMAGE_EXTENSIONS, MASK_EXTENSIONS
 from shared.imaging import ImageError, decode_image, decode_mask
 from shared.labels import LabelMap, MaskValueError
 
@@ -27,9 +28,6 @@ SPLIT_DIRS: dict[str, tuple[str, ...]] = {
 }
 IMAGES_DIR = "IMAGES"
 MASKS_DIR = "MASKS"
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".bmp"})
-# Masks must be lossless: JPEG artefacts invent label values along every class edge.
-MASK_EXTENSIONS = frozenset({".png", ".tif", ".tiff", ".bmp"})
 # Listing more than this many offending files in one message helps nobody.
 _MAX_LISTED = 10
 

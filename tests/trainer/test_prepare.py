@@ -25,8 +25,6 @@ from trainer.prepare import (
     PrepareError,
     build_dataset,
     decode_gshhg_mask,
-    holdout_columns,
-    latitude_rows,
     load_bluemarble,
     load_relief,
     main,
@@ -92,12 +90,6 @@ def test_tile_origins_cover_the_range_with_the_last_tile_flush() -> None:
     assert tile_origins(0, 11, 4, 3) == [0, 3, 6, 7]
     assert tile_origins(5, 9, 4, 4) == [5]
     assert tile_origins(5, 8, 4, 4) == []
-
-
-def test_default_bands_on_the_real_grid() -> None:
-    assert latitude_rows(2700, 70) == (300, 2400)  # 15 px per degree
-    assert holdout_columns(5400, 100, 180) == (4200, 5400)
-    assert holdout_columns(5400, 100.01, 179.99) == (4201, 5399)  # only whole pixels inside
 
 
 def test_bad_options_are_refused() -> None:
