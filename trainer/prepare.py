@@ -330,18 +330,8 @@ def build_dataset(
     never holds a half-written dataset. An existing ``out`` is replaced only when it is empty
     or was written by this builder (it has a ``dataset.json`` saying so).
     """
-    bands = 3 if band_names is None else len(band_names)
-    if image.ndim != 3 or image.shape[2] != bands or image.shape[:2] != mask.shape:
-        raise PrepareError(
-            f"image {image.shape} ({bands} bands) and mask {mask.shape} do not share a grid"
-        )
-    if image.dtype != np.uint8 or mask.dtype != np.uint8 or mask.max(initial=0) > 2:
-        raise PrepareError("image must be uint8 RGB and mask uint8 with values 0, 1, 2")
     label_map = label_map or LabelMap.load()
-    if tuple(label_map.names[:3]) != BLUEMARBLE_CLASSES:
-        raise PrepareError(
-            f"label map names {label_map.names} do not start with {list(BLUEMARBLE_CLASSES)}"
-        )
+    _check_inputs(image, mask, label_map, band_names)
     tiles, stats = plan_tiles(mask, options)
     empty = [split for split in SPLITS if stats[split].pairs == 0]
     if empty:
@@ -350,25 +340,7 @@ def build_dataset(
     out = Path(out).resolve()  # "." or "data/" have no usable name for the staging folder
     staging = _staging_dir(out)
     try:
-        for split in SPLITS:
-            for sub in (IMAGES_DIR, MASKS_DIR):
-                (staging / SPLIT_DIRS[split][0] / sub).mkdir(parents=True)
-        palette = label_map.palette()
-        t = options.tile
-        for spec in tiles:
-            split_dir = staging / SPLIT_DIRS[spec.split][0]
-            crop = image[spec.row : spec.row + t, spec.col : spec.col + t]
-            if band_names is None:
-                (split_dir / IMAGES_DIR / f"{spec.stem}.jpg").write_bytes(
-                    _encode_jpeg(crop, options.jpeg_quality)
-                )
-            else:
-                transform = tile_transform(image.shape[:2], spec.row, spec.col)
-                (split_dir / IMAGES_DIR / f"{spec.stem}.tif").write_bytes(
-                    encode_geotiff(crop, transform, band_names)
-                )
-            labels = np.ascontiguousarray(mask[spec.row : spec.row + t, spec.col : spec.col + t])
-            (split_dir / MASKS_DIR / f"{spec.stem}.png").write_bytes(encode_png(labels, palette))
+        _write_tiles(staging, image, mask, tiles, options, label_map, band_names)
         description = _describe(image.shape[:2], options, stats, label_map, sources or [])
         if band_names is not None:
             description["images"] = {
@@ -384,6 +356,53 @@ def build_dataset(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return stats
+
+
+def _check_inputs(
+    image: np.ndarray, mask: np.ndarray, label_map: LabelMap, band_names: Sequence[str] | None
+) -> None:
+    bands = 3 if band_names is None else len(band_names)
+    if image.ndim != 3 or image.shape[2] != bands or image.shape[:2] != mask.shape:
+        raise PrepareError(
+            f"image {image.shape} ({bands} bands) and mask {mask.shape} do not share a grid"
+        )
+    if image.dtype != np.uint8 or mask.dtype != np.uint8 or mask.max(initial=0) > 2:
+        raise PrepareError("image must be uint8 RGB and mask uint8 with values 0, 1, 2")
+    if tuple(label_map.names[:3]) != BLUEMARBLE_CLASSES:
+        raise PrepareError(
+            f"label map names {label_map.names} do not start with {list(BLUEMARBLE_CLASSES)}"
+        )
+
+
+def _write_tiles(
+    staging: Path,
+    image: np.ndarray,
+    mask: np.ndarray,
+    tiles: Sequence[TileSpec],
+    options: BuildOptions,
+    label_map: LabelMap,
+    band_names: Sequence[str] | None,
+) -> None:
+    """Each tile's image (JPEG, or a GeoTIFF with ``band_names``) and palette PNG mask."""
+    for split in SPLITS:
+        for sub in (IMAGES_DIR, MASKS_DIR):
+            (staging / SPLIT_DIRS[split][0] / sub).mkdir(parents=True)
+    palette = label_map.palette()
+    t = options.tile
+    for spec in tiles:
+        split_dir = staging / SPLIT_DIRS[spec.split][0]
+        crop = image[spec.row : spec.row + t, spec.col : spec.col + t]
+        if band_names is None:
+            (split_dir / IMAGES_DIR / f"{spec.stem}.jpg").write_bytes(
+                _encode_jpeg(crop, options.jpeg_quality)
+            )
+        else:
+            transform = tile_transform(image.shape[:2], spec.row, spec.col)
+            (split_dir / IMAGES_DIR / f"{spec.stem}.tif").write_bytes(
+                encode_geotiff(crop, transform, band_names)
+            )
+        labels = np.ascontiguousarray(mask[spec.row : spec.row + t, spec.col : spec.col + t])
+        (split_dir / MASKS_DIR / f"{spec.stem}.png").write_bytes(encode_png(labels, palette))
 
 
 def build_bluemarble(
