@@ -54,7 +54,7 @@ from service.memory import MemoryBudget, default_memory_budget
 from service.metrics import ServiceMetrics
 from service.settings import Settings
 from shared.acceleration import FX_TRACE_LOCK
-from shared.checkpoint import CheckpointError
+from shared.checkpoint import CheckpointError, bands_from_checkpoint, gsd_from_checkpoint
 from shared.imaging import DecodedSize
 from shared.inference import InferenceOptions, Predictor
 from shared.pipeline import Prediction, Tiling, predict
@@ -445,15 +445,24 @@ class Engine:
         context = contextvars.copy_context()  # log lines there keep the request id
         return await loop.run_in_executor(self._io_pool, lambda: context.run(fn, *args, **kwargs))
 
-    async def segment(self, image: np.ndarray, ticket: Ticket) -> np.ndarray:
-        """``(H, W, 3)`` uint8 RGB -> ``(H, W)`` uint8 class ids, sharing forward passes.
+    async def segment(
+        self,
+        image: np.ndarray,
+        ticket: Ticket,
+        *,
+        valid: np.ndarray | None = None,
+        pixels: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """``(H, W, 3)`` uint8 RGB -> ``(H, W)`` uint8 class ids, sharing forward passes. For a
+        multi-band model, ``pixels`` holds the ``(H, W, B)`` band values it reads (``image`` is
+        then a preview).
 
         Raises:
             DeadlineExceededError: the ticket's deadline passed (504).
             DeviceOutOfMemoryError: the device ran out of memory for this request (503).
             NotReadyError: the service stopped meanwhile.
         """
-        return (await self.predict(image, ticket)).mask
+        return (await self.predict(image, ticket, valid=valid, pixels=pixels)).mask
 
     async def predict(
         self,
@@ -462,6 +471,7 @@ class Engine:
         *,
         valid: np.ndarray | None = None,
         probabilities: bool = False,
+        pixels: np.ndarray | None = None,
     ) -> Prediction:
         """:meth:`segment` through :func:`shared.pipeline.predict`, with the batcher as the model
         call; ``valid`` False (nodata) pixels become ``ignore_index``, and ``probabilities``
@@ -470,19 +480,22 @@ class Engine:
         context = contextvars.copy_context()
         start = time.perf_counter()
         result = await loop.run_in_executor(
-            self._request_pool, context.run, self._predict, image, ticket, valid, probabilities
+            self._request_pool,
+            context.run,
+            self._predict,
+            ArrayRaster(image, valid, pixels=pixels),
+            ticket,
+            probabilities,
         )
         self.metrics.inference.observe(time.perf_counter() - start)
         return result
 
-    def _predict(
-        self, image: np.ndarray, ticket: Ticket, valid: np.ndarray | None, probabilities: bool
-    ) -> Prediction:
+    def _predict(self, source: ArrayRaster, ticket: Ticket, probabilities: bool) -> Prediction:
         predictor = ticket.model.predictor
         try:
             with torch.inference_mode():
                 return predict(
-                    ArrayRaster(image, valid),
+                    source,
                     lambda tiles: self._submit(tiles, ticket.deadline, predictor),
                     num_classes=predictor.num_classes,
                     tiling=Tiling(self.options.tile, self.options.overlap, self.options.tile_batch),
@@ -635,6 +648,8 @@ class Engine:
             ],
             "ignore_index": label_map.ignore_index,
             "normalization": predictor.normalization.to_dict(),
+            "bands": bands_from_checkpoint(meta).to_dict(),
+            "gsd_m": gsd_from_checkpoint(meta),
             "checkpoint": {
                 "path": str(loaded.path),
                 "sha256": loaded.sha256,

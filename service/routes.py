@@ -25,6 +25,8 @@ from service.schemas import (
     SegmentFormat,
     SegmentRle,
 )
+from shared.bands import BandError, BandSpec, NodataRule, parse_band_list, parse_nodata
+from shared.checkpoint import bands_from_checkpoint, gsd_from_checkpoint
 from shared.codec import (
     mask_to_classes,
     mask_to_geojson,
@@ -40,7 +42,6 @@ from shared.geotiff import (
     decode_raster,
     is_tiff,
     mask_invalid,
-    parse_bands,
     parse_scale,
     raster_size,
 )
@@ -48,7 +49,13 @@ from shared.imaging import ImageError, decode_mask
 from shared.labels import LabelMap, MaskValueError
 from shared.metrics import ConfusionMatrix, scores
 from shared.pipeline import Prediction
-from shared.raster import georef_of
+from shared.raster import (
+    georef_of,
+    ground_sample_distance,
+    open_for_model,
+    read_all,
+    scale_warning,
+)
 
 router = APIRouter()
 T = TypeVar("T")
@@ -136,18 +143,23 @@ Simplify = Annotated[
 
 @dataclass(frozen=True)
 class RasterOptions:
-    """How a TIFF upload becomes RGB (see ``shared.geotiff``); other formats ignore it."""
+    """How a TIFF upload becomes the model's input (see ``shared.geotiff``, ``shared.bands``);
+    other formats ignore it."""
 
     bands: tuple[int, ...] | None
     scale: Scale
+    nodata: NodataRule = "auto"
 
 
 def raster_options(
     bands: Annotated[
         str | None,
         Query(
-            description="TIFF bands for R,G,B, 1-based, e.g. `4,3,2` (Sentinel-2 true colour), "
-            "or one band shown as grey. Default: 1,2,3; band 1 for files of 1 or 2 bands."
+            description="TIFF bands in the model's order, 1-based. An RGB model: R,G,B, e.g. "
+            "`4,3,2` (Sentinel-2 true colour), or one band shown as grey (default 1,2,3; band 1 "
+            "for files of 1 or 2 bands). A multi-band model (see `GET /model`): one number per "
+            "band it reads (default: the file's bands in order when it has exactly that many, "
+            "else the bands at the checkpoint's source indices)."
         ),
     ] = None,
     scale: Annotated[
@@ -158,12 +170,25 @@ def raster_options(
             "range `LOW,HIGH` for every band, e.g. `0,3000` for Sentinel-2 L2A reflectance."
         ),
     ] = "auto",
+    nodata: Annotated[
+        str,
+        Query(
+            description="Which TIFF pixels are nodata (answered 255, left out of scores): "
+            "`auto` (the file's nodata value, alpha band and mask, plus pixels zero in every "
+            "band connected to the scene's edge: an untagged fill collar), `none` (every "
+            "finite pixel is valid), or a value that marks nodata where every band holds it."
+        ),
+    ] = "auto",
 ) -> RasterOptions:
     """Parsed before any upload is decoded, so a malformed choice costs nothing."""
     try:
-        return RasterOptions(bands=parse_bands(bands), scale=parse_scale(scale))
+        return RasterOptions(
+            bands=parse_band_list(bands), scale=parse_scale(scale), nodata=parse_nodata(nodata)
+        )
     except RasterOptionError as exc:
         raise UnprocessableError(str(exc), code=exc.code) from exc
+    except BandError as exc:
+        raise UnprocessableError(str(exc), code="invalid_raster_option") from exc
 
 
 RasterDep = Annotated[RasterOptions, Depends(raster_options)]
@@ -208,6 +233,28 @@ async def _decode(
     return await _checked(engine, what, decode, await upload.read(), **options)
 
 
+@dataclass(frozen=True)
+class Decoded:
+    """An upload as the model reads it.
+
+    Attributes:
+        rgb: ``(H, W, 3)`` uint8: the model's input for an RGB model, else a preview.
+        geo: a TIFF's georeferencing and nodata pixels (None for other formats).
+        pixels: ``(H, W, B)`` float32 band values for a multi-band model, else None.
+        warnings: why the answer may be unreliable (an input at another scale).
+    """
+
+    rgb: np.ndarray
+    geo: GeoImage | None
+    pixels: np.ndarray | None = None
+    warnings: tuple[str, ...] = ()
+
+
+def reads_rgb(spec: BandSpec) -> bool:
+    """Whether a model takes 8-bit three-band pictures (PNG, JPEG...) as well as TIFFs."""
+    return spec.count == 3 and spec.dtype == "uint8"
+
+
 async def _decode_image(
     engine: Engine,
     upload: UploadFile,
@@ -215,8 +262,9 @@ async def _decode_image(
     raster: RasterOptions,
     ticket: Ticket,
     held: AsyncExitStack,
-) -> tuple[np.ndarray, GeoImage | None]:
-    """``(H, W, 3)`` uint8 RGB and, for a TIFF, its georeferencing and nodata pixels.
+) -> Decoded:
+    """The upload as the ticket's model reads it (its band spec decides): RGB and, for a TIFF,
+    its georeferencing and nodata pixels; for a multi-band model, the band values too.
 
     The header is checked first (pixels, bands, sample type, decoded bytes: 413/422 before any
     pixel is decoded), then the request's estimated working memory is reserved on ``held``
@@ -227,9 +275,59 @@ async def _decode_image(
     await held.enter_async_context(
         engine.reserve_memory(engine.working_memory(size, len(data), ticket))
     )
-    return await _checked(
-        engine, what, decode_raster, data, bands=raster.bands, scale=raster.scale, **limits
+    predictor = ticket.model.predictor
+    spec = bands_from_checkpoint(predictor.metadata)
+    options = {"scale": raster.scale, "nodata": raster.nodata}
+    if reads_rgb(spec):
+        rgb, geo = await _checked(
+            engine, what, decode_raster, data, bands=raster.bands, **options, **limits
+        )
+        decoded = Decoded(rgb, geo)
+    else:
+        fill = [m * predictor.normalization.scale for m in predictor.normalization.mean]
+        decoded = await _checked(
+            engine, what, _read_bands, data, spec=spec, fill=fill, bands=raster.bands, **options
+        )
+    georef = georef_of(decoded.geo)
+    height, width = decoded.rgb.shape[:2]
+    warning = scale_warning(
+        gsd_from_checkpoint(predictor.metadata), ground_sample_distance(georef, height, width)
     )
+    if warning is None:
+        return decoded
+    return Decoded(decoded.rgb, decoded.geo, decoded.pixels, (f"{what}: {warning}",))
+
+
+def _read_bands(
+    data: bytes,
+    *,
+    spec: BandSpec,
+    fill: list[float],
+    bands: tuple[int, ...] | None,
+    scale: Scale,
+    nodata: NodataRule,
+    max_pixels: int,
+    max_decoded_bytes: int | None,
+) -> Decoded:
+    """A TIFF for a multi-band model: its bands (``bands`` reorders) as values, nodata pixels at
+    the training means (``fill``), and an RGB preview. Other formats answer 422."""
+    with open_for_model(
+        data, spec, fill=fill, bands=bands, scale=scale, nodata=nodata, max_pixels=max_pixels
+    ) as raster:
+        rows = read_all(raster)
+        georef = raster.georef
+        geo = GeoImage(
+            rgb=rows.rgb,
+            crs=georef.crs,
+            transform=georef.transform,
+            gcps=georef.gcps,
+            gcps_crs=georef.gcps_crs,
+            valid=rows.valid,
+            bands=raster.bands,
+            dtype=raster.dtype,
+            stretch=raster.stretch,
+        )
+        return Decoded(rows.rgb, geo, rows.pixels)
 
 
 def _label_map(ticket: Ticket) -> LabelMap:
@@ -307,7 +405,8 @@ async def segment(
     name = f"image '{image.filename}'"
     async with AsyncExitStack() as held:  # admission, then the image's memory
         ticket = held.enter_context(engine.admit())
-        array, geo = await _decode_image(engine, image, name, raster, ticket, held)
+        upload = await _decode_image(engine, image, name, raster, ticket, held)
+        array, geo = upload.rgb, upload.geo
         if format is SegmentFormat.geotiff and (geo is None or not geo.georeferenced):
             # Checked before inference: the answer could not be placed on the map anyway.
             await image.seek(0)
@@ -330,6 +429,7 @@ async def segment(
             ticket,
             valid=None if geo is None else geo.valid,
             probabilities=format is SegmentFormat.probabilities,
+            pixels=upload.pixels,
         )
         mask = prediction.mask
         inferred = time.perf_counter()
@@ -355,12 +455,15 @@ async def segment(
         "encode": _ms(end - inferred),
         "total": _ms(end - start),
     }
+    warned = _warning_headers(upload.warnings)
     if format is SegmentFormat.geojson:
         server_timing = ", ".join(f"{k};dur={v}" for k, v in timing.items())
+        if upload.warnings:
+            geojson = {**geojson, "warnings": list(upload.warnings)}
         return JSONResponse(
             geojson,
             media_type="application/geo+json",
-            headers={"Server-Timing": server_timing, MODEL_VERSION: ticket.model.sha256},
+            headers={"Server-Timing": server_timing, MODEL_VERSION: ticket.model.sha256, **warned},
         )
     if format is not SegmentFormat.rle:
         server_timing = ", ".join(f"{k};dur={v}" for k, v in timing.items())
@@ -372,15 +475,29 @@ async def segment(
                 "Server-Timing": server_timing,
                 "Content-Disposition": f'inline; filename="{filename}"',
                 MODEL_VERSION: ticket.model.sha256,
+                **warned,
             },
         )
     response.headers[MODEL_VERSION] = ticket.model.sha256
+    response.headers.update(warned)
     return {
         "height": int(mask.shape[0]),
         "width": int(mask.shape[1]),
         "classes": classes,
         "timing_ms": timing,
+        "warnings": list(upload.warnings),
     }
+
+
+WARNING_HEADER = "X-SatSeg-Warning"
+
+
+def _warning_headers(warnings: tuple[str, ...] | list[str]) -> dict[str, str]:
+    """``X-SatSeg-Warning`` with the answer's warnings (ASCII, one line), or nothing."""
+    if not warnings:
+        return {}
+    text = " | ".join(warnings)
+    return {WARNING_HEADER: text.encode("ascii", "replace").decode().replace("\n", " ")}
 
 
 @router.post(
@@ -432,6 +549,7 @@ async def evaluate(
         )
     start = time.perf_counter()
     decode_s = infer_s = 0.0
+    warnings: list[str] = []
     with engine.admit() as ticket:
         label_map = _label_map(ticket)
         total = ConfusionMatrix(label_map.num_classes, label_map.ignore_index)
@@ -439,11 +557,18 @@ async def evaluate(
         for index, (image_file, mask_file) in enumerate(zip(image, mask, strict=True)):
             async with AsyncExitStack() as held:  # one pair's memory at a time
                 t0 = time.perf_counter()
-                pixels, geo, truth = await _decode_pair(
+                decoded, truth = await _decode_pair(
                     engine, ticket, held, label_map, index, image_file, mask_file, raster
                 )
+                geo = decoded.geo
+                warnings.extend(decoded.warnings)
                 t1 = time.perf_counter()
-                prediction = await engine.segment(pixels, ticket)
+                prediction = await engine.segment(
+                    decoded.rgb,
+                    ticket,
+                    valid=None if geo is None else geo.valid,
+                    pixels=decoded.pixels,
+                )
             t2 = time.perf_counter()
             decode_s, infer_s = decode_s + t1 - t0, infer_s + t2 - t1
             names = (image_file.filename, mask_file.filename)
@@ -462,7 +587,9 @@ async def evaluate(
         aggregate = _scores(total, label_map)
     end = time.perf_counter()
     response.headers[MODEL_VERSION] = ticket.model.sha256
+    response.headers.update(_warning_headers(warnings))
     return {
+        "warnings": warnings,
         "num_pairs": len(pairs),
         "pairs": pairs,
         "aggregate": aggregate,
@@ -484,12 +611,13 @@ async def _decode_pair(
     image_file: UploadFile,
     mask_file: UploadFile,
     raster: RasterOptions,
-) -> tuple[np.ndarray, GeoImage | None, np.ndarray]:
-    """Decode pair ``index`` to ``(rgb, geo, truth)``; its mask must match the image's size and
+) -> tuple[Decoded, np.ndarray]:
+    """Decode pair ``index`` to ``(image, truth)``; its mask must match the image's size and
     hold only known labels."""
-    pixels, geo = await _decode_image(
+    decoded = await _decode_image(
         engine, image_file, f"image {index} ('{image_file.filename}')", raster, ticket, held
     )
+    pixels = decoded.rgb
     raw = await _decode(engine, mask_file, f"mask {index} ('{mask_file.filename}')", decode_mask)
     (ih, iw), (mh, mw) = pixels.shape[:2], raw.shape[:2]
     if (ih, iw) != (mh, mw):
@@ -504,7 +632,7 @@ async def _decode_pair(
         raise UnprocessableError(
             f"Pair {index}: mask '{mask_file.filename}': {exc}", code="unknown_mask_values"
         ) from exc
-    return pixels, geo, truth
+    return decoded, truth
 
 
 def _score_pair(

@@ -75,6 +75,11 @@ class SegmentRle(MaskRle):
     """`/segment?format=rle`."""
 
     timing_ms: Timing
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="Why the answer may be unreliable, e.g. an input at another scale than "
+        "the training data (also in the X-SatSeg-Warning header).",
+    )
 
 
 class ClassScore(BaseModel):
@@ -123,6 +128,11 @@ class EvaluateResponse(BaseModel):
     pairs: list[PairResult]
     aggregate: Scores = Field(description="Scores of the confusion matrix summed over all pairs.")
     timing_ms: Timing
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="Why scores may be unreliable, e.g. an image at another scale than the "
+        "training data (also in the X-SatSeg-Warning header).",
+    )
 
 
 class LabelClassInfo(BaseModel):
@@ -156,7 +166,16 @@ class ModelInfo(BaseModel):
     arch: ArchInfo
     classes: list[LabelClassInfo]
     ignore_index: int
-    normalization: dict[str, Any]
+    normalization: dict[str, Any] = Field(
+        description="Per-band `(x / scale - mean) / std`, applied to the bands as read."
+    )
+    bands: dict[str, Any] = Field(
+        description="The bands the model reads, in order (`name`, 1-based source `index`), "
+        "their `dtype` and the training data's `nodata` rule."
+    )
+    gsd_m: float | None = Field(
+        None, description="Ground sample distance of the training data in metres per pixel."
+    )
     checkpoint: CheckpointInfo
     device: str
     precision: str = Field(description="Resolved precision: fp32, bf16, fp16 or int8.")

@@ -177,7 +177,7 @@ def parse_band_list(text: str | Sequence[int] | None) -> tuple[int, ...] | None:
             f"bands must be comma-separated band numbers such as 4,3,2; got {text!r}"
         ) from None
     if any(b < 1 for b in bands):
-        raise BandError(f"band numbers count from 1; got {bands}")
+        raise BandError(f"band numbers are counted from 1; got {bands}")
     return bands
 
 
@@ -392,12 +392,14 @@ class Collar:
 
 
 def trace_collar(
-    src: DatasetReader, indexes: Sequence[int], *, max_pixels: int = COLLAR_MAX_PIXELS
+    src: DatasetReader, indexes: Sequence[int], *, max_pixels: int | None = None
 ) -> Collar:
     """The collar of an open raster's bands ``indexes``: pixels zero in every one of them and
     4-connected to the scene's edge, read one band at a time (memory: a few bytes per overview
-    pixel, whatever the band count)."""
+    pixel, whatever the band count); the overview has at most ``max_pixels`` pixels (default
+    :data:`COLLAR_MAX_PIXELS`)."""
     height, width = src.height, src.width
+    max_pixels = max_pixels or COLLAR_MAX_PIXELS
     step = max(1, math.ceil(math.sqrt(height * width / max_pixels)))
     shape = (math.ceil(height / step), math.ceil(width / step))
     zero = np.ones(shape, dtype=bool)

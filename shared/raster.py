@@ -129,7 +129,7 @@ def ground_sample_distance(georef: Georef, height: int, width: int) -> float | N
     if area == 0:
         return None
     if georef.crs.is_geographic:
-        _, lat = t * (width / 2, height / 2)
+        lat = t.d * width / 2 + t.e * height / 2 + t.f
         scale = _METRES_PER_DEGREE**2 * max(math.cos(math.radians(lat)), 1e-6)
         return math.sqrt(area * scale)
     return math.sqrt(area) * float(georef.crs.linear_units_factor[1])
@@ -457,6 +457,7 @@ def open_file(
     bands: Sequence[int] | str | None = None,
     scale: str | Scale | None = "auto",
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    nodata: NodataRule = NODATA_AUTO,
 ) -> RasterSource:
     """A file as a :class:`RasterSource`. A TIFF (or other GDAL raster) is opened for windowed
     reads, without a pixel cap: it is never read whole. A PNG, JPEG, WebP or BMP, and a plain
@@ -477,8 +478,8 @@ def open_file(
             return ArrayRaster(decode_image(path.read_bytes(), max_pixels=max_pixels))
         except UnsupportedFormatError:
             # Not a picture format: perhaps one of GDAL's (JPEG 2000, ENVI, VRT...).
-            return GdalRaster(path, bands=chosen, scale=how)
-    raster = GdalRaster(path, bands=chosen, scale=how)
+            return GdalRaster(path, bands=chosen, scale=how, nodata=nodata)
+    raster = GdalRaster(path, bands=chosen, scale=how, nodata=nodata)
     if chosen is None and how.kind == "auto" and not raster.georef.georeferenced:
         try:
             picture = ArrayRaster(decode_image(path.read_bytes(), max_pixels=max_pixels))

@@ -52,7 +52,7 @@ import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -61,7 +61,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from shared.checkpoint import CheckpointError
+from shared.bands import BandSpec, NodataRule, parse_band_list, parse_nodata
+from shared.checkpoint import CheckpointError, bands_from_checkpoint, gsd_from_checkpoint
 from shared.codec import GEOJSON_CRS, CogWriter, PolygonWriter, mask_to_png
 from shared.files import atomic_write_bytes
 from shared.geotiff import RasterOptionError, Scale, parse_bands, parse_scale
@@ -69,7 +70,15 @@ from shared.imaging import DEFAULT_MAX_PIXELS, ImageError, encode_png
 from shared.inference import PRECISIONS, InferenceOptions, Predictor
 from shared.labels import LabelMap, overlay
 from shared.pipeline import Band, stream
-from shared.raster import ArrayRaster, RasterSource, close_source, open_file
+from shared.raster import (
+    ArrayRaster,
+    RasterSource,
+    close_source,
+    ground_sample_distance,
+    open_file,
+    open_for_model,
+    scale_warning,
+)
 from trainer.dataset_layout import IMAGE_EXTENSIONS
 from trainer.ray_options import add_ray_arguments
 
@@ -120,11 +129,38 @@ class Job:
 
 @dataclass(frozen=True)
 class ReadOptions:
-    """How input files are decoded (see :mod:`shared.geotiff` for ``bands`` and ``scale``)."""
+    """How input files are decoded (see :mod:`shared.geotiff` for ``bands`` and ``scale``,
+    :mod:`shared.bands` for ``nodata``).
+
+    Attributes:
+        model: the bands a multi-band model reads (:func:`for_model`); None for an RGB model.
+        fill: the values nodata pixels take for a multi-band model (its training means).
+        gsd_m: the training data's pixel size, for the scale warning; None when unknown.
+    """
 
     bands: tuple[int, ...] | None = None
     scale: Scale | str = "auto"
     max_pixels: int = DEFAULT_MAX_PIXELS
+    nodata: NodataRule = "auto"
+    model: BandSpec | None = None
+    fill: tuple[float, ...] | None = None
+    gsd_m: float | None = None
+
+
+def for_model(read: ReadOptions, predictor: Predictor) -> ReadOptions:
+    """``read`` for ``predictor``'s band spec: RGB models take 1 or 3 ``bands``, others their
+    own band count, read as values with nodata at the training means.
+
+    Raises:
+        RasterOptionError: ``bands`` that an RGB model cannot take.
+    """
+    spec = bands_from_checkpoint(predictor.metadata)
+    gsd_m = gsd_from_checkpoint(predictor.metadata)
+    if spec.count == 3 and spec.dtype == "uint8":
+        return replace(read, bands=parse_bands(read.bands), gsd_m=gsd_m)
+    norm = predictor.normalization
+    fill = tuple(m * norm.scale for m in norm.mean)
+    return replace(read, model=spec, fill=fill, gsd_m=gsd_m)
 
 
 @dataclass(frozen=True)
@@ -278,7 +314,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         read = ReadOptions(
-            bands=parse_bands(args.bands), scale=parse_scale(args.scale), max_pixels=args.max_pixels
+            bands=parse_band_list(args.bands),
+            scale=parse_scale(args.scale),
+            max_pixels=args.max_pixels,
+            nodata=parse_nodata(args.nodata),
         )
         write = WriteOptions(
             format=args.format,
@@ -299,8 +338,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.ray:
             from trainer.ray_predict import main_on_ray
 
+            read = replace(read, bands=parse_bands(read.bands))  # Ray runs RGB models
             return main_on_ray(args, jobs, read=read, write=write, options=options)
         predictor = Predictor.from_checkpoint(args.checkpoint, options)
+        read = for_model(read, predictor)
     except (PredictError, RasterOptionError, CheckpointError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
@@ -371,7 +412,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=defaults.tile_batch,
         help="images (same size, up to one tile) or tiles per forward pass",
     )
-    parser.add_argument("--bands", default=None, help="TIFF bands for R,G,B, 1-based (4,3,2)")
+    parser.add_argument(
+        "--bands",
+        default=None,
+        help="TIFF bands in the model's order, 1-based: R,G,B for an RGB model (4,3,2); one per "
+        "band for a multi-band model (default: the file's bands)",
+    )
+    parser.add_argument(
+        "--nodata",
+        default="auto",
+        help="nodata pixels (written 255): auto (tag, alpha, mask, and the all-zero collar "
+        "connected to the scene edge), none, or a value held by every band",
+    )
     parser.add_argument(
         "--scale",
         default="auto",
@@ -424,9 +476,28 @@ def _check_outputs(jobs: Sequence[Job], fmt: str | None, overlays: bool) -> None
 def _load(job: Job, read: ReadOptions) -> _Loaded:
     # Pictures are decoded here, in a background thread; GDAL rasters are only opened.
     try:
-        source = open_file(
-            job.source, bands=read.bands, scale=read.scale, max_pixels=read.max_pixels
-        )
+        if read.model is not None:
+            source: RasterSource = open_for_model(
+                job.source,
+                read.model,
+                fill=read.fill,
+                bands=read.bands,
+                scale=read.scale,
+                nodata=read.nodata,
+                max_pixels=None,
+            )
+        else:
+            source = open_file(
+                job.source,
+                bands=read.bands,
+                scale=read.scale,
+                max_pixels=read.max_pixels,
+                nodata=read.nodata,
+            )
+        gsd = ground_sample_distance(source.georef, source.height, source.width)
+        warning = scale_warning(read.gsd_m, gsd)
+        if warning is not None:
+            print(f"warning: {job.source}: {warning}", file=sys.stderr)
         return _Loaded(job, source=source)
     except ImageError as err:
         return _Loaded(job, error=f"{err.code}: {err}")
