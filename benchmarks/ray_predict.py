@@ -152,6 +152,8 @@ def main_benchmark(argv: list[str] | None = None) -> dict[str, Any]:
     rows = []
     try:
         timed([*common, "--out", str(folder / "warm")])  # page cache, lazy imports
+        # Ray's task workers of this driver, started once (each run starts its own actors).
+        timed([*common, "--out", str(folder / "warm-ray"), "--ray", address])
         for block in blocks:
             count = len(plan_blocks(height, width, Tiling(TILE, OVERLAP), block))
             for n in workers:
