@@ -315,15 +315,15 @@ def predict_batch(
 ) -> tuple[torch.Tensor, float | None]:
     """Predicted ids (N,H,W) uint8 on the CPU, and the mean loss where it is computed.
 
-    Tiles up to ``eval.tile`` go through the model in one batch (and give a loss); larger
-    images (one at a time) through the sliding-window path.
+    The service's path (``shared.pipeline``): images up to ``eval.tile`` go through the model
+    in one batch (whose logits give the loss); larger ones are tiled and blended.
     """
-    if max(images.shape[-2:]) <= run.cfg.eval.tile:
-        logits = run.predictor.run_batch(images)
-        loss, _ = run.criterion(logits, masks.to(logits.device).long())
-        return logits.argmax(dim=1).to(torch.uint8).cpu(), float(loss)
-    image = images[0].permute(1, 2, 0).numpy()
-    return torch.from_numpy(run.predictor.segment(image)).unsqueeze(0), None
+    result = run.predictor.predict_batch(images)
+    pred = torch.from_numpy(result.masks)
+    if result.logits is None:
+        return pred, None
+    loss, _ = run.criterion(result.logits, masks.to(result.logits.device).long())
+    return pred, float(loss)
 
 
 def take_samples(
