@@ -392,14 +392,16 @@ class Engine:
     def working_memory(self, size: DecodedSize, upload_bytes: int, ticket: Ticket) -> int:
         """Estimated peak bytes one image of ``size`` holds while its request runs: the upload,
         the decoded samples, RGB + validity + mask (5 bytes a pixel, one more for the encoded
-        answer), a band of blended logits as wide as the image, and a batch of tiles in flight
-        with their logits (float32)."""
+        answer), a band of blended logits as wide as the image, a batch of tiles in flight
+        with their logits (float32), and for a multi-band model its band values (float32)."""
         classes = ticket.model.predictor.num_classes
+        spec = bands_from_checkpoint(ticket.model.predictor.metadata)
+        values = 0 if spec.reads_pictures() else 4 * spec.count * size.width * size.height
         tile, overlap, batch = self.options.tile, self.options.overlap, self.options.tile_batch
         pixels = size.width * size.height
         accumulator = 4 * classes * (tile + overlap) * size.width
         tiles = 4 * batch * (3 + classes) * tile * tile
-        return upload_bytes + size.nbytes + 6 * pixels + accumulator + tiles
+        return upload_bytes + size.nbytes + 6 * pixels + accumulator + tiles + values
 
     @contextlib.asynccontextmanager
     async def reserve_memory(self, nbytes: int) -> AsyncIterator[None]:

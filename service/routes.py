@@ -250,11 +250,6 @@ class Decoded:
     warnings: tuple[str, ...] = ()
 
 
-def reads_rgb(spec: BandSpec) -> bool:
-    """Whether a model takes 8-bit three-band pictures (PNG, JPEG...) as well as TIFFs."""
-    return spec.count == 3 and spec.dtype == "uint8"
-
-
 async def _decode_image(
     engine: Engine,
     upload: UploadFile,
@@ -278,7 +273,7 @@ async def _decode_image(
     predictor = ticket.model.predictor
     spec = bands_from_checkpoint(predictor.metadata)
     options = {"scale": raster.scale, "nodata": raster.nodata}
-    if reads_rgb(spec):
+    if spec.reads_pictures():
         rgb, geo = await _checked(
             engine, what, decode_raster, data, bands=raster.bands, **options, **limits
         )

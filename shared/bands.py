@@ -103,6 +103,11 @@ class BandSpec:
         """1-based source indices, in model order (what ``src.read(indexes)`` takes)."""
         return tuple(b.index for b in self.bands)
 
+    def reads_pictures(self) -> bool:
+        """True for three 8-bit bands: the model takes pictures (PNG, JPEG...) as RGB; other
+        band lists need a raster with their bands, read as values."""
+        return self.count == 3 and self.dtype == "uint8"
+
     def is_rgb8(self) -> bool:
         """True for 8-bit red, green, blue in that order: the ImageNet-normalised case."""
         return self.dtype == "uint8" and tuple(n.lower() for n in self.names) == RGB_NAMES

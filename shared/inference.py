@@ -20,7 +20,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from shared.acceleration import has_int8_matmul
-from shared.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from shared.checkpoint import (
+    CheckpointError,
+    bands_from_checkpoint,
+    load_checkpoint,
+    model_from_checkpoint,
+)
 from shared.labels import LabelMap
 from shared.model import head_out_channels
 from shared.pipeline import BatchPrediction, Prediction, Tiling, predict, predict_batch
@@ -206,9 +211,13 @@ class Predictor:
         Normalisation happens on the device, so only uint8 is copied from the host for RGB.
         """
         bands = self.normalization.channels
-        if batch.ndim != 4 or batch.shape[1] != bands:
+        if bands_from_checkpoint(self.metadata).reads_pictures():
+            dtypes, wanted = (torch.uint8,), "uint8"
+        else:  # band values as read (uint8 zeros for the warm-up)
+            dtypes, wanted = (torch.float32, torch.uint8), "float32"
+        if batch.ndim != 4 or batch.shape[1] != bands or batch.dtype not in dtypes:
             raise ValueError(
-                f"batch must be (N, {bands}, h, w), got {tuple(batch.shape)} {batch.dtype}"
+                f"batch must be (N, {bands}, h, w) {wanted}, got {tuple(batch.shape)} {batch.dtype}"
             )
         with torch.inference_mode():
             batch = self.to_device(batch)

@@ -156,7 +156,7 @@ def for_model(read: ReadOptions, predictor: Predictor) -> ReadOptions:
     """
     spec = bands_from_checkpoint(predictor.metadata)
     gsd_m = gsd_from_checkpoint(predictor.metadata)
-    if spec.count == 3 and spec.dtype == "uint8":
+    if spec.reads_pictures():
         return replace(read, bands=parse_bands(read.bands), gsd_m=gsd_m)
     norm = predictor.normalization
     fill = tuple(m * norm.scale for m in norm.mean)

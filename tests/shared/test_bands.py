@@ -294,3 +294,56 @@ def test_auto_finds_the_rotated_collar_of_a_sentinel2_like_scene():
     np.testing.assert_array_equal(mask, ~footprint)
     spec = resolve_bands([4, "B04 red"], S2_DESCRIPTIONS, dtype="uint16")
     assert spec.names == ("B08 nir", "B04 red")
+
+
+# -- which bands of an input feed a model ------------------------------------------------------
+
+SIX = BandSpec(
+    tuple(Band(n, i) for i, n in enumerate(("b", "g", "r", "nir", "s1", "s2"), start=1)),
+    "uint16",
+)
+
+
+def test_band_list_takes_any_count_and_refuses_zero_and_words():
+    from shared.bands import parse_band_list
+
+    assert parse_band_list("6,5,4,3,2,1") == (6, 5, 4, 3, 2, 1)
+    assert parse_band_list(None) is None and parse_band_list(" ") is None
+    with pytest.raises(BandError, match="counted from 1"):
+        parse_band_list("0,1")
+    with pytest.raises(BandError, match="red"):
+        parse_band_list("red,green")
+
+
+def test_model_band_indexes_follow_the_file_then_the_spec_then_refuse():
+    from shared.bands import model_band_indexes
+
+    assert model_band_indexes(SIX, 6) == (1, 2, 3, 4, 5, 6)
+    selected = BandSpec((Band("nir", 8), Band("red", 4)), "uint16")
+    assert model_band_indexes(selected, 13) == (8, 4)  # a full product: the spec's indices
+    assert model_band_indexes(selected, 2) == (1, 2)  # exactly the model's bands, in order
+    assert model_band_indexes(SIX, 7, [7, 6, 5, 4, 3, 2]) == (7, 6, 5, 4, 3, 2)
+    with pytest.raises(BandError, match=r"reads 6 bands \(b, g, r, nir, s1, s2, uint16\).*has 3"):
+        model_band_indexes(SIX, 3)
+    with pytest.raises(BandError, match="lists 3"):
+        model_band_indexes(SIX, 6, [1, 2, 3])
+    with pytest.raises(BandError, match="band 9 asked for"):
+        model_band_indexes(SIX, 6, [1, 2, 3, 4, 5, 9])
+
+
+def test_only_three_8_bit_bands_read_pictures():
+    assert BandSpec.rgb().reads_pictures()
+    assert not SIX.reads_pictures()
+    assert not BandSpec(SIX.bands[:3], "uint16").reads_pictures()
+
+
+def test_collar_window_maps_pixels_to_overview_cells():
+    from shared.bands import Collar
+
+    cells = np.zeros((2, 3), dtype=bool)
+    cells[0, 2] = True  # the top-right cell of a 4 x 6 scene: rows 0-1, columns 4-5
+    collar = Collar(cells, height=4, width=6)
+    expected = np.zeros((4, 6), dtype=bool)
+    expected[0:2, 4:6] = True
+    np.testing.assert_array_equal(collar.window(0, 0, 4, 6), expected)
+    np.testing.assert_array_equal(collar.window(1, 3, 2, 3), expected[1:3, 3:6])

@@ -91,3 +91,25 @@ def test_a_raster_without_the_model_bands_names_them():
     bands, _ = sentinel2_like_scene()
     with pytest.raises(BandMismatchError, match=r"6 bands \(B02 blue.*the image has 4 bands"):
         open_for_model(geotiff_bytes(bands[:4].copy()), SPEC)
+
+
+def test_ground_sample_distance_in_metres_for_projected_and_geographic_rasters():
+    from rasterio.crs import CRS
+    from rasterio.transform import Affine
+
+    from shared.raster import Georef, ground_sample_distance
+
+    utm = Georef(CRS.from_epsg(32633), Affine(30, 0, 5e5, 0, -30, 5e6))
+    assert ground_sample_distance(utm, 100, 100) == pytest.approx(30.0)
+    # 1/15 degree at the equator: 111.32 km / 15 = 7.42 km (the Blue Marble mosaic's pixels).
+    equator = Georef(CRS.from_epsg(4326), Affine(1 / 15, 0, 0, 0, -1 / 15, 1 / 30))
+    assert ground_sample_distance(equator, 1, 1) == pytest.approx(7421, rel=1e-3)
+    assert ground_sample_distance(Georef(), 10, 10) is None
+
+
+def test_scale_warning_past_four_times_either_way():
+    from shared.raster import scale_warning
+
+    assert scale_warning(30.0, 30.0 * 3.9) is None and scale_warning(30.0, 30.0 / 3.9) is None
+    assert "121 m" in scale_warning(30.0, 121.0) and scale_warning(30.0, 7.4) is not None
+    assert scale_warning(None, 30.0) is None and scale_warning(30.0, None) is None
