@@ -60,6 +60,7 @@ from tqdm import tqdm
 
 from shared.blocks import Block, plan_blocks, segment_block
 from shared.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from shared.files import atomic_writer
 from shared.imaging import ImageError
 from shared.inference import InferenceOptions, Predictor
 from shared.labels import LabelMap
@@ -73,7 +74,6 @@ from trainer.predict import (
     ReadOptions,
     Report,
     WriteOptions,
-    _atomic_write,
     _bar_disabled,
     _first_line,
     _Loaded,
@@ -585,7 +585,9 @@ class Manifest:
             "units": self.units,
             "outputs": self.outputs,
         }
-        _atomic_write(self.path, json.dumps(data, indent=1).encode())
+        # Durable: the record a resumed run trusts; a driver killed mid-write leaves the old one.
+        with atomic_writer(self.path, durable=True) as f:
+            f.write(json.dumps(data, indent=1).encode())
         self._saved, self._dirty = time.monotonic(), False
 
     def remove(self) -> None:
