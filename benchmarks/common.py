@@ -19,7 +19,7 @@ import torch
 import torchvision
 
 from benchmarks.stats import percentile
-from shared.acceleration import cpu_flags
+from shared.cpu import cpu_flags
 
 REPO = Path(__file__).resolve().parents[1]
 # CPU features that decide which kernels run (int8 dot products, bf16, AMX tiles).

@@ -310,24 +310,6 @@ def quantized_engine() -> str:
     )
 
 
-def cpu_flags() -> frozenset[str]:
-    """The CPU feature flags of ``/proc/cpuinfo`` (empty where it does not exist)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
-
-
-def has_int8_matmul() -> bool:
-    """True on CPUs with integer dot-product units (AVX-512 VNNI, AVX-VNNI or AMX-INT8), where
-    int8 convolutions run several times faster than float32 ones."""
-    return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
-
-
 def configure_threads(num_threads: int | None = None) -> int:
     """Pin intra-op threads to ``num_threads`` (default: the CPUs this process may use).
 

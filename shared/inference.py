@@ -19,13 +19,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from shared.acceleration import has_int8_matmul
 from shared.checkpoint import (
     CheckpointError,
     bands_from_checkpoint,
     load_checkpoint,
     model_from_checkpoint,
 )
+from shared.cpu import has_int8_matmul
 from shared.labels import LabelMap
 from shared.model import head_out_channels
 from shared.pipeline import BatchPrediction, Prediction, Tiling, predict, predict_batch

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from shared.cpu import cpu_has_native_bf16
+
 # What autocast or a weight cast can run.
 FLOAT_PRECISIONS = ("fp32", "bf16", "fp16")
 # What training accepts: "auto" picks per device.
@@ -20,16 +22,6 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 def autocast_dtype(precision: str) -> torch.dtype | None:
     """The autocast dtype of ``precision``; None for fp32 and int8 (no autocast)."""
     return AUTOCAST_DTYPES.get(precision)
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX).
-
-    Without it, oneDNN emulates bf16 and autocast is slower than fp32.
-    """
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    # Private helpers of torch.cpu (present in torch 2.x); absent ones count as unsupported.
-    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
 
 
 def training_precision(name: str, device: torch.device) -> str:

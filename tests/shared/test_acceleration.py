@@ -313,12 +313,3 @@ def test_calibration_set_from_a_folder(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no readable image"):
         calibration_set(Normalization(), folder=tmp_path / "empty")
-
-
-def test_int8_matmul_probe_reads_the_cpu_flags(monkeypatch: pytest.MonkeyPatch) -> None:
-    import shared.acceleration as acceleration
-
-    monkeypatch.setattr(acceleration, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
-    assert acceleration.has_int8_matmul() is False
-    monkeypatch.setattr(acceleration, "cpu_flags", lambda: frozenset({"avx2", "avx_vnni"}))
-    assert acceleration.has_int8_matmul() is True

@@ -68,17 +68,6 @@ def test_explicit_precisions_on_cpu() -> None:
         resolve_precision("int4", CPU)
 
 
-def test_cpu_bf16_probe_uses_torch_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    assert inference.cpu_has_native_bf16() is False
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
-    assert inference.cpu_has_native_bf16() is True
-    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
-    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
-    assert inference.cpu_has_native_bf16() is False
-
-
 # -- Predictor -----------------------------------------------------------------------------------
 
 
