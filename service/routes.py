@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
@@ -45,7 +46,7 @@ from shared.geotiff import (
     parse_scale,
     raster_size,
 )
-from shared.imaging import ImageError, decode_mask
+from shared.imaging import ImageError, decode_mask, encode_png
 from shared.labels import LabelMap, MaskValueError
 from shared.metrics import ConfusionMatrix, scores
 from shared.pipeline import Prediction
@@ -385,6 +386,14 @@ async def segment(
     crs: GeoJsonCrs = "raster",
     min_area: MinArea = 0.0,
     simplify: Simplify = 0.0,
+    preview: Annotated[
+        bool,
+        Query(
+            description="`format=rle`: add the input as an RGB PNG (`preview`), e.g. for a "
+            "browser that cannot show a TIFF; a multi-band input shows its red, green and blue "
+            "bands, else its first three."
+        ),
+    ] = False,
 ) -> Any:
     """Predict a class for every pixel of the uploaded image.
 
@@ -431,6 +440,7 @@ async def segment(
         label_map = _label_map(ticket)
         if format is SegmentFormat.rle:
             classes = await engine.run_io(mask_to_classes, mask, label_map)
+            preview_url = await engine.run_io(_data_url, array) if preview else None
         elif format is SegmentFormat.geojson:
             geojson = await engine.run_io(
                 mask_to_geojson,
@@ -481,7 +491,13 @@ async def segment(
         "classes": classes,
         "timing_ms": timing,
         "warnings": list(upload.warnings),
+        "preview": preview_url,
     }
+
+
+def _data_url(rgb: np.ndarray) -> str:
+    """``(H, W, 3)`` uint8 as a PNG ``data:`` URL."""
+    return "data:image/png;base64," + base64.b64encode(encode_png(rgb)).decode("ascii")
 
 
 WARNING_HEADER = "X-SatSeg-Warning"

@@ -80,6 +80,11 @@ class SegmentRle(MaskRle):
         description="Why the answer may be unreliable, e.g. an input at another scale than "
         "the training data (also in the X-SatSeg-Warning header).",
     )
+    preview: str | None = Field(
+        None,
+        description="With `preview=true`: the input as an RGB PNG data URL (for a multi-band "
+        "model, the bands named red, green and blue, else its first three), for display.",
+    )
 
 
 class ClassScore(BaseModel):

@@ -551,7 +551,10 @@
     const form = new FormData();
     form.append("image", image, image.name);
     if (mask) form.append("mask", mask, mask.name);
-    const url = mask ? "/evaluate?format=rle" : "/segment?format=rle";
+    // Browsers cannot show a TIFF: the server sends the RGB it sees (for a multi-band model,
+    // its red, green and blue bands, else its first three).
+    const tiff = /\.tiff?$/i.test(image.name) || image.type === "image/tiff";
+    const url = mask ? "/evaluate?format=rle" : `/segment?format=rle${tiff ? "&preview=true" : ""}`;
     startProgress();
     // Decode the picture for display while the server works.
     const bitmapPromise = createImageBitmap(image).catch(() => null);
@@ -576,12 +579,20 @@
     }
     setProgress("Drawing…");
     try {
-      await render(res.body, Boolean(mask), await bitmapPromise, mask);
+      const bitmap = (await bitmapPromise) || (await previewBitmap(res.body.preview));
+      await render(res.body, Boolean(mask), bitmap, mask);
     } catch (err) {
       showError("Could not draw the result", err.message);
     } finally {
       stopProgress();
     }
+  }
+
+  /** The server's PNG preview (a data: URL) as an ImageBitmap; null without one. */
+  async function previewBitmap(dataUrl) {
+    if (!dataUrl) return null;
+    const bytes = Uint8Array.from(atob(dataUrl.split(",")[1]), (c) => c.charCodeAt(0));
+    return createImageBitmap(new Blob([bytes], { type: "image/png" })).catch(() => null);
   }
 
   async function render(body, evaluated, bitmap, maskFile) {

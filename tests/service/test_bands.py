@@ -258,3 +258,39 @@ def test_input_at_the_training_scale_has_no_warning(client, scene):
     response = post(client, geotiff_bytes(bands), format="rle")
     assert response.status_code == 200
     assert "X-SatSeg-Warning" not in response.headers and response.json()["warnings"] == []
+
+
+def named_geotiff(bands: np.ndarray, names: tuple[str, ...]) -> bytes:
+    """``bands`` as a GeoTIFF whose band descriptions are ``names``."""
+    from tests.geodata import TILE_TRANSFORM
+
+    with MemoryFile() as memfile:
+        count, height, width = bands.shape
+        profile = {"driver": "GTiff", "count": count, "height": height, "width": width}
+        with memfile.open(
+            **profile, dtype=bands.dtype.name, crs="EPSG:4326", transform=TILE_TRANSFORM
+        ) as dst:
+            dst.write(bands)
+            for i, name in enumerate(names, start=1):
+                dst.set_band_description(i, name)
+        return memfile.read()
+
+
+def test_preview_shows_the_bands_named_red_green_blue(client, scene):
+    import base64
+    import io
+
+    from PIL import Image
+
+    bands, footprint = scene
+    data = named_geotiff(bands, S2_BAND_NAMES)
+    response = post(client, data, format="rle", preview="true", scale="0,10000")
+    assert response.status_code == 200, response.text
+    url = response.json()["preview"]
+    assert url.startswith("data:image/png;base64,")
+    preview = np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))))
+    # Bands 3, 2, 1 are B04 red, B03 green, B02 blue; 0..10000 maps linearly to 0..255.
+    expected = np.rint(bands[[2, 1, 0]].transpose(1, 2, 0) * (255 / 10000)).astype(np.uint8)
+    expected[~footprint] = 0
+    np.testing.assert_array_equal(preview, expected)
+    assert post(client, data, format="rle").json()["preview"] is None
