@@ -22,7 +22,9 @@ How values become 0..255 (``scale``, see :func:`parse_scale`):
   per-band stretch does not.
 
 Values are clipped to the range and mapped linearly, ``round(255 * (v - low) / (high - low))``.
-Pixels that are nodata (or masked, or NaN) in any chosen band are reported in
+Pixels that are nodata under :func:`shared.bands.nodata_mask`'s rule (``nodata``: the file's
+value where every chosen band holds it, its alpha band or mask, NaN in any band, and with
+``auto`` the all-zero collar connected to the scene's edge) are reported in
 :attr:`GeoImage.valid`, are left out of the statistics, and read as 0.
 
 Errors are the :mod:`shared.imaging` classes, so every caller already maps them to HTTP codes:
@@ -119,8 +121,8 @@ class GeoImage:
         transform: pixel -> CRS affine geotransform (identity when the file has none).
         gcps: ground control points, for files georeferenced by GCPs instead of a transform.
         gcps_crs: the CRS of ``gcps``.
-        valid: ``(H, W)`` bool, False where a chosen band is nodata, masked or NaN; None when
-            every pixel is valid.
+        valid: ``(H, W)`` bool, False where the input is nodata (:mod:`shared.bands`' rule);
+            None when every pixel is valid.
         bands: the 1-based source bands used for R, G, B.
         dtype: the source's data type, e.g. "uint16".
         stretch: the ``(low, high)`` value range mapped to 0..255 for each of R, G, B
