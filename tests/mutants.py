@@ -62,7 +62,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "trainer/resume.py",
         "def restore(run: Run, ckpt: dict[str, Any]) -> None:",
         "def restore(run: Run, ckpt: dict[str, Any]) -> None:\n    return",
-        ("tests/trainer/test_resume.py",),
+        ("tests/trainer/test_resume.py", "-k", "continues_rather_than_restarts"),
         "a resumed run silently restarts from scratch",
     ),
     Mutant(
