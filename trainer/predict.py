@@ -62,7 +62,12 @@ import torch
 from tqdm import tqdm
 
 from shared.bands import BandSpec, NodataRule, parse_band_list, parse_nodata
-from shared.checkpoint import CheckpointError, bands_from_checkpoint, gsd_from_checkpoint
+from shared.checkpoint import (
+    CheckpointError,
+    bands_from_checkpoint,
+    gsd_from_checkpoint,
+    load_checkpoint,
+)
 from shared.codec import GEOJSON_CRS, CogWriter, PolygonWriter, mask_to_png
 from shared.files import atomic_write_bytes
 from shared.geotiff import RasterOptionError, Scale, parse_bands, parse_scale
@@ -338,7 +343,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.ray:
             from trainer.ray_predict import main_on_ray
 
-            read = replace(read, bands=parse_bands(read.bands))  # Ray runs RGB models
+            spec = bands_from_checkpoint(load_checkpoint(args.checkpoint))
+            if not spec.reads_pictures():
+                raise PredictError(
+                    f"--ray runs 8-bit RGB models; {args.checkpoint} reads {spec.count} bands "
+                    f"({', '.join(spec.names)}, {spec.dtype}): run without --ray"
+                )
+            read = replace(read, bands=parse_bands(read.bands))
             return main_on_ray(args, jobs, read=read, write=write, options=options)
         predictor = Predictor.from_checkpoint(args.checkpoint, options)
         read = for_model(read, predictor)

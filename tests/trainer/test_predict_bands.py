@@ -66,3 +66,9 @@ def test_predict_refuses_a_scene_without_the_bands(tmp_path):
     three = tmp_path / "rgb.tif"
     three.write_bytes(geotiff_bytes(bands[:3].copy()))
     assert run(checkpoint, three, tmp_path / "out") != EXIT_OK
+
+
+def test_ray_refuses_a_multi_band_model_by_name(tmp_path, scene_file, capsys):
+    checkpoint = six_band_checkpoint(tmp_path / "six.pt")
+    assert run(checkpoint, scene_file, tmp_path / "out", "--ray", "local") == 2
+    assert "--ray runs 8-bit RGB models" in capsys.readouterr().err
