@@ -163,7 +163,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "atomic-checkpoint-write",
-        "shared/checkpoint.py",
+        "shared/files.py",
         'fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)',
         "fd, tmp_name = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), str(path)",
         ("tests/shared/test_checkpoint.py", "-k", "failed_write or interrupted_serialisation"),
