@@ -82,6 +82,8 @@ from trainer.predict import (
 from trainer.ray_options import DEFAULT_BLOCK_SIZE
 
 STATE_DIR = ".satseg-ray"
+# Set to "0", Ray runs single-machine clusters on the loopback interface alone.
+LOOPBACK_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 MANIFEST_VERSION = 1
 # Decoded whole wherever they are read; only GDAL rasters are cut into blocks.
 PICTURE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
@@ -161,6 +163,10 @@ def main_on_ray(
     if args.block_size < 1:
         print("error: --block-size must be positive", file=sys.stderr)
         return EXIT_USAGE
+    if args.ray == "local" and "ray" not in sys.modules:
+        # A one-machine cluster: Ray then advertises and binds 127.0.0.1 only (its switch for
+        # single-machine use); otherwise it listens on every interface of the host.
+        os.environ.setdefault(LOOPBACK_ONLY_ENV, "0")
     try:
         import ray  # noqa: F401
     except ImportError:

@@ -31,6 +31,9 @@ from rasterio.transform import Affine
 from tests.geodata import PIXELS_PER_DEGREE, geotiff_bytes
 from trainer.predict import main
 
+# Before Ray is imported: its clusters here (and those of the drivers started below, which
+# inherit it) advertise and bind 127.0.0.1 only.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 ray = pytest.importorskip("ray")
 
 SCENE_H, SCENE_W = 384, 768  # 4 x 8 tiles of 128 with 32 overlap; blocks of 2 x 2 tiles
@@ -117,7 +120,9 @@ def cluster(ray_temp: Path) -> Iterator[str]:
     ray.init(num_cpus=3, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     try:
         assert ray_processes(ray_temp), "the process check must see the cluster's processes"
-        yield ray.get_runtime_context().gcs_address
+        address = ray.get_runtime_context().gcs_address
+        assert address.startswith("127.0.0.1:"), address  # loopback only
+        yield address
     finally:
         ray.shutdown()
         assert_no_ray_processes(ray_temp)
