@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from shared.geotiff import DEFAULT_MAX_BANDS
 from shared.imaging import DEFAULT_MAX_DECODED_BYTES
 from shared.precision import INFERENCE_PRECISIONS
+from shared.tiling import check_tile_overlap
 
 MIB = 1024 * 1024
 
@@ -157,16 +158,7 @@ class Settings(BaseSettings):
             return [k.strip() for k in keys if k.strip()]
         return value
 
-    @field_validator("tile")
-    @classmethod
-    def _tile_multiple_of_32(cls, value: int) -> int:
-        # DeepLabV3's output stride; a tile that is not a multiple would be padded anyway.
-        if value % 32:
-            raise ValueError(f"tile must be a multiple of 32, got {value}")
-        return value
-
     @model_validator(mode="after")
-    def _overlap_below_tile(self) -> Settings:
-        if self.overlap >= self.tile:
-            raise ValueError(f"overlap ({self.overlap}) must be smaller than tile ({self.tile})")
+    def _tiling(self) -> Settings:
+        check_tile_overlap(self.tile, self.overlap, aligned=True)  # at start-up, not per request
         return self

@@ -32,6 +32,7 @@ from shared.pipeline import BatchPrediction, Prediction, Tiling, predict, predic
 from shared.precision import INFERENCE_PRECISIONS, autocast_dtype, cpu_has_native_bf16
 from shared.preprocess import Normalization, normalize
 from shared.raster import ArrayRaster, RasterSource
+from shared.tiling import check_tile_overlap
 
 PRECISIONS = INFERENCE_PRECISIONS
 # An int8 model whose argmax differs from float32 on more pixels than this is not used.
@@ -334,9 +335,6 @@ def _is_dense(tensor: torch.Tensor) -> bool:
 
 def _check_tiling(options: InferenceOptions) -> None:
     # Fail at start-up, not on the first request.
-    if options.tile < 32 or options.tile % 32:
-        raise ValueError(f"tile must be a positive multiple of 32, got {options.tile}")
-    if not 0 <= options.overlap < options.tile:
-        raise ValueError(f"overlap must be in [0, tile), got {options.overlap}")
+    check_tile_overlap(options.tile, options.overlap, aligned=True)
     if options.tile_batch < 1:
         raise ValueError(f"tile_batch must be positive, got {options.tile_batch}")

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from shared.raster import ArrayRaster, RasterSource, Rows
-from shared.tiling import blend_window, pad_reflect, round_up, tile_origins
+from shared.tiling import blend_window, check_tile_overlap, pad_reflect, round_up, tile_origins
 
 RunFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -50,10 +50,7 @@ class Tiling:
     batch_size: int = 4
 
     def __post_init__(self) -> None:
-        if self.tile < 32 or self.tile % 32:
-            raise ValueError(f"tile must be a positive multiple of 32, got {self.tile}")
-        if not 0 <= self.overlap < self.tile:
-            raise ValueError(f"overlap must be in [0, tile), got {self.overlap}")
+        check_tile_overlap(self.tile, self.overlap, aligned=True)
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
 

@@ -25,7 +25,7 @@ def tile_origins(length: int, tile: int, overlap: int) -> list[int]:
     >>> tile_origins(1030, 512, 64)
     [0, 448, 518]
     """
-    _check_overlap(tile, overlap)
+    check_tile_overlap(tile, overlap)
     if length < 1:
         raise ValueError(f"length must be positive, got {length}")
     if length <= tile:
@@ -44,7 +44,7 @@ def blend_window(tile: int, overlap: int) -> torch.Tensor:
     ``overlap`` pixels their weights sum to 1 (a linear cross-fade). ``overlap == 0`` gives
     all ones.
     """
-    _check_overlap(tile, overlap)
+    check_tile_overlap(tile, overlap)
     i = torch.arange(tile, dtype=torch.float32)
     if overlap == 0:
         ramp = torch.ones(tile)
@@ -85,8 +85,11 @@ def round_up(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
-def _check_overlap(tile: int, overlap: int) -> None:
-    if tile < 1:
-        raise ValueError(f"tile must be positive, got {tile}")
+def check_tile_overlap(tile: int, overlap: int, *, aligned: bool = False) -> None:
+    """Refuse a tile side below 1 (or, when ``aligned``, not a multiple of :data:`ALIGN`, as the
+    model's inputs need) and an overlap outside ``[0, tile)``, with a ValueError naming which."""
+    if tile < 1 or (aligned and tile % ALIGN):
+        kind = f"a positive multiple of {ALIGN}" if aligned else "positive"
+        raise ValueError(f"tile must be {kind}, got {tile}")
     if not 0 <= overlap < tile:
         raise ValueError(f"overlap must be in [0, tile), got {overlap} for tile {tile}")
