@@ -311,19 +311,7 @@ def _read_bands(
         data, spec, fill=fill, bands=bands, scale=scale, nodata=nodata, max_pixels=max_pixels
     ) as raster:
         rows = read_all(raster)
-        georef = raster.georef
-        geo = GeoImage(
-            rgb=rows.rgb,
-            crs=georef.crs,
-            transform=georef.transform,
-            gcps=georef.gcps,
-            gcps_crs=georef.gcps_crs,
-            valid=rows.valid,
-            bands=raster.bands,
-            dtype=raster.dtype,
-            stretch=raster.stretch,
-        )
-        return Decoded(rows.rgb, geo, rows.pixels)
+        return Decoded(rows.rgb, raster.geo_image(rows), rows.pixels)
 
 
 def _label_map(ticket: Ticket) -> LabelMap:

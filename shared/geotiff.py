@@ -317,19 +317,7 @@ def read_geotiff(
         with GdalRaster(
             data, bands=bands, scale=scale, max_pixels=max_pixels, nodata=nodata
         ) as raster:
-            rows = raster.read_rows(0, raster.height)
-            georef = raster.georef
-            return GeoImage(
-                rgb=rows.rgb,
-                crs=georef.crs,
-                transform=georef.transform,
-                gcps=georef.gcps,
-                gcps_crs=georef.gcps_crs,
-                valid=rows.valid,
-                bands=raster.bands,
-                dtype=raster.dtype,
-                stretch=raster.stretch,
-            )
+            return raster.geo_image(raster.read_rows(0, raster.height))
     except ImageError:
         raise
     except MemoryError:

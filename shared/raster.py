@@ -328,6 +328,21 @@ class GdalRaster:
     def __enter__(self) -> GdalRaster:
         return self
 
+    def geo_image(self, rows: Rows) -> GeoImage:
+        """``rows`` with this raster's georeferencing, bands, type and stretch."""
+        georef = self.georef
+        return GeoImage(
+            rgb=rows.rgb,
+            crs=georef.crs,
+            transform=georef.transform,
+            gcps=georef.gcps,
+            gcps_crs=georef.gcps_crs,
+            valid=rows.valid,
+            bands=self.bands,
+            dtype=self.dtype,
+            stretch=self.stretch,
+        )
+
     def __exit__(self, *exc: object) -> None:
         self.close()
 

@@ -376,6 +376,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Outputs are written atomically, so every file already there is complete.
         print("interrupted; continue with --skip-existing", file=sys.stderr)
         return 130
+    return print_report(jobs, report)
+
+
+def print_report(jobs: Sequence[Job], report: Report) -> int:
+    """Say on stderr what a run wrote and skipped; the exit code (EXIT_SKIPPED if it skipped)."""
     done = len(jobs) - len(report.skipped) - len(report.kept)
     kept = f", {len(report.kept)} already done" if report.kept else ""
     print(f"segmented {done} image(s), wrote {len(report.written)} file(s){kept}", file=sys.stderr)

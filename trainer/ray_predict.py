@@ -67,8 +67,6 @@ from shared.labels import LabelMap
 from shared.pipeline import Band, Tiling, predict
 from shared.raster import ArrayRaster, GdalRaster, Georef, Rows, close_source, open_file, read_all
 from trainer.predict import (
-    EXIT_OK,
-    EXIT_SKIPPED,
     EXIT_USAGE,
     Job,
     ReadOptions,
@@ -78,6 +76,7 @@ from trainer.predict import (
     _first_line,
     _Loaded,
     _write_bands,
+    print_report,
 )
 from trainer.ray_options import DEFAULT_BLOCK_SIZE
 
@@ -208,15 +207,7 @@ def main_on_ray(
         f"{rate:.2f} Mpx/s",
         file=sys.stderr,
     )
-    done = len(jobs) - len(report.skipped) - len(report.kept)
-    kept = f", {len(report.kept)} already done" if report.kept else ""
-    print(f"segmented {done} image(s), wrote {len(report.written)} file(s){kept}", file=sys.stderr)
-    if report.skipped:
-        print(f"skipped {len(report.skipped)} file(s):", file=sys.stderr)
-        for path, reason in report.skipped:
-            print(f"  {path}: {reason}", file=sys.stderr)
-        return EXIT_SKIPPED
-    return EXIT_OK
+    return print_report(jobs, report)
 
 
 def predict_on_ray(
