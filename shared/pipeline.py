@@ -252,19 +252,28 @@ class BatchPrediction:
 def predict_batch(
     images: torch.Tensor, run: RunFn, *, num_classes: int, tiling: Tiling | None = None
 ) -> BatchPrediction:
-    """``(N, 3, H, W)`` uint8 same-sized images -> their masks: one forward pass when they fit
-    a tile (exactly what :func:`stream` does with each alone), else each streamed in turn."""
+    """``(N, 3, H, W)`` uint8 same-sized images (``(N, B, H, W)`` float32 band values for a
+    multi-band model) -> their masks: one forward pass when they fit a tile (exactly what
+    :func:`stream` does with each alone), else each streamed in turn."""
     tiling = tiling or Tiling()
-    if images.ndim != 4 or images.shape[1] != 3 or images.dtype != torch.uint8:
-        raise ValueError(f"images must be (N, 3, H, W) uint8, got {tuple(images.shape)}")
+    rgb = images.ndim == 4 and images.shape[1] == 3 and images.dtype == torch.uint8
+    if not rgb and (images.ndim != 4 or images.dtype != torch.float32):
+        raise ValueError(
+            f"images must be (N, 3, H, W) uint8 or (N, B, H, W) float32, got "
+            f"{tuple(images.shape)} {images.dtype}"
+        )
     height, width = images.shape[-2:]
     if height <= tiling.tile and width <= tiling.tile:
         logits = run_padded(images, run, num_classes)
         masks = logits.argmax(dim=1).to(torch.uint8).cpu().numpy()
         return BatchPrediction(masks, logits)
     hwc = images.permute(0, 2, 3, 1).cpu().numpy()
+    sources = [
+        img if rgb else ArrayRaster(np.zeros((height, width, 3), np.uint8), pixels=img)
+        for img in hwc
+    ]
     masks = np.stack(
-        [predict(img, run, num_classes=num_classes, tiling=tiling).mask for img in hwc]
+        [predict(src, run, num_classes=num_classes, tiling=tiling).mask for src in sources]
     )
     return BatchPrediction(masks, None)
 

@@ -16,13 +16,14 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from shared.checkpoint import CheckpointError, load_checkpoint
+from shared.bands import BandError, BandSpec
+from shared.checkpoint import CheckpointError, bands_from_checkpoint, load_checkpoint
 from shared.imaging import ImageError
 from shared.inference import InferenceOptions, Predictor
 from shared.labels import DEFAULT_LABEL_MAPPING, LabelMap, LabelMapError
 from shared.model import WeightsUnavailableError, build_model
 from shared.precision import training_precision
-from shared.preprocess import Normalization
+from shared.preprocess import STATS_FILE, Normalization, load_stats, normalization_for, save_stats
 from trainer import distributed
 from trainer.config import Config, ConfigError, check_class_names, dump_yaml
 from trainer.data import (
@@ -35,7 +36,7 @@ from trainer.data import (
     sampling_weights,
     split_train_val,
 )
-from trainer.dataset_layout import DatasetLayoutError
+from trainer.dataset_layout import DatasetLayoutError, dataset_band_spec, image_gsd
 from trainer.distributed import DistInfo
 from trainer.ema import ModelEma
 from trainer.logging_utils import Board, setup_logging
@@ -83,26 +84,31 @@ def build_run(cfg: Config, info: DistInfo) -> Run:
         raise ConfigError(f"train.precision: {err}") from None
     label_map = LabelMap.load(Path(cfg.data.label_map or DEFAULT_LABEL_MAPPING))
     check_class_names(cfg, label_map.names)
-    resume_ckpt = load_resume_checkpoint(cfg)
+    spec, first_image = resolve_data_bands(cfg)
+    cfg = with_resolved_bands(cfg, spec)
+    resume_ckpt = load_resume_checkpoint(cfg, spec)
     # The output folder first: a bad out_dir must fail in seconds, not after an epoch.
-    run_dir = open_run_dir(cfg, info, resuming=resume_ckpt is not None)
+    run_dir = open_run_dir(cfg, info, resuming=resume_ckpt is not None, spec=spec)
     log.info(
         "run folder %s; device %s x%d, precision %s", run_dir, device, info.world_size, precision
     )
+    log.info("bands: %s (%s, nodata %s)", describe_bands(spec), spec.dtype, spec.nodata)
+    normalization = on_main(info, band_normalization, cfg, spec)
+    gsd_m = image_gsd(first_image)
 
     seed_everything(cfg.train.seed + info.rank)
-    loaders = load_data(cfg, label_map, info)
-    model = make_model(cfg, label_map.num_classes, resuming=resume_ckpt is not None)
+    loaders = load_data(cfg, label_map, info, spec, normalization)
+    model = make_model(cfg, label_map.num_classes, spec, resuming=resume_ckpt is not None)
     model = place_model(model, cfg, info)
     on_main(info, check_free_space, run_dir, 3 * checkpoint_bytes(model))
     optimizer = make_optimizer(model, cfg)
     # DDP makes every rank's weights rank 0's: the EMA copy comes after it.
     train_model = wrap_for_training(model, cfg, info)
     ema = ModelEma(model, cfg.train.ema_decay) if cfg.train.ema_decay else None
-    normalization = Normalization()
     predictor = make_predictor(
         ema.module if ema is not None else model, label_map, normalization, cfg, precision, device
     )
+    predictor.metadata["bands"] = spec.to_dict()
     run = Run(
         cfg=cfg,
         info=info,
@@ -121,6 +127,8 @@ def build_run(cfg: Config, info: DistInfo) -> Run:
         board=Board(run_dir / "tb" if info.is_main and cfg.log.tensorboard else None),
         threads=tuner,
         ema=ema,
+        bands=spec,
+        gsd_m=gsd_m,
     )
     model.train()  # the Predictor switched it to eval mode
     if resume_ckpt is not None:
@@ -142,19 +150,81 @@ def make_thread_tuner(cfg: Config, device: torch.device) -> ThreadTuner | None:
     return ThreadTuner([1, cfg.train.threads or available_cpus()])
 
 
-def open_run_dir(cfg: Config, info: DistInfo, *, resuming: bool) -> Path:
+def open_run_dir(
+    cfg: Config, info: DistInfo, *, resuming: bool, spec: BandSpec | None = None
+) -> Path:
     """The checked (writable, not another run's unless resuming) run folder, its log file and
-    the resolved config written into it."""
+    the resolved config written into it (with the resolved bands' names as a comment)."""
     run_dir = on_main(
         info, prepare_run_dir, resolve_run_dir(cfg), overwrite=cfg.overwrite, resuming=resuming
     )
     setup_logging(run_dir / "train.log" if info.is_main else None, enabled=info.is_main)
     if info.is_main:
         dump_yaml(cfg, run_dir / "config.yaml")
+        if spec is not None:
+            with (run_dir / "config.yaml").open("a", encoding="utf-8") as f:
+                f.write(f"# data.bands resolved, in model order: {describe_bands(spec)}\n")
     return run_dir
 
 
-def load_resume_checkpoint(cfg: Config) -> dict[str, Any] | None:
+def resolve_data_bands(cfg: Config) -> tuple[BandSpec, Path]:
+    """``data.bands`` and ``data.nodata`` resolved against the first training image (and that
+    image), before any work: a band the data do not have is a ConfigError naming it."""
+    try:
+        return dataset_band_spec(cfg.data.root, cfg.data.bands, cfg.data.nodata)
+    except BandError as err:
+        raise ConfigError(f"data.bands: {err}") from None
+    except ImageError as err:
+        raise DatasetError(str(err)) from None
+
+
+def with_resolved_bands(cfg: Config, spec: BandSpec) -> Config:
+    """``cfg`` with ``data.bands`` as the resolved 1-based band numbers in model order."""
+    resolved = cfg.model_copy(deep=True)
+    resolved.data.bands = list(spec.indexes)
+    return resolved
+
+
+def describe_bands(spec: BandSpec) -> str:
+    return ", ".join(f"{b.index}={b.name}" for b in spec.bands)
+
+
+def band_normalization(cfg: Config, spec: BandSpec) -> Normalization:
+    """ImageNet for 8-bit RGB; else the training split's per-band statistics (nodata
+    excluded) from the data root's :data:`~shared.preprocess.STATS_FILE`, measured (as
+    ``python -m trainer.prepare stats`` does) and written there when it is missing."""
+    from trainer.prepare import PrepareError, measure_band_stats
+
+    if spec.is_rgb8():
+        return normalization_for(spec, None)
+    path = Path(cfg.data.root) / STATS_FILE
+    if path.is_file():
+        try:
+            return normalization_for(spec, load_stats(path, spec))
+        except ValueError as err:
+            log.warning("%s; measuring the bands of this run instead", err)
+    log.info("measuring per-band statistics of %s (training split, nodata excluded)", path.parent)
+    try:
+        measured_spec, stats, files = measure_band_stats(
+            Path(cfg.data.root), list(spec.indexes), spec.nodata
+        )
+        if not path.exists():
+            try:
+                norm = save_stats(path, measured_spec, stats, split="trainval", files=files)
+                log.info("wrote %s", path)
+            except OSError as err:
+                log.warning("cannot write %s (%s); statistics kept for this run", path, err)
+                norm = stats.normalization(spec.names)
+        else:
+            norm = stats.normalization(spec.names)
+        return normalization_for(spec, norm)
+    except PrepareError as err:
+        raise DatasetError(str(err)) from None
+    except ValueError as err:  # a constant band, no valid pixel
+        raise DatasetError(f"{cfg.data.root}: {err}") from None
+
+
+def load_resume_checkpoint(cfg: Config, spec: BandSpec | None = None) -> dict[str, Any] | None:
     if not cfg.train.resume:
         return None
     ckpt = load_checkpoint(cfg.train.resume)
@@ -162,6 +232,12 @@ def load_resume_checkpoint(cfg: Config) -> dict[str, Any] | None:
         raise ConfigError(
             f"train.resume: checkpoint is {ckpt['arch']['backbone']}, "
             f"model.backbone is {cfg.model.backbone}"
+        )
+    trained = bands_from_checkpoint(ckpt)
+    if spec is not None and (trained.indexes, trained.names) != (spec.indexes, spec.names):
+        raise ConfigError(
+            f"train.resume: checkpoint reads bands {describe_bands(trained)}, data.bands "
+            f"resolves to {describe_bands(spec)}"
         )
     return ckpt
 
@@ -211,10 +287,26 @@ def check_files(cfg: Config, label_map: LabelMap) -> tuple[list, list]:
     return pairs, test
 
 
-def load_data(cfg: Config, label_map: LabelMap, info: DistInfo) -> Loaders:
-    """Check every file, split train/val (seeded), build datasets and loaders."""
+def load_data(
+    cfg: Config,
+    label_map: LabelMap,
+    info: DistInfo,
+    spec: BandSpec | None = None,
+    normalization: Normalization | None = None,
+) -> Loaders:
+    """Check every file, split train/val (seeded), build datasets and loaders. Images are read
+    as ``spec``'s bands (8-bit RGB without it), nodata pixels at the band means of
+    ``normalization`` (so they normalise to 0, as the service fills them)."""
     pairs, _ = on_main(info, check_files, cfg, label_map)
     train_pairs, val_pairs = split_train_val(pairs, cfg.data.val_fraction, cfg.train.seed)
+    if spec is not None and cfg.augment.color_jitter > 0 and not spec.is_rgb8():
+        raise ConfigError(
+            "augment.color_jitter: colour transforms apply to 8-bit red, green, blue only; the "
+            f"bands are {describe_bands(spec)} ({spec.dtype}); set it to 0"
+        )
+    fill = None
+    if normalization is not None:
+        fill = [m * normalization.scale for m in normalization.mean]
     transform = build_train_transform(
         cfg.augment,
         cfg.data.image_size,
@@ -222,8 +314,9 @@ def load_data(cfg: Config, label_map: LabelMap, info: DistInfo) -> Loaders:
         num_classes=label_map.num_classes,
         focus_ids=[label_map.names.index(n) for n in cfg.augment.focus_classes],
     )
-    train_set = SegmentationDataset(train_pairs, label_map, transform, cache=cfg.data.cache)
-    val_set = SegmentationDataset(val_pairs, label_map, None, cache=cfg.data.cache)
+    data = {"cache": cfg.data.cache, "spec": spec, "fill": fill}
+    train_set = SegmentationDataset(train_pairs, label_map, transform, **data)
+    val_set = SegmentationDataset(val_pairs, label_map, None, **data)
     weights = None
     if cfg.data.oversample:
         presence = train_set.class_presence(cfg.data.oversample_min_pixels)
@@ -253,15 +346,21 @@ def load_data(cfg: Config, label_map: LabelMap, info: DistInfo) -> Loaders:
     return loaders
 
 
-def make_model(cfg: Config, num_classes: int, *, resuming: bool) -> nn.Module:
-    """DeepLabV3 from shared.model; a resumed run takes its weights from the checkpoint."""
+def make_model(
+    cfg: Config, num_classes: int, spec: BandSpec | None = None, *, resuming: bool
+) -> nn.Module:
+    """DeepLabV3 from shared.model reading ``spec``'s bands (8-bit RGB without it); a resumed
+    run takes its weights from the checkpoint."""
     weights = "none" if resuming else cfg.model.weights
+    spec = spec or BandSpec.rgb()
     try:
         model = build_model(
             cfg.model.backbone,
             num_classes=num_classes,
             weights=weights,
             aux_loss=cfg.model.aux_loss,
+            in_channels=spec.count,
+            band_names=spec.names,
         )
     except ValueError as err:
         raise ConfigError(f"model.weights: {err}") from None

@@ -1,8 +1,13 @@
 """Folder datasets in the workshop layout, their augmentations, sampler and loaders.
 
-Images stay uint8 from disk to device (a quarter of the bytes of float32); normalisation happens
-on the device with :func:`shared.preprocess.normalize`, the same preset the service uses.
-A batch is ``images`` (N,3,H,W) uint8 laid out channels-last and ``masks`` (N,H,W) uint8 ids.
+Images stay in their own dtype from disk to device (8-bit RGB: a quarter of the bytes of
+float32; rasters: uint8, uint16, int16 or float32); normalisation happens on the device with
+:func:`shared.preprocess.normalize`, the same preset the service uses. A batch is ``images``
+(N,B,H,W) laid out channels-last and ``masks`` (N,H,W) uint8 ids.
+
+Nodata pixels of a raster (:func:`trainer.dataset_layout.read_image_bands`) are
+``ignore_index`` in its mask, so they carry no loss and no metric, and hold the band means in
+the image (``fill``), as the service reads them, so fill values never reach the model.
 """
 
 from __future__ import annotations
@@ -22,16 +27,18 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
+from shared.bands import BandSpec
 from shared.imaging import ImageError, read_image, read_mask
 from shared.labels import LabelMap, MaskValueError
 from trainer.config import AugmentConfig
-from trainer.dataset_layout import find_pairs, scan_split, validate_dataset
+from trainer.dataset_layout import find_pairs, read_image_bands, scan_split, validate_dataset
 
 log = logging.getLogger(__name__)
 
 Pair = tuple[Path, Path]
 # The per-sample seed fits in an int32 because albumentations seeds numpy with it.
 _SEED_LIMIT = 2**31 - 1
+RGB_WORDS = ("red", "green", "blue")
 # Listing every bad file of a large dataset in one exception message helps nobody.
 _MAX_LISTED = 10
 
@@ -86,14 +93,38 @@ def split_train_val(pairs: Sequence[Pair], val_fraction: float, seed: int) -> tu
 
 
 def load_pair(
-    image_path: Path, mask_path: Path, label_map: LabelMap
+    image_path: Path,
+    mask_path: Path,
+    label_map: LabelMap,
+    spec: BandSpec | None = None,
+    fill: Sequence[float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Decode one pair: (H,W,3) uint8 image and (H,W) uint8 class ids.
+    """Decode one pair: (H,W,B) image and (H,W) uint8 class ids.
+
+    Without ``spec`` the image is decoded as (H,W,3) uint8 RGB. With it, its bands are read by
+    :func:`trainer.dataset_layout.read_image_bands`; nodata pixels become ``ignore_index`` in
+    the mask and ``fill`` (one value per band, in the bands' units) in the image.
 
     Raises DatasetError naming the file when it no longer decodes or disagrees with the labels.
     """
+    image, mask, _ = load_sample(image_path, mask_path, label_map, spec, fill)
+    return image, mask
+
+
+def load_sample(
+    image_path: Path,
+    mask_path: Path,
+    label_map: LabelMap,
+    spec: BandSpec | None = None,
+    fill: Sequence[float] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """:func:`load_pair`, plus the image's (H,W) bool nodata mask (None when all valid)."""
+    nodata = None
     try:
-        image = read_image(image_path)
+        if spec is None:
+            image = read_image(image_path)
+        else:
+            image, nodata = read_image_bands(image_path, spec)
     except (ImageError, OSError) as err:
         raise DatasetError(f"{image_path}: cannot read image: {err}") from None
     try:
@@ -107,7 +138,12 @@ def load_pair(
             f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
             f"{image.shape[1]}x{image.shape[0]}"
         )
-    return image, mask
+    if nodata is not None:
+        mask = np.where(nodata, np.uint8(label_map.ignore_index), mask)
+        if fill is not None:
+            image = image.copy()
+            image[nodata] = np.asarray(fill).astype(image.dtype)
+    return image, mask, nodata
 
 
 # --- augmentations -----------------------------------------------------------------------------
@@ -209,7 +245,8 @@ def build_train_transform(
 class SegmentationDataset(Dataset):
     """(image, mask) pairs of a folder dataset, optionally augmented.
 
-    ``dataset[i]`` or ``dataset[(i, seed)]`` -> (image (H,W,3) uint8, mask (H,W) uint8 ids).
+    ``dataset[i]`` or ``dataset[(i, seed)]`` -> (image (H,W,B), mask (H,W) uint8 ids); ``spec``
+    and ``fill`` as in :func:`load_pair` (without ``spec``: (H,W,3) uint8 RGB).
     With a seed the augmentation is re-seeded for that one sample, so what a sample looks like
     depends on (run seed, epoch, position) only: not on the number of workers, nor on whether
     the run was interrupted and resumed.
@@ -222,13 +259,17 @@ class SegmentationDataset(Dataset):
         transform: A.Compose | None = None,
         *,
         cache: bool = False,
+        spec: BandSpec | None = None,
+        fill: Sequence[float] | None = None,
     ) -> None:
         self.pairs = list(pairs)
         self.label_map = label_map
         self.transform = transform
+        self.spec = spec
+        self.fill = fill
         self._cache: list[tuple[np.ndarray, np.ndarray]] | None = None
         if cache:
-            self._cache = [load_pair(i, m, label_map) for i, m in self.pairs]
+            self._cache = [load_pair(i, m, label_map, spec, fill) for i, m in self.pairs]
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -237,7 +278,7 @@ class SegmentationDataset(Dataset):
         """The decoded, unaugmented pair ``index``."""
         if self._cache is not None:
             return self._cache[index]
-        return load_pair(*self.pairs[index], self.label_map)
+        return load_pair(*self.pairs[index], self.label_map, self.spec, self.fill)
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         index, seed = key if isinstance(key, tuple) else (key, None)
@@ -331,10 +372,11 @@ class TrainSampler(DistributedSampler):
 
 
 def collate(samples: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[Any, Any]:
-    """Stack (H,W,3) images and (H,W) masks into (N,3,H,W) uint8 channels-last + (N,H,W) uint8.
+    """Stack (H,W,B) images and (H,W) masks into (N,B,H,W) channels-last (the images' dtype)
+    + (N,H,W) uint8.
 
     Images of different sizes (possible in validation) come back as lists of single-image
-    batches instead, each (1,3,H,W) and (1,H,W).
+    batches instead, each (1,B,H,W) and (1,H,W).
     """
     shapes = {img.shape for img, _ in samples}
     if len(shapes) > 1:
@@ -345,7 +387,7 @@ def collate(samples: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[Any, Any]
 def _stack(samples: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:
     images = torch.from_numpy(np.stack([np.ascontiguousarray(i) for i, _ in samples]))
     masks = torch.from_numpy(np.stack([np.ascontiguousarray(m) for _, m in samples]))
-    # (N,H,W,3) viewed as (N,3,H,W) is exactly the channels_last layout: no copy needed.
+    # (N,H,W,B) viewed as (N,B,H,W) is exactly the channels_last layout: no copy needed.
     return images.permute(0, 3, 1, 2), masks
 
 
@@ -439,3 +481,20 @@ def iterate_batches(batch: tuple[Any, Any]) -> Iterator[tuple[torch.Tensor, torc
         yield from zip(images, masks, strict=True)
     else:
         yield images, masks
+
+
+def preview_rgb(image: np.ndarray, names: Sequence[str]) -> np.ndarray:
+    """``(H, W, B)`` band values -> ``(H, W, 3)`` uint8 for the eye (validation overlays): the
+    bands named red, green and blue, else the first three (one band: grey), each stretched
+    between its 2nd and 98th percentiles."""
+    words = [set(str(n).lower().split()) for n in names]
+    picked = [next((i for i, w in enumerate(words) if c in w), None) for c in RGB_WORDS]
+    if any(i is None for i in picked):
+        picked = [0, 1, 2] if image.shape[2] >= 3 else [0, 0, 0]
+    out = np.empty((*image.shape[:2], 3), dtype=np.uint8)
+    for k, i in enumerate(picked):
+        band = image[:, :, i].astype(np.float32)
+        low, high = np.percentile(band, (2, 98))
+        scaled = (band - low) / (high - low) if high > low else np.zeros_like(band)
+        out[:, :, k] = np.clip(scaled * 255 + 0.5, 0, 255).astype(np.uint8)
+    return out

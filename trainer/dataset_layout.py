@@ -7,20 +7,42 @@ A dataset root holds two splits in the workshop layout::
 
 The workshop spells the training split ``TAIN_VAL_SET``; ``TRAIN_VAL_SET`` is accepted too.
 An image and its mask are paired by file stem. Masks are single-channel index images or RGB
-colour images, both resolved through a :class:`~shared.labels.LabelMap`.
+colour images (PNG, or TIFF/GeoTIFF), both resolved through a :class:`~shared.labels.LabelMap`.
+
+Images are pictures (PNG, JPEG...: 8-bit RGB, decoded by :func:`shared.imaging.decode_image`
+as they always were) or TIFF/GeoTIFF rasters of any band count and of the dtypes in
+:data:`shared.bands.SUPPORTED_DTYPES`, read with rasterio: :func:`read_image_bands` is the one
+reader of a dataset image's band values and nodata (the rule of :func:`shared.bands.nodata_mask`),
+used by training, evaluation and ``trainer.prepare stats``.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import rasterio
+from rasterio.errors import NotGeoreferencedWarning, RasterioError
+from rasterio.io import DatasetReader
+from rasterio.transform import Affine
 
+from shared.bands import (
+    NODATA_AUTO,
+    BandError,
+    BandSpec,
+    NodataRule,
+    band_names,
+    nodata_mask,
+    raster_nodata_inputs,
+    resolve_bands,
+)
 from shared.datasets import IMAGE_EXTENSIONS, MASK_EXTENSIONS
-from shared.imaging import ImageError, decode_image, decode_mask
+from shared.imaging import ImageError, decode_image, decode_mask, read_image
 from shared.labels import LabelMap, MaskValueError
+from shared.raster import Georef, ground_sample_distance
 
 SPLIT_DIRS: dict[str, tuple[str, ...]] = {
     "trainval": ("TAIN_VAL_SET", "TRAIN_VAL_SET"),
@@ -28,6 +50,11 @@ SPLIT_DIRS: dict[str, tuple[str, ...]] = {
 }
 IMAGES_DIR = "IMAGES"
 MASKS_DIR = "MASKS"
+# Images with these suffixes are rasters read with rasterio (any band count and dtype); the
+# others are pictures, decoded to 8-bit RGB.
+RASTER_EXTENSIONS = frozenset({".tif", ".tiff"})
+# The bands a picture decodes to.
+PICTURE_BANDS = ("red", "green", "blue")
 # Listing more than this many offending files in one message helps nobody.
 _MAX_LISTED = 10
 
@@ -208,7 +235,11 @@ def _check_pair(
     problems: list[Problem] = []
     image_hw: tuple[int, int] | None = None
     try:
-        image_hw = decode_image(image_path.read_bytes()).shape[:2]
+        if is_raster(image_path):
+            with open_image(image_path) as src:
+                image_hw = (src.height, src.width)
+        else:
+            image_hw = decode_image(image_path.read_bytes()).shape[:2]
     except ImageError as err:
         problems.append(Problem(image_path, f"image does not decode: {err}"))
     except OSError as err:
@@ -265,3 +296,118 @@ def _list_paths(paths: Iterable[Path]) -> str:
     paths = list(paths)
     names = ", ".join(p.name for p in paths[:_MAX_LISTED])
     return names + (f" (and {len(paths) - _MAX_LISTED} more)" if len(paths) > _MAX_LISTED else "")
+
+
+# --- band values -------------------------------------------------------------------------------
+
+
+def is_raster(path: Path) -> bool:
+    """Whether ``path`` is read as a raster (TIFF/GeoTIFF) rather than decoded as a picture."""
+    return path.suffix.lower() in RASTER_EXTENSIONS
+
+
+def open_image(path: Path) -> DatasetReader:
+    """Open a raster image with rasterio (a context manager).
+
+    Raises:
+        ImageError: the file does not open as a raster; the message says why.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            return rasterio.open(path)
+    except RasterioError as err:
+        raise ImageError(f"not a readable raster: {err}") from None
+
+
+def dataset_band_spec(
+    root: str | Path,
+    selection: Sequence[int | str] | None = None,
+    nodata: NodataRule = NODATA_AUTO,
+) -> tuple[BandSpec, Path | None]:
+    """The bands a model trained on ``root`` reads: ``selection`` (``data.bands``) resolved
+    against the first readable training image, and that image (None when there is none).
+
+    Picture datasets (PNG, JPEG...) hold red, green, blue (8-bit). A dataset without readable
+    training images resolves as pictures: checking its files (:func:`check_dataset`) names
+    what is wrong with it.
+
+    Raises:
+        BandError: a selection the image's bands do not fit; the message names the band and
+            lists the image's bands.
+        ImageError: the image's bands are of different types.
+    """
+    try:
+        images = [image for image, _ in scan_split(root, "trainval").pairs]
+    except DatasetLayoutError:
+        images = []
+    for image in images:
+        if not is_raster(image):
+            break
+        try:
+            src = open_image(image)
+        except ImageError:
+            continue
+        with src:
+            if len(set(src.dtypes)) > 1:
+                raise ImageError(
+                    f"{image}: bands of different types are not supported: {src.dtypes}"
+                )
+            names = band_names(src.descriptions, [c.name for c in src.colorinterp])
+            return resolve_bands(selection, names, dtype=src.dtypes[0], nodata=nodata), image
+    first = images[0] if images else None
+    return resolve_bands(selection, PICTURE_BANDS, dtype="uint8", nodata=nodata), first
+
+
+def read_image_bands(path: Path, spec: BandSpec) -> tuple[np.ndarray, np.ndarray | None]:
+    """One dataset image's bands: ``(H, W, B)`` values in ``spec``'s order and dtype, and the
+    ``(H, W)`` bool nodata mask under ``spec.nodata`` (None when every pixel is valid).
+
+    A picture decodes to 8-bit RGB (its bands picked by ``spec``) and has no nodata, exactly as
+    before rasters were read; a raster's nodata is traced over the whole file (a chip's edges are
+    its scene's edges).
+
+    Raises:
+        ImageError: unreadable file, or one without ``spec``'s bands or dtype (named).
+        OSError: the file cannot be read.
+    """
+    if not is_raster(path):
+        rgb = read_image(path)
+        if spec.indexes == (1, 2, 3):
+            return rgb, None
+        if max(spec.indexes) > 3:
+            raise ImageError(f"{path}: a picture has 3 bands, data.bands asks for {spec.indexes}")
+        return np.ascontiguousarray(rgb[:, :, [i - 1 for i in spec.indexes]]), None
+    with open_image(path) as src:
+        if src.count < max(spec.indexes) or src.dtypes[0] != spec.dtype:
+            raise ImageError(
+                f"{path}: {src.count} bands {src.dtypes[0]}, but the dataset's bands are "
+                f"{', '.join(f'{b.index}={b.name}' for b in spec.bands)} ({spec.dtype})"
+            )
+        try:
+            values = src.read(list(spec.indexes))
+            nodata = nodata_mask(values, spec.nodata, **raster_nodata_inputs(src))
+        except (RasterioError, BandError, ValueError) as err:
+            raise ImageError(f"{path}: cannot read its bands: {err}") from None
+    image = np.ascontiguousarray(values.transpose(1, 2, 0))
+    return image, (nodata if nodata.any() else None)
+
+
+def image_gsd(path: Path | None) -> float | None:
+    """Ground sample distance of a georeferenced image, metres per pixel; None otherwise.
+
+    Pixels in degrees (EPSG:4326) are converted at the equator (about 111 320 m a degree), not
+    at the image's own latitude, so every tile of a global dataset gives the same number: the
+    bundled Blue Marble's 1/15 degree is about 7.4 km.
+    """
+    if path is None or not is_raster(path):
+        return None
+    with open_image(path) as src:
+        crs, t, height, width = src.crs, src.transform, src.height, src.width
+    if crs is None or t == Affine.identity():
+        return None
+    if crs.is_geographic:
+        # The same pixel size, moved so that the image's centre lies on the equator.
+        centre_lat = t.d * width / 2 + t.e * height / 2 + t.f
+        t = Affine(t.a, t.b, t.c, t.d, t.e, t.f - centre_lat)
+    return ground_sample_distance(Georef(crs, t), height, width)

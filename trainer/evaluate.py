@@ -21,12 +21,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from shared.checkpoint import CheckpointError
+import numpy as np
+
+from shared.bands import BandSpec
+from shared.checkpoint import CheckpointError, bands_from_checkpoint
 from shared.inference import InferenceOptions, Predictor
 from shared.labels import LabelMapError
 from shared.metrics import BoundaryIoU, ConfusionMatrix, scores
 from shared.precision import INFERENCE_PRECISIONS
-from trainer.data import DatasetError, collect_pairs, load_pair
+from shared.raster import ArrayRaster
+from trainer.data import DatasetError, collect_pairs, load_sample
 from trainer.dataset_layout import DatasetLayoutError
 
 log = logging.getLogger("trainer")
@@ -43,17 +47,23 @@ def evaluate_pairs(
     """Segment every image of ``pairs`` with ``predictor`` and score it against its mask.
 
     Masks are read through the predictor's label map, so a dataset whose labels disagree with
-    the model fails with the mask's name. Returns the :func:`shared.metrics.scores` dict plus
-    ``boundary_iou`` per class, ``mean_boundary_iou``, ``confusion_matrix``, ``images``,
-    ``seconds`` and ``images_per_s``.
+    the model fails with the mask's name. Images are read as the checkpoint's bands, under its
+    nodata rule: nodata pixels are ``ignore_index`` in the mask and the prediction and count in
+    no metric (the confusion matrix holds the valid pixels only). Returns the
+    :func:`shared.metrics.scores` dict plus ``boundary_iou`` per class,
+    ``mean_boundary_iou``, ``confusion_matrix``, ``images``, ``seconds`` and
+    ``images_per_s``.
     """
     label_map = predictor.label_map
     matrix = ConfusionMatrix(label_map.num_classes, label_map.ignore_index)
     boundary = BoundaryIoU(label_map.num_classes, label_map.ignore_index, width=boundary_width)
+    spec = bands_from_checkpoint(predictor.metadata)
+    norm = predictor.normalization
+    fill = [m * norm.scale for m in norm.mean]
     start = time.perf_counter()
     for image_path, mask_path in pairs:
-        image, mask = load_pair(image_path, mask_path, label_map)
-        pred = predictor.segment(image)
+        image, mask, nodata = load_sample(image_path, mask_path, label_map, spec, fill)
+        pred = predictor.predict(model_source(image, nodata, spec)).mask
         matrix.update(pred, mask)
         boundary.update(pred, mask)
     seconds = time.perf_counter() - start
@@ -68,6 +78,16 @@ def evaluate_pairs(
     result["seconds"] = round(seconds, 3)
     result["images_per_s"] = round(len(pairs) / seconds, 3) if seconds > 0 else None
     return result
+
+
+def model_source(image: np.ndarray, nodata: np.ndarray | None, spec: BandSpec) -> ArrayRaster:
+    """A dataset image as the predictor reads it: 8-bit RGB as a picture, other bands as
+    float32 values; ``nodata`` pixels come out as ``ignore_index``."""
+    valid = None if nodata is None else ~nodata
+    if spec.reads_pictures():
+        return ArrayRaster(image, valid)
+    preview = np.zeros((*image.shape[:2], 3), dtype=np.uint8)
+    return ArrayRaster(preview, valid, pixels=image.astype(np.float32))
 
 
 def evaluate_checkpoint(

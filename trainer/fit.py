@@ -25,13 +25,14 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from shared.bands import BandSpec
 from shared.inference import InferenceOptions, resolve_device
 from shared.metrics import ConfusionMatrix, scores
 from shared.preprocess import normalize
 from trainer import distributed
 from trainer.build import USER_ERRORS, RemoteRankError, build_run
 from trainer.config import Config, ConfigError, load_config, to_dict
-from trainer.data import iterate_batches
+from trainer.data import iterate_batches, preview_rgb
 from trainer.evaluate import evaluate_checkpoint, format_table, write_json
 from trainer.logging_utils import Progress, metric_scalars, overlay_grid
 from trainer.resume import save_checkpoints
@@ -169,7 +170,8 @@ def forward_backward(
     """Forward under autocast, loss, backward of the loss's share of the step; returns the
     loss parts (on the device).
 
-    ``images``: (N,3,H,W) uint8, ``masks``: (N,H,W) class ids. ``sync``: this micro-batch ends
+    ``images``: (N,B,H,W) band values (uint8 RGB, or the bands' dtype), ``masks``: (N,H,W)
+    class ids. ``sync``: this micro-batch ends
     an optimiser step, so DDP all-reduces its gradients (once per step, not per micro-batch).
     """
     device = run.info.device
@@ -297,7 +299,7 @@ def evaluate(run: Run) -> dict[str, Any] | None:
                 loss_count += images.shape[0]
             matrix.update(pred, masks)
             if run.info.is_main:
-                take_samples(grid, images, masks, pred, run.cfg.log.image_samples)
+                take_samples(grid, images, masks, pred, run.cfg.log.image_samples, run.bands)
     run.model.train()
     total = distributed.all_reduce_sum(matrix.matrix, device)
     sums = distributed.all_reduce_sum(
@@ -316,8 +318,11 @@ def predict_batch(
     """Predicted ids (N,H,W) uint8 on the CPU, and the mean loss where it is computed.
 
     The service's path (``shared.pipeline``): images up to ``eval.tile`` go through the model
-    in one batch (whose logits give the loss); larger ones are tiled and blended.
+    in one batch (whose logits give the loss); larger ones are tiled and blended. A multi-band
+    model reads float32 band values, as the service hands them over.
     """
+    if not run.bands.reads_pictures():
+        images = images.float()
     result = run.predictor.predict_batch(images)
     pred = torch.from_numpy(result.masks)
     if result.logits is None:
@@ -327,13 +332,22 @@ def predict_batch(
 
 
 def take_samples(
-    grid: list, images: torch.Tensor, masks: torch.Tensor, pred: torch.Tensor, limit: int
+    grid: list,
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    pred: torch.Tensor,
+    limit: int,
+    bands: BandSpec | None = None,
 ) -> None:
-    """Add (image, truth, prediction) arrays to ``grid`` until it holds ``limit``."""
+    """Add (image, truth, prediction) arrays to ``grid`` until it holds ``limit``; images of
+    other bands than 8-bit RGB as an RGB preview (:func:`trainer.data.preview_rgb`)."""
     for img, truth, p in zip(images, masks, pred, strict=True):
         if len(grid) >= limit:
             return
-        grid.append((img.permute(1, 2, 0).numpy(), truth.numpy(), p.numpy()))
+        hwc = img.permute(1, 2, 0).numpy()
+        if bands is not None and not bands.reads_pictures():
+            hwc = preview_rgb(hwc, bands.names)
+        grid.append((hwc, truth.numpy(), p.numpy()))
 
 
 def record(run: Run, val: dict[str, Any] | None, epoch: int) -> bool:

@@ -50,8 +50,6 @@ from shared.bands import (
     BandError,
     BandSpec,
     band_names,
-    nodata_mask,
-    raster_nodata_inputs,
     resolve_bands,
 )
 from shared.datasets import (
@@ -63,7 +61,7 @@ from shared.datasets import (
     lat_rows,
     lon_columns,
 )
-from shared.imaging import encode_png
+from shared.imaging import ImageError, encode_png
 from shared.labels import DEFAULT_LABEL_MAPPING, LabelMap, LabelMapError
 from shared.preprocess import STATS_FILE, BandStatistics, save_stats
 from trainer.dataset_layout import (
@@ -73,6 +71,8 @@ from trainer.dataset_layout import (
     DatasetLayoutError,
     Problem,
     check_dataset,
+    is_raster,
+    read_image_bands,
     scan_split,
 )
 
@@ -689,9 +689,14 @@ def measure_band_stats(
                     f"{pairs[0][0].name} has {first.count} bands {first.dtype}; run "
                     "python -m trainer.prepare check"
                 )
-            data = src.read(spec.indexes)
-            mask = nodata_mask(data, spec.nodata, **raster_nodata_inputs(src))
-        stats.update(data, mask)
+        if not is_raster(image_path):
+            # Pictures are read by the trainer as decoded RGB, without nodata.
+            spec = BandSpec(spec.bands, "uint8", spec.nodata)
+        try:
+            data, mask = read_image_bands(image_path, spec)
+        except ImageError as err:
+            raise PrepareError(str(err)) from None
+        stats.update(data.transpose(2, 0, 1), mask)
     return spec, stats, len(pairs)
 
 

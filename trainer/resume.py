@@ -67,6 +67,8 @@ def save_checkpoints(run: Run, *, best: bool) -> None:
         "normalization": run.normalization,
         "config": to_dict(run.cfg),
         "metrics": metrics,
+        "bands": run.bands,
+        "gsd_m": run.gsd_m,
     }
     save_checkpoint(
         build_checkpoint(run.eval_model, training_state=state, **common),

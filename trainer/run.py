@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from shared.bands import BandSpec
 from shared.inference import Predictor
 from shared.labels import LabelMap
 from shared.precision import autocast_dtype
@@ -62,6 +63,8 @@ class Run:
     state: RunState = field(default_factory=RunState)
     threads: ThreadTuner | None = None
     ema: ModelEma | None = None
+    bands: BandSpec = field(default_factory=BandSpec.rgb)  # the model's input bands
+    gsd_m: float | None = None  # the training data's metres per pixel, when georeferenced
     # The time source of the budget and the thread tuner, read when training progresses; a
     # resumed run reproduces a straight one exactly when both runs read the same times.
     clock: Callable[[], float] = time.monotonic
