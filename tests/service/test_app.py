@@ -36,11 +36,11 @@ def test_segment_documents_every_answer_format(open_schema: dict) -> None:
     operation = open_schema["paths"]["/segment"]["post"]
     content = operation["responses"]["200"]["content"]
 
-    assert set(content) == {"image/png", "image/tiff", "application/json"}
+    assert set(content) == {"image/png", "image/tiff", "application/json", "application/geo+json"}
     assert content["application/json"]["schema"]["$ref"].endswith("/SegmentRle")
     fmt = next(p for p in operation["parameters"] if p["name"] == "format")
     schemas = open_schema["components"]["schemas"]
-    assert schemas["SegmentFormat"]["enum"] == ["png", "rle", "geotiff"]
+    assert schemas["SegmentFormat"]["enum"] == ["png", "rle", "geotiff", "probabilities", "geojson"]
     assert fmt["schema"]["default"] == "png"
 
 
