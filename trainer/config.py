@@ -6,51 +6,50 @@ is checked before any work starts; a :class:`ConfigError` names the key, the val
 from __future__ import annotations
 
 import difflib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    ValidationError,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.functional_validators import AfterValidator, BeforeValidator, model_validator
 
 from shared.bands import BandError, parse_nodata
 from shared.precision import TRAINING_PRECISIONS
+from shared.tiling import check_tile_overlap
 
 
 class ConfigError(ValueError):
     """A configuration file or override is invalid; the message names the key (and the file)."""
 
 
-def _not_bool(value: Any) -> Any:
-    # YAML's true/false are not numbers, whatever Python thinks of bool.
-    if isinstance(value, bool):
-        raise ValueError("expected a number, not true/false")
-    return value
+def _require(ok: Callable[[Any], bool], message: str, when: Any = AfterValidator) -> Any:
+    """A validator that refuses a value for which ``ok`` is false, with ``message``."""
+
+    def check(value: Any) -> Any:
+        if not ok(value):
+            raise ValueError(message)
+        return value
+
+    return when(check)
 
 
-Int = Annotated[int, BeforeValidator(_not_bool)]
-Float = Annotated[float, BeforeValidator(_not_bool)]
-Probability = Annotated[float, BeforeValidator(_not_bool), Field(ge=0.0, le=1.0)]
-Positive = Annotated[int, BeforeValidator(_not_bool), Field(gt=0)]
-NonNegative = Annotated[float, BeforeValidator(_not_bool), Field(ge=0.0)]
+# YAML's true/false are not numbers, whatever Python thinks of bool.
+_NUMBER = _require(
+    lambda v: not isinstance(v, bool), "expected a number, not true/false", BeforeValidator
+)
+Int = Annotated[int, _NUMBER]
+Float = Annotated[float, _NUMBER]
+Probability = Annotated[float, _NUMBER, Field(ge=0.0, le=1.0)]
+Positive = Annotated[int, _NUMBER, Field(gt=0)]
+NonNegative = Annotated[float, _NUMBER, Field(ge=0.0)]
 ClassFactors = dict[str, NonNegative]  # per class name; classes not listed weigh 1.0
-
-
-def _folder_name(value: str) -> str:
-    if not value or "/" in value or "\\" in value or value in {".", ".."}:
-        raise ValueError("must be a plain folder name")
-    return value
-
-
-FolderName = Annotated[str, AfterValidator(_folder_name)]
+_ORDERED = _require(lambda pair: 0.0 < pair[0] <= pair[1], "need 0 < min <= max")
+Range = Annotated[tuple[Float, Float], _ORDERED]  # (min, max)
+_PLAIN = _require(
+    lambda s: s not in {"", ".", ".."} and not {"/", "\\"} & set(s), "must be a plain folder name"
+)
+FolderName = Annotated[str, _PLAIN]
 
 
 def _nodata_rule(value: str | float) -> str | float:
@@ -87,15 +86,15 @@ class DataConfig(Section):
 class AugmentConfig(Section):
     # random_resized: zoom (area share crop_scale, aspect crop_ratio); random: native resolution.
     crop: Literal["random_resized", "random"] = "random_resized"
-    crop_scale: tuple[Float, Float] = (0.25, 1.0)
-    crop_ratio: tuple[Float, Float] = (0.75, 1.3333333)
+    crop_scale: Annotated[tuple[Probability, Probability], _ORDERED] = (0.25, 1.0)
+    crop_ratio: Range = (0.75, 1.3333333)
     focus_crop: Probability = 0.0  # share of crops centred on a pixel of focus_classes
     focus_classes: list[str] = []
     hflip: Probability = 0.5
     vflip: Probability = 0.5
     rotate90: Probability = 0.5
     affine: Probability = 0.0  # shift-scale-rotate; areas rotated in are ignore_index
-    affine_scale: tuple[Float, Float] = (0.9, 1.1)
+    affine_scale: Range = (0.9, 1.1)
     affine_rotate: Float = 15.0
     affine_translate: Float = 0.05
     color_jitter: Probability = 0.0
@@ -103,15 +102,6 @@ class AugmentConfig(Section):
     contrast: Float = 0.2
     saturation: Float = 0.2
     hue: Float = 0.02
-
-    @model_validator(mode="after")
-    def _ranges(self) -> AugmentConfig:
-        for key in ("crop_scale", "crop_ratio", "affine_scale"):
-            lo, hi = getattr(self, key)
-            if not 0.0 < lo <= hi or (key == "crop_scale" and hi > 1.0):
-                top = " <= 1" if key == "crop_scale" else ""
-                raise _KeyError(key, f"need 0 < min <= max{top}, got {[lo, hi]}")
-        return self
 
 
 class ModelConfig(Section):
@@ -169,9 +159,8 @@ class EvalConfig(Section):
     boundary_width: Positive = 3
 
     @model_validator(mode="after")
-    def _overlap_below_tile(self) -> EvalConfig:
-        if self.overlap >= self.tile:
-            raise _KeyError("overlap", f"must be smaller than eval.tile ({self.tile})")
+    def _tiling(self) -> EvalConfig:
+        check_tile_overlap(self.tile, self.overlap, aligned=True)  # as the Predictor will
         return self
 
 
@@ -193,11 +182,6 @@ class Config(Section):
     log: LogConfig = LogConfig()
 
 
-class _KeyError(ValueError):  # a cross-field check's failure, naming its key
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"{key}: {message}")
-
-
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Defaults, then the YAML file at ``path``, then ``key.path=value`` overrides; validated."""
     data = read_yaml(path) if path is not None else {}
@@ -214,40 +198,30 @@ def _describe(error: Any) -> str:
     loc = [str(part) for part in error["loc"] if not str(part).startswith(("function-", "tuple["))]
     key = ".".join(loc) or "<top level>"
     if error["type"] == "extra_forbidden":
-        section = _section_fields(loc[:-1])
-        close = difflib.get_close_matches(loc[-1], section, n=1)
+        section: Any = Config
+        for part in loc[:-1]:
+            section = section.model_fields[part].annotation
+        close = difflib.get_close_matches(loc[-1], list(section.model_fields), n=1)
         hint = f" (did you mean '{'.'.join([*loc[:-1], close[0]])}'?)" if close else ""
         return f"unknown key '{key}'{hint}"
     message = error["msg"].removeprefix("Value error, ")
-    if isinstance(error.get("ctx", {}).get("error"), _KeyError):
-        return f"{key}.{message}" if loc else message
+    if error["type"] == "value_error" and isinstance(error["input"], dict):
+        return f"{key}.{message}"  # a section's own check; its message starts with the field
     return f"{key}: {message}, got {error['input']!r}"
-
-
-def _section_fields(path: list[str]) -> list[str]:
-    model: Any = Config
-    for part in path:
-        model = model.model_fields[part].annotation
-    return list(model.model_fields)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping, turning every failure into a ConfigError naming the file."""
-    p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError(f"{p}: config file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{p}: cannot read config file ({exc})") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        mark = getattr(exc, "problem_mark", None)  # YAML syntax errors know their line
         where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{p}:{where} invalid YAML ({getattr(exc, 'problem', exc)})") from None
+        raise ConfigError(f"{path}:{where} cannot read ({getattr(exc, 'problem', exc)})") from None
     if not isinstance(data, dict | None):
-        raise ConfigError(
-            f"{p}: the top level must be a mapping of keys, got {type(data).__name__}"
-        )
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
     return data or {}
 
 
@@ -265,16 +239,13 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     """Set ``data["a"]["b"] = value`` for key ``"a.b"``, creating mappings on the way."""
-    parts = key.split(".")
-    node = data
-    for i, part in enumerate(parts[:-1]):
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {key}: {'.'.join(parts[: i + 1])} is not a section")
-        node = child
-    node[parts[-1]] = value
+    *sections, leaf = key.split(".")
+    for i, part in enumerate(sections):
+        if data.get(part) is None:
+            data[part] = {}
+        if not isinstance(data := data[part], dict):
+            raise ConfigError(f"override {key}: {'.'.join(sections[: i + 1])} is not a section")
+    data[leaf] = value
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
