@@ -11,6 +11,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -48,50 +49,18 @@ class AccessMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = request_id_from(_header(scope, REQUEST_ID_HEADER))
-        token = REQUEST_ID.set(request_id)
+        exchange = _Exchange(request_id_from(_header(scope, REQUEST_ID_HEADER)))
+        token = REQUEST_ID.set(exchange.request_id)
         start = time.perf_counter()
-        status = 500
-        bytes_in = bytes_out = 0
-        error_code: str | None = None
-        version: str | None = None
-        is_json_error = False
-        response_started = False
 
         async def counted_receive() -> Message:
-            nonlocal bytes_in
             message = await receive()
             if message["type"] == "http.request":
-                bytes_in += len(message.get("body", b""))
+                exchange.bytes_in += len(message.get("body", b""))
             return message
 
         async def tagged_send(message: Message) -> None:
-            nonlocal status, bytes_out, error_code, version, is_json_error, response_started
-            if message["type"] == "http.response.start":
-                response_started = True
-                status = message["status"]
-                headers = [
-                    (k, v) for k, v in message.get("headers", ()) if k.lower() != REQUEST_ID_HEADER
-                ]
-                headers.append((REQUEST_ID_HEADER, request_id.encode()))
-                pinned = next((v for k, v in headers if k.lower() == MODEL_VERSION_HEADER), None)
-                if pinned is not None:
-                    version = pinned.decode("latin-1")
-                else:
-                    version = self.model_version()
-                    if version:
-                        headers.append((MODEL_VERSION_HEADER, version.encode()))
-                is_json_error = status >= 400 and any(
-                    k.lower() == b"content-type" and v.startswith(b"application/json")
-                    for k, v in headers
-                )
-                message = {**message, "headers": headers}
-            elif message["type"] == "http.response.body":
-                body = message.get("body", b"")
-                if is_json_error and error_code is None:
-                    error_code = _error_code(body)
-                bytes_out += len(body)
-            await send(message)
+            await send(exchange.tag(message, self.model_version))
 
         try:
             try:
@@ -99,33 +68,78 @@ class AccessMiddleware:
             except Exception as exc:
                 # Answered here, inside the request's context, so the 500 carries the request
                 # id and the traceback's log line names it.
-                if response_started:
+                if exchange.response_started:
                     raise
                 answer = internal_error(scope.get("method", ""), scope.get("path", ""), exc)
                 await answer(scope, counted_receive, tagged_send)
         finally:
-            seconds = time.perf_counter() - start
-            route = _route(scope, self.known_paths)
-            self.metrics.observe_request(route, status, seconds, error_code)
-            log.info(
-                "%s %s %d %.1f ms",
-                scope.get("method", ""),
-                scope.get("path", ""),
-                status,
-                seconds * 1000,
-                extra={
-                    "method": scope.get("method"),
-                    "route": route,
-                    "path": scope.get("path"),
-                    "status": status,
-                    "duration_ms": round(seconds * 1000, 2),
-                    "bytes_in": bytes_in,
-                    "bytes_out": bytes_out,
-                    "error_code": error_code,
-                    "model_version": version,
-                },
-            )
+            self._record(scope, exchange, time.perf_counter() - start)
             REQUEST_ID.reset(token)
+
+    def _record(self, scope: Scope, exchange: _Exchange, seconds: float) -> None:
+        """Count the answer and log its line."""
+        route = _route(scope, self.known_paths)
+        self.metrics.observe_request(route, exchange.status, seconds, exchange.error_code)
+        log.info(
+            "%s %s %d %.1f ms",
+            scope.get("method", ""),
+            scope.get("path", ""),
+            exchange.status,
+            seconds * 1000,
+            extra={
+                "method": scope.get("method"),
+                "route": route,
+                "path": scope.get("path"),
+                "status": exchange.status,
+                "duration_ms": round(seconds * 1000, 2),
+                "bytes_in": exchange.bytes_in,
+                "bytes_out": exchange.bytes_out,
+                "error_code": exchange.error_code,
+                "model_version": exchange.version,
+            },
+        )
+
+
+@dataclass
+class _Exchange:
+    """What one request's answer was, gathered as its messages pass."""
+
+    request_id: str
+    status: int = 500  # until the app starts a response
+    bytes_in: int = 0
+    bytes_out: int = 0
+    error_code: str | None = None
+    version: str | None = None
+    is_json_error: bool = False
+    response_started: bool = False
+
+    def tag(self, message: Message, model_version: Callable[[], str | None]) -> Message:
+        """Note an outgoing message; a response start gets the request id and model version."""
+        if message["type"] == "http.response.start":
+            self.response_started = True
+            self.status = message["status"]
+            headers = [
+                (k, v) for k, v in message.get("headers", ()) if k.lower() != REQUEST_ID_HEADER
+            ]
+            headers.append((REQUEST_ID_HEADER, self.request_id.encode()))
+            pinned = next((v for k, v in headers if k.lower() == MODEL_VERSION_HEADER), None)
+            if pinned is not None:
+                self.version = pinned.decode("latin-1")
+            else:
+                self.version = model_version()
+                if self.version:
+                    headers.append((MODEL_VERSION_HEADER, self.version.encode()))
+            self.is_json_error = self.status >= 400 and any(
+                k.lower() == b"content-type" and v.startswith(b"application/json")
+                for k, v in headers
+            )
+            return {**message, "headers": headers}
+        if message["type"] == "http.response.body":
+            body = message.get("body", b"")
+            if self.is_json_error and self.error_code is None:
+                self.error_code = _error_code(body)
+            self.bytes_out += len(body)
+        return message
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
