@@ -399,22 +399,7 @@ async def segment(
         ticket = held.enter_context(engine.admit())
         upload = await _decode_image(engine, image, name, raster, ticket, held)
         array, geo = upload.rgb, upload.geo
-        if format is SegmentFormat.geotiff and (geo is None or not geo.georeferenced):
-            # Checked before inference: the answer could not be placed on the map anyway.
-            await image.seek(0)
-            tiff = is_tiff(await image.read(4))  # a plain TIFF decodes through PIL: geo None
-            found = "a TIFF without a CRS, geotransform or GCPs" if tiff else "not a TIFF"
-            raise UnprocessableError(
-                f"format=geotiff needs a georeferenced TIFF; {name} is {found}. "
-                "Ask for format=png or format=rle instead.",
-                code="not_georeferenced",
-            )
-        if format is SegmentFormat.geojson and crs != "raster" and not georef_of(geo).crs:
-            raise UnprocessableError(
-                f"crs={crs} needs a TIFF with a CRS; {name} has none. "
-                "Leave crs out for pixel coordinates.",
-                code="not_georeferenced",
-            )
+        await _check_placeable(image, name, geo, format, crs)
         decoded = time.perf_counter()
         prediction = await engine.predict(
             array,
@@ -430,7 +415,7 @@ async def segment(
             classes = await engine.run_io(mask_to_classes, mask, label_map)
             preview_url = await engine.run_io(_data_url, array) if preview else None
         elif format is SegmentFormat.geojson:
-            geojson = await engine.run_io(
+            body = await engine.run_io(
                 mask_to_geojson,
                 mask,
                 georef_of(geo),
@@ -448,31 +433,10 @@ async def segment(
         "encode": _ms(end - inferred),
         "total": _ms(end - start),
     }
-    warned = _warning_headers(upload.warnings)
-    if format is SegmentFormat.geojson:
-        server_timing = ", ".join(f"{k};dur={v}" for k, v in timing.items())
-        if upload.warnings:
-            geojson = {**geojson, "warnings": list(upload.warnings)}
-        return JSONResponse(
-            geojson,
-            media_type="application/geo+json",
-            headers={"Server-Timing": server_timing, MODEL_VERSION: ticket.model.sha256, **warned},
-        )
     if format is not SegmentFormat.rle:
-        server_timing = ", ".join(f"{k};dur={v}" for k, v in timing.items())
-        media_type, filename = _FILES[format]
-        return Response(
-            body,
-            media_type=media_type,
-            headers={
-                "Server-Timing": server_timing,
-                "Content-Disposition": f'inline; filename="{filename}"',
-                MODEL_VERSION: ticket.model.sha256,
-                **warned,
-            },
-        )
+        return _answer(format, body, timing, ticket.model.sha256, upload.warnings)
     response.headers[MODEL_VERSION] = ticket.model.sha256
-    response.headers.update(warned)
+    response.headers.update(_warning_headers(upload.warnings))
     return {
         "height": int(mask.shape[0]),
         "width": int(mask.shape[1]),
@@ -481,6 +445,49 @@ async def segment(
         "warnings": list(upload.warnings),
         "preview": preview_url,
     }
+
+
+async def _check_placeable(
+    image: UploadFile, name: str, geo: GeoImage | None, format: SegmentFormat, crs: str
+) -> None:
+    """Refuse, before inference, an answer that could not be placed on the map."""
+    if format is SegmentFormat.geotiff and (geo is None or not geo.georeferenced):
+        await image.seek(0)
+        tiff = is_tiff(await image.read(4))  # a plain TIFF decodes through PIL: geo None
+        found = "a TIFF without a CRS, geotransform or GCPs" if tiff else "not a TIFF"
+        raise UnprocessableError(
+            f"format=geotiff needs a georeferenced TIFF; {name} is {found}. "
+            "Ask for format=png or format=rle instead.",
+            code="not_georeferenced",
+        )
+    if format is SegmentFormat.geojson and crs != "raster" and not georef_of(geo).crs:
+        raise UnprocessableError(
+            f"crs={crs} needs a TIFF with a CRS; {name} has none. "
+            "Leave crs out for pixel coordinates.",
+            code="not_georeferenced",
+        )
+
+
+def _answer(
+    format: SegmentFormat,
+    content: Any,
+    timing: dict[str, float],
+    model_version: str,
+    warnings: tuple[str, ...] | list[str],
+) -> Response:
+    """A GeoJSON or file answer, with its timing, model version and warnings as headers."""
+    headers = {
+        "Server-Timing": ", ".join(f"{k};dur={v}" for k, v in timing.items()),
+        MODEL_VERSION: model_version,
+        **_warning_headers(warnings),
+    }
+    if format is SegmentFormat.geojson:
+        if warnings:
+            content = {**content, "warnings": list(warnings)}
+        return JSONResponse(content, media_type="application/geo+json", headers=headers)
+    media_type, filename = _FILES[format]
+    headers["Content-Disposition"] = f'inline; filename="{filename}"'
+    return Response(content, media_type=media_type, headers=headers)
 
 
 def _data_url(rgb: np.ndarray) -> str:
