@@ -64,6 +64,10 @@ def evaluate_pairs(
     for image_path, mask_path in pairs:
         image, mask, nodata = load_sample(image_path, mask_path, label_map, spec, fill)
         pred = predictor.predict(model_source(image, nodata, spec)).mask
+        if nodata is not None:
+            # ignore_index in the prediction as in the mask, where no metric looks; the boundary
+            # score wants class ids there (it takes ignored pixels as neutral, whatever they hold).
+            pred = np.where(nodata, np.uint8(0), pred)
         matrix.update(pred, mask)
         boundary.update(pred, mask)
     seconds = time.perf_counter() - start
