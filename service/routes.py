@@ -541,18 +541,7 @@ async def evaluate(
 
     Images may be GeoTIFFs (`bands`, `scale` as for `/segment`); their nodata pixels are
     left out of the scores."""
-    if len(image) != len(mask):
-        raise UnprocessableError(
-            f"Got {len(image)} image(s) and {len(mask)} mask(s); send one mask per image, "
-            "paired in order.",
-            code="pair_count_mismatch",
-        )
-    if len(image) > engine.settings.max_pairs:
-        raise UnprocessableError(
-            f"Got {len(image)} pairs; at most {engine.settings.max_pairs} are evaluated per "
-            "request (SATSEG_MAX_PAIRS).",
-            code="too_many_pairs",
-        )
+    _check_pair_count(len(image), len(mask), engine.settings.max_pairs)
     start = time.perf_counter()
     decode_s = infer_s = 0.0
     warnings: list[str] = []
@@ -606,6 +595,20 @@ async def evaluate(
             "total": _ms(end - start),
         },
     }
+
+
+def _check_pair_count(images: int, masks: int, max_pairs: int) -> None:
+    if images != masks:
+        raise UnprocessableError(
+            f"Got {images} image(s) and {masks} mask(s); send one mask per image, paired in order.",
+            code="pair_count_mismatch",
+        )
+    if images > max_pairs:
+        raise UnprocessableError(
+            f"Got {images} pairs; at most {max_pairs} are evaluated per request "
+            "(SATSEG_MAX_PAIRS).",
+            code="too_many_pairs",
+        )
 
 
 async def _decode_pair(

@@ -647,73 +647,24 @@ def _run(
         disable=_bar_disabled(progress),
     )
     if todo:
-        actors, resources = _actor_pool(ray, options, ray_options)
-        probabilities = write.format == "probabilities"
         # Held for the whole run: a restarted actor reads the checkpoint from it again.
         checkpoint_ref = ray.put(checkpoint)
-        dataset = (
-            ray.data.from_items([{"unit": u} for u in todo], override_num_blocks=len(todo))
-            .map(read_unit, fn_kwargs={"read": read}, num_cpus=IO_CPUS)
-            .map_batches(
-                Segmenter,
-                fn_constructor_kwargs={
-                    "checkpoint": checkpoint_ref,
-                    "options": options,
-                    "threads": ray_options.threads,
-                    "probabilities": probabilities,
-                    "overlays": write.overlays,
-                },
-                batch_size=1,
-                batch_format="numpy",
-                compute=ray.data.ActorPoolStrategy(size=actors),
-                **resources,
-            )
-            .map(
-                write_unit,
-                fn_kwargs={"label_map": label_map, "write": write, "parts": parts},
-                num_cpus=IO_CPUS,
-            )
+        dataset = _dataset(
+            ray, todo, checkpoint_ref, label_map, parts, options, read, write, ray_options
         )
         by_key = {u.key: u for u in todo}
         for row in dataset.iter_rows():
             unit = by_key[row["key"]]
             source = unit.job.source
-            paths = [str(p) for p in row["paths"]]
-            error = str(row["error"])
-            if error:
-                what = unit.key if unit.block is None else f"block {unit.block.index}"
-                summary.failed[unit.key] = error
-                if source not in failed_scenes:
-                    reason = error if unit.block is None else f"{what}: {error}"
-                    _skip(report, summary, source, reason, count=False)
-                    failed_scenes.add(source)
-            else:
-                summary.computed += 1
-                summary.pixels += int(row["pixels"])
-                if unit.block is None:
-                    report.written.extend(Path(p) for p in paths)
-                    manifest.mark_output(str(source), paths, [])
-                else:
-                    manifest.mark_unit(unit.key, paths)
-                    if source not in failed_scenes and scene_done(source):
-                        start_assembly(source)
+            block_done = _record(row, unit, manifest, report, summary, failed_scenes)
+            if block_done and source not in failed_scenes and scene_done(source):
+                start_assembly(source)
             bar.update(1)
             elapsed = time.perf_counter() - started
             bar.set_postfix_str(f"{summary.pixels / 1e6 / max(elapsed, 1e-9):.2f} Mpx/s")
     bar.close()
-
     for ref, source in assembling.items():
-        try:
-            written = ray.get(ref)
-        except Exception as err:  # a Ray task error wraps whatever the writer raised
-            _skip(report, summary, source, f"cannot assemble: {_first_line(err)}")
-            continue
-        report.written.extend(Path(p) for p in written)
-        keys = [u.key for u in scenes[source]]
-        for key in keys:
-            for part in manifest.units.get(key, []):
-                Path(part).unlink(missing_ok=True)
-        manifest.mark_output(str(source), written, keys)
+        _collect_scene(ray, ref, scenes[source], source, manifest, report, summary)
     summary.seconds = time.perf_counter() - started
     if not report.skipped:
         # Finished: a later run with the same arguments computes afresh, like trainer.predict.
@@ -721,6 +672,96 @@ def _run(
         with contextlib.suppress(OSError):
             _remove_empty(parts)
     return report, summary
+
+
+def _dataset(
+    ray: Any,
+    todo: list[Unit],
+    checkpoint_ref: Any,
+    label_map: LabelMap,
+    parts: Path,
+    options: InferenceOptions,
+    read: ReadOptions,
+    write: WriteOptions,
+    ray_options: RayOptions,
+) -> Any:
+    """The units through Ray Data: read (CPU tasks) -> Segmenter (actor pool) -> write."""
+    actors, resources = _actor_pool(ray, options, ray_options)
+    return (
+        ray.data.from_items([{"unit": u} for u in todo], override_num_blocks=len(todo))
+        .map(read_unit, fn_kwargs={"read": read}, num_cpus=IO_CPUS)
+        .map_batches(
+            Segmenter,
+            fn_constructor_kwargs={
+                "checkpoint": checkpoint_ref,
+                "options": options,
+                "threads": ray_options.threads,
+                "probabilities": write.format == "probabilities",
+                "overlays": write.overlays,
+            },
+            batch_size=1,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            **resources,
+        )
+        .map(
+            write_unit,
+            fn_kwargs={"label_map": label_map, "write": write, "parts": parts},
+            num_cpus=IO_CPUS,
+        )
+    )
+
+
+def _record(
+    row: dict[str, Any],
+    unit: Unit,
+    manifest: Manifest,
+    report: Report,
+    summary: RunSummary,
+    failed_scenes: set[Path],
+) -> bool:
+    """Book one unit's result (a scene's first failure is reported); True for a finished block."""
+    source = unit.job.source
+    paths = [str(p) for p in row["paths"]]
+    error = str(row["error"])
+    if error:
+        summary.failed[unit.key] = error
+        if source not in failed_scenes:
+            reason = error if unit.block is None else f"block {unit.block.index}: {error}"
+            _skip(report, summary, source, reason, count=False)
+            failed_scenes.add(source)
+        return False
+    summary.computed += 1
+    summary.pixels += int(row["pixels"])
+    if unit.block is None:
+        report.written.extend(Path(p) for p in paths)
+        manifest.mark_output(str(source), paths, [])
+        return False
+    manifest.mark_unit(unit.key, paths)
+    return True
+
+
+def _collect_scene(
+    ray: Any,
+    ref: Any,
+    units: list[Unit],
+    source: Path,
+    manifest: Manifest,
+    report: Report,
+    summary: RunSummary,
+) -> None:
+    """Wait for a scene's assembly; on success drop its part files and record its outputs."""
+    try:
+        written = ray.get(ref)
+    except Exception as err:  # a Ray task error wraps whatever the writer raised
+        _skip(report, summary, source, f"cannot assemble: {_first_line(err)}")
+        return
+    report.written.extend(Path(p) for p in written)
+    keys = [u.key for u in units]
+    for key in keys:
+        for part in manifest.units.get(key, []):
+            Path(part).unlink(missing_ok=True)
+    manifest.mark_output(str(source), written, keys)
 
 
 def _actor_pool(ray: Any, options: InferenceOptions, ray_options: RayOptions) -> tuple[int, dict]:
