@@ -122,19 +122,13 @@ def run_trainer(
             _sync(device)
         sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         profile_table = prof.key_averages().table(sort_by=sort, row_limit=12)
-    return {
-        "what": f"trainer.fit.train_one_epoch: {run.precision}, channels_last "
+    what = (
+        f"trainer.fit.train_one_epoch: {run.precision}, channels_last "
         f"{cfg.train.channels_last}, {cfg.data.num_workers} loader worker(s), "
-        f"loss {cfg.train.loss}, compile {cfg.train.compile}",
-        "precision": run.precision,
-        "device": str(device),
-        "steps": steps,
-        "images": images,
-        "seconds": wall,
-        "images_per_s": images / wall,
-        "data_wait_s": timed.wait_s,
-        "data_wait_share": timed.wait_s / wall,
-        "profile": profile_table,
+        f"loss {cfg.train.loss}, compile {cfg.train.compile}"
+    )
+    return _result(what, run.precision, device, steps, images, wall, timed.wait_s) | {
+        "profile": profile_table
     }
 
 
@@ -173,17 +167,30 @@ def run_plain(cfg: Config, warmup: int, steps: int) -> dict[str, Any]:
     train(steps)
     _sync(device)
     wall = time.perf_counter() - start
-    images = steps * cfg.train.batch_size
+    what = "plain loop: fp32, NCHW, DataLoader(num_workers=0), cross-entropy, Adam"
+    return _result(what, "fp32", device, steps, steps * cfg.train.batch_size, wall, timed.wait_s)
+
+
+def _result(
+    what: str,
+    precision: str,
+    device: torch.device,
+    steps: int,
+    images: int,
+    wall: float,
+    wait_s: float,
+) -> dict[str, Any]:
+    """One measured loop: its throughput and the share of time spent waiting for data."""
     return {
-        "what": "plain loop: fp32, NCHW, DataLoader(num_workers=0), cross-entropy, Adam",
-        "precision": "fp32",
+        "what": what,
+        "precision": precision,
         "device": str(device),
         "steps": steps,
         "images": images,
         "seconds": wall,
         "images_per_s": images / wall,
-        "data_wait_s": timed.wait_s,
-        "data_wait_share": timed.wait_s / wall,
+        "data_wait_s": wait_s,
+        "data_wait_share": wait_s / wall,
     }
 
 
