@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.functional_validators import AfterValidator, BeforeValidator, model_validator
 
-from shared.bands import BandError, parse_nodata
+from shared.bands import parse_nodata
 from shared.precision import TRAINING_PRECISIONS
 from shared.tiling import check_tile_overlap
 
@@ -52,13 +52,6 @@ _PLAIN = _require(
 FolderName = Annotated[str, _PLAIN]
 
 
-def _nodata_rule(value: str | float) -> str | float:
-    try:
-        return parse_nodata(value)
-    except BandError:
-        raise ValueError("must be 'auto', 'none' or a number") from None
-
-
 BandItem = Positive | str
 
 
@@ -80,7 +73,7 @@ class DataConfig(Section):
     oversample_min_pixels: Positive = 1
     # Bands in model order, by 1-based number or description; null: every band but alpha.
     bands: list[BandItem] | None = None
-    nodata: Annotated[str | float, AfterValidator(_nodata_rule)] = "auto"  # auto|none|VALUE
+    nodata: Annotated[str | float, AfterValidator(parse_nodata)] = "auto"  # auto|none|VALUE
 
 
 class AugmentConfig(Section):
@@ -207,7 +200,8 @@ def _describe(error: Any) -> str:
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "value_error" and isinstance(error["input"], dict):
         return f"{key}.{message}"  # a section's own check; its message starts with the field
-    return f"{key}: {message}, got {error['input']!r}"
+    got = f"got {error['input']!r}"
+    return f"{key}: {message}" if message.endswith(got) else f"{key}: {message}, {got}"
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
