@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shared.tiling import blend_window, pad_reflect, tile_origins
+from shared.tiling import blend_window, check_tile_overlap, pad_reflect, tile_origins
 
 # -- tile_origins --------------------------------------------------------------------------------
 
@@ -44,6 +44,28 @@ def test_tile_origins_cover_with_overlap_and_stay_inside(length: int) -> None:
 def test_tile_origins_rejects_bad_overlap(tile: int, overlap: int) -> None:
     with pytest.raises(ValueError):
         tile_origins(10, tile, overlap)
+
+
+@pytest.mark.parametrize(
+    ("tile", "overlap", "aligned", "named"),
+    [
+        (0, 0, False, "tile must be positive"),
+        (100, 0, True, "tile must be a positive multiple of 32"),
+        (64, 64, True, r"overlap must be in \[0, tile\), got 64 for tile 64"),
+        (64, -1, False, "overlap"),
+    ],
+)
+def test_check_tile_overlap_names_what_is_wrong(
+    tile: int, overlap: int, aligned: bool, named: str
+) -> None:
+    with pytest.raises(ValueError, match=named):
+        check_tile_overlap(tile, overlap, aligned=aligned)
+
+
+def test_check_tile_overlap_takes_the_edges_of_its_ranges() -> None:
+    check_tile_overlap(1, 0)
+    check_tile_overlap(100, 99)  # any side unless aligned
+    check_tile_overlap(32, 31, aligned=True)
 
 
 # -- blend_window --------------------------------------------------------------------------------

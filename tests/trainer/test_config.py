@@ -152,3 +152,10 @@ def test_cli_typo_fails_before_any_work(tmp_path: Path, capsys: pytest.CaptureFi
     assert "train.epochz" in err and "train.epochs" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not out.exists()  # nothing was created
+
+
+def test_eval_tile_is_refused_as_the_predictor_would() -> None:
+    # The test evaluation runs after training; its tile is checked before any work.
+    with pytest.raises(ConfigError, match=r"eval\.tile must be a positive multiple of 32"):
+        load_config(None, ["eval.tile=100"])
+    assert load_config(None, ["eval.tile=96", "eval.overlap=95"]).eval.tile == 96
