@@ -1,38 +1,18 @@
-"""``trainer.predict --ray ADDRESS``: the same prediction, spread over a Ray cluster with Ray Data.
-
-    python -m trainer.predict --checkpoint best.pt scenes/ mosaic.tif --out masks/ --ray auto
-    python -m trainer.predict --checkpoint best.pt mosaic.tif --out masks/ --ray local
-
-``ADDRESS`` is ``auto`` (the cluster this machine belongs to, started with ``ray start``),
-``local`` (a cluster of this machine alone, started for the run and stopped after it, listening
-on loopback only), or a cluster address (``host:6379``, ``ray://host:10001``).
+"""``trainer.predict --ray ADDRESS``: the same prediction, spread over a Ray cluster with Ray Data
+(commands, addresses, cluster set-up and resuming: the README's "Scaling out on Ray").
 
 Work units are whole images, and blocks of GDAL rasters larger than ``--block-size``
-(:mod:`shared.blocks`: whole tiles of the scene's tile grid with the tiles that straddle their
-edges as halo, so that blocks join without seams and each equals the single-process result for
-its pixels). They stream through Ray Data::
+(:mod:`shared.blocks`: whole tiles plus the tiles straddling their edges, so blocks join without
+seams). They stream through Ray Data::
 
     units --read (CPU tasks: shared.raster windows)--> pixels
-          --Segmenter (actor pool: checkpoint loaded once per actor; one GPU per actor when the
-                       cluster has GPUs, else --threads CPU threads)--> masks
+          --Segmenter (actor pool: checkpoint loaded once per actor)--> masks
           --write (CPU tasks)--> the outputs of whole images; a part file per block
 
-When the last block of a scene is written, a CPU task assembles its part files, a strip of rows
-at a time, into the scene's outputs through the same writers as the single-process path
-(:mod:`shared.codec`), so no worker ever holds a whole scene. Every file appears under its final
-name only when complete.
-
-The driver records finished units in ``<out>/.satseg-ray/manifest.json`` (rewritten atomically).
-A run stopped in any way and started again with the same arguments skips what the manifest
-holds; different model, tiling, reading or output options start afresh. After a run without
-failures the manifest and the part files are removed. Ray retries tasks whose worker died and
-restarts dead actors, so a lost machine costs only the units it held.
-
-The cluster's workers read the inputs and write under ``--out``: on more than one machine, keep
-both on storage every node mounts. The checkpoint is read by the driver and reaches the actors
-through Ray's object store. Outputs equal the single-process ones bit for bit when the model
-runs alike in both (same device, precision and ``--threads``: CPU kernels sum in an order that
-depends on the thread count).
+A scene whose blocks are all written is assembled from its part files a strip of rows at a time
+through the single-process writers (:mod:`shared.codec`), so no worker holds a whole scene; a
+file appears under its final name only when complete. The driver records finished units in
+``<out>/.satseg-ray/manifest.json`` (rewritten atomically).
 """
 
 from __future__ import annotations
