@@ -1,31 +1,14 @@
 """GeoTIFF in and out: satellite rasters to RGB for the model, class masks back to GeoTIFF.
 
 Reading (:func:`read_geotiff`) turns a TIFF of any band count and numeric type into the
-``(H, W, 3)`` uint8 RGB the model takes, and keeps its georeferencing (CRS, geotransform, ground
-control points) so that :func:`write_geotiff_mask` can give the predicted mask exactly the
-source's footprint: the mask drops into QGIS on top of the scene.
-
-Which bands make RGB (``bands``, 1-based as in GDAL):
-
-* 1 or 2 bands (grey, grey + alpha): band 1 is repeated into R, G and B;
-* 3 or more bands: bands 1, 2, 3 unless chosen, e.g. ``(4, 3, 2)`` for Sentinel-2 or
-  Landsat 8/9 true colour; a single chosen band is shown as grey.
-
-How values become 0..255 (``scale``, see :func:`parse_scale`):
-
-* ``"auto"`` (default): uint8 passes through unchanged; every other type gets a per-band
-  2nd-98th percentile stretch (QGIS's default "cumulative count cut"), computed over valid pixels;
-* ``"percentile:LOW,HIGH"``: the same stretch between other percentiles;
-* ``"minmax"``: per band, from its smallest to its largest valid value;
-* ``"LOW,HIGH"``: one fixed range for every band, e.g. ``"0,3000"`` for Sentinel-2 L2A
-  reflectance. A fixed range keeps the colour balance between bands and between scenes, which a
-  per-band stretch does not.
-
-Values are clipped to the range and mapped linearly, ``round(255 * (v - low) / (high - low))``.
-Pixels that are nodata under :func:`shared.bands.nodata_mask`'s rule (``nodata``: the file's
-value where every chosen band holds it, its alpha band or mask, NaN in any band, and with
-``auto`` the all-zero collar connected to the scene's edge) are reported in
-:attr:`GeoImage.valid`, are left out of the statistics, and read as 0.
+``(H, W, 3)`` uint8 RGB the model takes, and keeps its georeferencing (CRS, geotransform, GCPs)
+so that :func:`write_geotiff_mask` gives the mask exactly the source's footprint. RGB is bands
+1, 2, 3 unless chosen (``bands``, 1-based as in GDAL, e.g. ``(4, 3, 2)`` for Sentinel-2); a one-
+or two-band raster, or a single chosen band, is grey. ``scale`` (:func:`parse_scale`; the
+README's "GeoTIFF" lists the choices) maps values to 0..255, clipped and linear; ``auto`` passes
+uint8 through and stretches other types per band. Pixels that are nodata under
+:func:`shared.bands.nodata_mask`'s rule are in :attr:`GeoImage.valid`, left out of the
+statistics, and read as 0.
 
 Errors are the :mod:`shared.imaging` classes, so every caller already maps them to HTTP codes:
 the pixel cap is checked from the header, before any pixel is read.
