@@ -5,25 +5,9 @@ checkpoint and from there to every reader of a scene, so nothing downstream gues
 dtype or the nodata rule. It holds only plain values and round-trips through
 :meth:`BandSpec.to_dict` for ``torch.load(weights_only=True)`` checkpoints.
 
-Nodata rules (``nodata``):
-
-``auto`` (default)
-    The raster's own nodata value, its alpha band and its internal mask, plus the pixels that
-    are zero in every band AND connected (4-neighbourhood) to the scene edge: the untagged fill
-    collar of many real products (Landsat L1, warped Sentinel-2 tiles). Zeros inside the scene
-    (a dark lake, a shadow) stay valid.
-``none``
-    Every finite pixel is valid: the tag, alpha and masks are ignored (for products whose tag is
-    wrong).
-``VALUE``
-    Pixels equal to VALUE in every band, replacing the raster's tag; alpha and masks still apply.
-
-Non-finite values (NaN, inf) in any band are nodata under every rule: no model can read them.
-A pixel is nodata by value only when *every* band holds the value (GDAL's dataset-mask rule), so
-a pure red pixel (255, 0, 0) of an 8-bit image tagged nodata=0 stays valid.
-
-This is the one nodata rule: the windowed reader (:mod:`shared.raster`), dataset reading and
-statistics all call :func:`nodata_mask`. The collar is a property of the whole scene, so a reader
+:func:`nodata_mask` is the one nodata rule (``auto``, ``none`` or a value; the README's "Bands
+and nodata" says what each marks): the windowed reader (:mod:`shared.raster`), dataset reading
+and statistics all call it. ``auto``'s zero collar is a property of the whole scene, so a reader
 of windows traces it once per scene (:func:`trace_collar`) and hands each window its part
 (:meth:`Collar.window`): a zero area in the middle of a window is collar only if it reaches the
 scene's edge, wherever the window lies.
@@ -257,7 +241,7 @@ def resolve_bands(
             :func:`band_names`), in model order; None selects every band except alpha bands.
         descriptions: the raster's band descriptions (``src.descriptions``), one per band.
         dtype: the raster's dtype name.
-        nodata: the nodata rule (see the module docstring).
+        nodata: the nodata rule (:func:`nodata_mask`).
         colorinterp: the raster's colour interpretation names, one per band.
 
     Raises:
@@ -322,7 +306,11 @@ def nodata_mask(
 
     Args:
         data: ``(C, H, W)`` band values, as read (before any scaling).
-        rule: ``"auto"``, ``"none"`` or a value (see the module docstring).
+        rule: ``"auto"``: the raster's nodata tag, alpha band and internal mask, plus the
+            pixels zero in every band and connected (4-neighbourhood) to the scene's edge, the
+            untagged fill collar of many products; ``"none"``: every finite pixel is valid;
+            a value: the pixels holding it in every band, in place of the tag (alpha and mask
+            still apply). NaN and inf in any band are nodata under every rule.
         nodata_value: the raster's nodata tag (``src.nodata``), None when untagged.
         alpha: ``(H, W)`` alpha band, 0 where transparent (nodata).
         internal_mask: ``(H, W)`` GDAL per-dataset mask (``src.dataset_mask()`` of a file with
