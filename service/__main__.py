@@ -1,19 +1,9 @@
 """``python -m service``: serve the app with uvicorn, using ``SATSEG_*`` settings.
 
-Shutdown on SIGTERM (what orchestrators send) happens in two steps, all within
-``SATSEG_SHUTDOWN_GRACE_S``:
-
-1. drain: ``/readyz`` answers 503 for ``SATSEG_SHUTDOWN_DRAIN_S`` while requests are still
-   served, so load balancers stop sending new ones;
-2. stop: the listening socket closes, in-flight requests complete (uvicorn's
-   ``timeout_graceful_shutdown`` gets what is left of the grace period), the model is released,
-   and the process exits with status 0.
-
-Ctrl-C (SIGINT) skips the drain, as does a second SIGTERM; a second Ctrl-C exits at once.
-
-SIGHUP reloads the model from ``SATSEG_CHECKPOINT`` as ``POST /admin/reload`` does: the new
-model is warmed up beside the old one and swapped in; a refused checkpoint is logged and
-counted, and the old model keeps serving.
+SIGTERM drains (``/readyz`` 503 for ``SATSEG_SHUTDOWN_DRAIN_S`` while requests are served), then
+stops within ``SATSEG_SHUTDOWN_GRACE_S``; SIGINT or a second SIGTERM skips the drain; SIGHUP
+reloads the checkpoint as ``POST /admin/reload`` does. docs/deployment.md ("Signals") has the
+details.
 """
 
 from __future__ import annotations
