@@ -1,25 +1,9 @@
 """Checkpoints as plain dicts: atomic writes, ``weights_only=True`` reads, a versioned schema.
 
 A checkpoint holds only tensors and plain Python containers, so ``torch.load(path,
-weights_only=True)`` reads it and a tampered file cannot run code. Layout (``SCHEMA_VERSION`` 1)::
-
-    schema_version  int
-    arch            {"name": "deeplabv3", "backbone": str, "num_classes": int, "aux_loss": bool,
-                     "in_channels": int}
-    state_dict      {name: CPU tensor}
-    label_map       label_mapping.json structure
-    normalization   {"mean": [B floats], "std": [B floats], "scale": float}
-    bands           the input bands (shared.bands.BandSpec.to_dict())
-    gsd_m           optional: ground sample distance of the training data, metres per pixel
-                    (absent when the data were not georeferenced, and in older checkpoints)
-    config          the resolved training config (plain dict)
-    metrics         dict (may be empty)
-    versions        {"torch": str, "torchvision": str, "satseg": str}
-    created_at      ISO-8601 UTC timestamp
-    training_state  optional: optimizer, scheduler, scaler, epoch, step, RNG states...
-
-Checkpoints written before bands existed have no ``in_channels`` and no ``bands``: they read as
-8-bit red, green, blue (3 bands), which is what they were trained on.
+weights_only=True)`` reads it and a tampered file cannot run code. Its keys (``SCHEMA_VERSION``
+1: ``arch``, ``state_dict``, ``label_map``, ``normalization``, ``bands``, ``config``, ...) are
+listed in docs/checkpoint.md. Checkpoints written before bands existed read as 8-bit RGB.
 """
 
 from __future__ import annotations
@@ -90,7 +74,7 @@ def build_checkpoint(
     bands: BandSpec | None = None,
     gsd_m: float | None = None,
 ) -> dict:
-    """Assemble the checkpoint dict for ``model`` (see the module docstring for the layout).
+    """Assemble the checkpoint dict for ``model`` (layout: docs/checkpoint.md).
 
     Tensors are copied to the CPU; ``pathlib`` paths and numpy scalars in ``config``, ``metrics``
     and ``training_state`` become ``str`` and Python numbers.
