@@ -7,39 +7,10 @@ pipeline the service runs (:mod:`shared.pipeline`).
     python -m trainer.predict --checkpoint best.pt mosaic.tif --out vectors/ --format geojson \
         --crs EPSG:4326 --min-area 50 --simplify 1
 
-Every image goes through :class:`shared.inference.Predictor` and :func:`shared.pipeline.stream`:
-same normalisation, same padding of small images, same blended tiling of large ones as the
-service. A TIFF (or other GDAL raster) is read a band of rows at a time and its outputs are
-written band by band, so a 100,000 x 100,000 mosaic needs no more memory than a small scene.
-Same-sized images up to one tile are stacked ``--batch`` at a time into one forward pass; larger
-ones are cut into tiles, ``--batch`` tiles a pass. Pictures are decoded in background threads
-while the model works.
-
-Folders are searched recursively for image files (.jpg, .jpeg, .png, .tif, .tiff, .webp, .bmp;
-hidden files skipped); a file named on the command line is taken whatever its extension.
-
-Outputs, under ``--out`` (sub-folders of an input folder are mirrored), by ``--format``:
-
-* ``png``: ``<stem>.png``, a single-channel class-id mask with the label colours as palette
-  (held in memory: one byte a pixel);
-* ``cog``: ``<stem>.tif``, a Cloud Optimized GeoTIFF of class ids with the input's CRS,
-  transform and nodata, the label colours as colour table, overviews by mode;
-* ``probabilities``: ``<stem>_probabilities.tif``, a COG with one uint8 band per class
-  (softmax x 255, summing to 255 per pixel);
-* ``geojson``: ``<stem>.geojson``, polygons per class (``--crs``, ``--min-area``, ``--simplify``);
-  pixel coordinates for an input without georeferencing.
-
-Without ``--format``, a georeferenced raster gets ``cog`` and anything else ``png``.
-``<stem>_overlay.png`` with ``--overlay``: the class colours blended over the image (in memory).
-
-TIFF input of any band count and type is read as described in :mod:`shared.geotiff` (``--bands``,
-``--scale``); its nodata pixels are written as ``ignore_index`` (255), the COG's nodata value.
-
-Nothing is ever written over an input: ``--out`` may not be an input folder or lie inside one (a
-second run would otherwise read the first run's masks as images), and a planned output that is an
-input file, or that two inputs would share (``a.jpg`` and ``a.png``), stops the run before any
-work. Earlier outputs in ``--out`` are replaced (``--skip-existing`` keeps them). A file that
-cannot be read or segmented is reported by name and skipped; the exit code is then 1.
+GDAL rasters are streamed a band of rows at a time, so a scene of any size fits in the same memory.
+Outputs (png, cog, probabilities, geojson; mirrored sub-folders) and the rules that keep inputs
+safe are in docs/deployment.md, "Batch prediction". Nothing is written over an input; a file that
+cannot be read or segmented is reported by name and skipped.
 
 Exit codes: 0 every file segmented, 1 some files skipped, 2 bad arguments or checkpoint.
 """
