@@ -1,24 +1,11 @@
 """Inference-time model optimisations: one call turns a trained DeepLabV3 into a fast forward.
 
 :func:`optimize` takes the eval model and returns a callable mapping normalised
-``(N, 3, H, W)`` float32 input to ``(N, C, H, W)`` logits, built from:
-
-- **no auxiliary head**: it only feeds a training loss, and costs a whole FCN head per call;
-- **BatchNorm folded into convolutions** (``torch.fx``): in eval mode a BatchNorm is an affine
-  map, so it can live in the preceding convolution's weights and bias, saving one pass over
-  every activation;
-- **channels_last** memory: oneDNN (CPU) and cuDNN (tensor cores) convolutions are NHWC-native;
-  NCHW input costs a reorder around every convolution;
-- **bf16/fp16** weights and activations (or autocast, which re-casts weights on every call);
-- **int8 post-training static quantisation** (CPU): the convolutions run on the CPU's
-  VNNI/AMX integer units, with activation ranges calibrated on real images. The last 1x1
-  convolution (3 output channels) and the upsampling to full resolution stay in float32, so
-  the argmax is taken on unquantised logits;
-- optional ``torch.compile`` (worth it on CUDA with static tile shapes, where
-  ``mode="reduce-overhead"`` replays CUDA graphs).
-
-:func:`pixel_agreement` measures what an optimisation costs: the fraction of pixels whose
-argmax is unchanged against float32.
+``(N, 3, H, W)`` float32 input to ``(N, C, H, W)`` logits: no auxiliary head, BatchNorm folded
+into the convolutions, channels_last, bf16/fp16 or int8 post-training static quantisation (CPU,
+the last convolution and the upsampling kept in float32), optionally ``torch.compile``; why each
+one pays is in docs/inference-speed.md. :func:`pixel_agreement` measures what an optimisation
+costs: the fraction of pixels whose argmax is unchanged against float32.
 """
 
 from __future__ import annotations
