@@ -212,3 +212,14 @@ def test_data_bands_select_and_order_the_model_inputs(s2: tuple[Path, dict]) -> 
     image, _ = SegmentationDataset(collect_pairs(root, "test", lm), lm, spec=spec)[0]
     scene, footprint = sentinel2_like_scene(TEST_ANGLES[0])
     np.testing.assert_array_equal(image[footprint], scene[[3, 2, 1]].transpose(1, 2, 0)[footprint])
+
+
+def test_resuming_with_other_bands_is_refused(
+    s2: tuple[Path, dict], trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    root, _ = s2
+    overrides = {"train__resume": str(trained / "last.pt"), "data__bands": "[3, 2, 1]"}
+    rc = fit_main(tiny_overrides(root, tmp_path / "runs", **overrides))
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "train.resume" in err and "1=B02 blue" in err and "3=B04 red, 2=B03 green" in err
