@@ -87,6 +87,24 @@ class BandWriter(Protocol):
     def write(self, band: Band) -> None: ...
 
 
+class WholeScene:
+    """A :class:`BandWriter` that gathers a scene's bands into whole arrays: the mask, and the
+    probabilities (``classes`` bands) and input RGB when asked for (scenes that fit in memory)."""
+
+    def __init__(self, height: int, width: int, *, classes: int = 0, rgb: bool = False) -> None:
+        self.mask = np.empty((height, width), dtype=np.uint8)
+        self.probabilities = np.empty((classes, height, width), dtype=np.uint8) if classes else None
+        self.rgb = np.empty((height, width, 3), dtype=np.uint8) if rgb else None
+
+    def write(self, band: Band) -> None:
+        rows = slice(band.row, band.row + band.mask.shape[0])
+        self.mask[rows] = band.mask
+        if self.probabilities is not None and band.probabilities is not None:
+            self.probabilities[:, rows] = band.probabilities
+        if self.rgb is not None:
+            self.rgb[rows] = band.rgb
+
+
 def stream(
     source: RasterSource,
     run: RunFn,
@@ -190,26 +208,17 @@ def predict(
     """
     if isinstance(source, np.ndarray):
         source = ArrayRaster(source)
-    mask = np.empty((source.height, source.width), dtype=np.uint8)
-    probs = (
-        np.empty((num_classes, source.height, source.width), dtype=np.uint8)
-        if probabilities
-        else None
-    )
-    bands = stream(
+    whole = WholeScene(source.height, source.width, classes=num_classes if probabilities else 0)
+    write(
         source,
         run,
+        [whole],
         num_classes=num_classes,
         tiling=tiling,
         probabilities=probabilities,
         ignore_index=ignore_index,
     )
-    for band in bands:
-        rows = slice(band.row, band.row + band.mask.shape[0])
-        mask[rows] = band.mask
-        if probs is not None and band.probabilities is not None:
-            probs[:, rows] = band.probabilities
-    return Prediction(mask, probs)
+    return Prediction(whole.mask, whole.probabilities)
 
 
 def write(

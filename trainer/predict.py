@@ -45,7 +45,7 @@ from shared.geotiff import RasterOptionError, Scale, parse_bands, parse_scale
 from shared.imaging import DEFAULT_MAX_PIXELS, ImageError, encode_png
 from shared.inference import PRECISIONS, InferenceOptions, Predictor
 from shared.labels import LabelMap, overlay
-from shared.pipeline import Band, stream
+from shared.pipeline import Band, WholeScene, stream
 from shared.raster import (
     ArrayRaster,
     RasterSource,
@@ -612,8 +612,8 @@ def _write_bands(
             simplify=write.simplify,
         )
     else:
-        writer = _Whole(shape)
-    picture = _Whole(shape, rgb=True) if write.overlays else None
+        writer = WholeScene(*shape)
+    picture = WholeScene(*shape, rgb=True) if write.overlays else None
     try:
         for band in bands:
             writer.write(band)
@@ -636,20 +636,6 @@ def _write_bands(
         blended = overlay(picture.rgb, picture.mask, label_map, alpha=write.alpha)
         written.append(_atomic_write(item.job.overlay_path, encode_png(blended)))
     return written
-
-
-class _Whole:
-    """Gathers a scene's bands into whole arrays (for the PNG and overlay outputs)."""
-
-    def __init__(self, shape: tuple[int, int], rgb: bool = False) -> None:
-        self.mask = np.empty(shape, dtype=np.uint8)
-        self.rgb = np.empty((*shape, 3), dtype=np.uint8) if rgb else None
-
-    def write(self, band: Band) -> None:
-        rows = slice(band.row, band.row + band.mask.shape[0])
-        self.mask[rows] = band.mask
-        if self.rgb is not None:
-            self.rgb[rows] = band.rgb
 
 
 def _atomic_write(path: Path, data: bytes) -> Path:
