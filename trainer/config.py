@@ -50,9 +50,7 @@ _PLAIN = _require(
     lambda s: s not in {"", ".", ".."} and not {"/", "\\"} & set(s), "must be a plain folder name"
 )
 FolderName = Annotated[str, _PLAIN]
-
-
-BandItem = Positive | str
+BandItem = Positive | str  # a band by 1-based number or by description
 
 
 class Section(BaseModel):
