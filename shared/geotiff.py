@@ -342,9 +342,7 @@ def decode_raster(
             return decode_image(data, **limits), None
         except (UnsupportedFormatError, CorruptImageError):
             pass
-    geo = read_geotiff(
-        data, bands=chosen, scale=how, max_bands=max_bands, nodata=nodata, **limits
-    )
+    geo = read_geotiff(data, bands=chosen, scale=how, max_bands=max_bands, nodata=nodata, **limits)
     return geo.rgb, geo
 
 
