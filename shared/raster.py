@@ -13,10 +13,8 @@ rows' band values as read (``Rows.pixels``, the RGB then being a preview):
 
 Both carry a :class:`Georef` (CRS, transform, GCPs) that the writers put on the output.
 
-Nodata follows :func:`shared.bands.nodata_mask` (the one rule; ``nodata`` = ``auto``, ``none`` or a
-value): tag, alpha band, internal mask and non-finite values, a value only where every read band
-holds it, and with ``auto`` the all-zero collar connected to the scene's edge, traced once per
-scene when the raster is opened (:func:`shared.bands.trace_collar`) and handed to each window.
+Nodata follows :func:`shared.bands.nodata_mask`, the one rule; ``auto``'s collar is traced once
+per scene when the raster is opened (:func:`shared.bands.trace_collar`) and handed to each window.
 """
 
 from __future__ import annotations
