@@ -42,6 +42,7 @@ from trainer.build import build_run, load_data
 from trainer.config import Config, load_config
 from trainer.data import collate
 from trainer.fit import train_one_epoch
+from trainer.logging_utils import close_logging
 from trainer.run import Run
 
 DEFAULT_CONFIG = REPO / "trainer" / "configs" / "quickstart.yaml"
@@ -246,7 +247,10 @@ def main(argv: list[str] | None = None) -> int:
 def run_device(cfg: Config, warmup: int, steps: int, *, profile_step: bool) -> dict[str, Any]:
     """Both loops on ``cfg.train.device``, and their ratio."""
     with tempfile.TemporaryDirectory(prefix="satseg-train-bench-") as workdir:
-        trainer = run_trainer(cfg, warmup, steps, Path(workdir), profile_step=profile_step)
+        try:
+            trainer = run_trainer(cfg, warmup, steps, Path(workdir), profile_step=profile_step)
+        finally:
+            close_logging()  # the run's log file is about to be deleted with its folder
     plain = run_plain(cfg, warmup, steps)
     return {
         "trainer": trainer,

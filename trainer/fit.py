@@ -34,7 +34,7 @@ from trainer.build import USER_ERRORS, RemoteRankError, build_run
 from trainer.config import Config, ConfigError, load_config, to_dict
 from trainer.data import iterate_batches, preview_rgb
 from trainer.evaluate import evaluate_checkpoint, format_table, write_json
-from trainer.logging_utils import Progress, metric_scalars, overlay_grid
+from trainer.logging_utils import Progress, close_logging, metric_scalars, overlay_grid
 from trainer.resume import save_checkpoints
 from trainer.run import Run
 
@@ -62,6 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary["train_images_per_s"],
         "-" if summary["best_miou"] is None else f"{summary['best_miou']:.4f}",
     )
+    close_logging()
     return EXIT_OK
 
 

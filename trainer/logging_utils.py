@@ -20,10 +20,8 @@ log = logging.getLogger("trainer")
 
 def setup_logging(log_file: Path | None = None, *, enabled: bool = True) -> None:
     """Plain ``time message`` lines to stdout (and ``log_file``); silent when not enabled."""
+    close_logging()
     root = logging.getLogger()
-    for handler in list(root.handlers):
-        if getattr(handler, "_satseg", False):
-            root.removeHandler(handler)
     if not enabled:
         logging.getLogger("trainer").setLevel(logging.WARNING)
         return
@@ -37,6 +35,16 @@ def setup_logging(log_file: Path | None = None, *, enabled: bool = True) -> None
         root.addHandler(handler)
     root.setLevel(logging.INFO)
     logging.getLogger("trainer").setLevel(logging.INFO)
+
+
+def close_logging() -> None:
+    """Remove and close the handlers :func:`setup_logging` added, so that a run finished inside
+    a longer-lived process (a benchmark, a notebook) leaves no handler writing to its folder."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "_satseg", False):
+            root.removeHandler(handler)
+            handler.close()
 
 
 def format_scalars(values: Mapping[str, float]) -> str:

@@ -4,6 +4,7 @@ both loops and writes the JSON fields. Nothing here is timed."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -39,3 +40,11 @@ def test_quick_train_benchmark_writes_its_fields(tmp_path: Path) -> None:
     assert result["trainer_over_plain"] > 0
     assert result["backbone"] == "mobilenet_v3_large" and result["batch_size"] == 2
     assert "machine" in result and "targets" in result
+    # The trainer's run folder was a temporary one: no handler may still write to it, or the
+    # next log line anywhere in this process fails on the deleted file.
+    leftover = [
+        h.baseFilename
+        for h in logging.getLogger().handlers
+        if isinstance(h, logging.FileHandler) and h.baseFilename.endswith("train.log")
+    ]
+    assert leftover == []
