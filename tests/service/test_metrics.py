@@ -12,7 +12,6 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.app import create_app
 from tests.service.helpers import (
     encode,
     running_app,
