@@ -1,22 +1,11 @@
 """The model on its device, shared by all requests: loading, admission, batching and tiling.
 
-Data flow of one request::
-
-    route --admit()--> ticket (deadline)            503 overloaded when max_queue are in
-    route --segment(image)--> request thread:        (one per admitted request)
-        shared.pipeline.predict(image, run=submit tiles, wait for logits) -> rows of tiles,
-        blended -> uint8 mask (and probabilities)
-    batcher thread (one):  tile jobs of equal shape, up to batch_max_tiles or batch_timeout_ms,
-        -> Predictor.run_batch -> logits split back to their jobs
-
-Concurrent requests therefore share forward passes, a large image is never more than
-``batch_max_tiles`` tiles ahead of the model, and a request past its deadline stops
-waiting (504) while the batcher drops its tiles instead of computing them.
-
-Model swap (``reload``): the new checkpoint is loaded and warmed up beside the current model,
-then one assignment under the lock makes it current. A ticket pins the model it was admitted
-with and its tiles carry that model to the batcher (a batch never mixes models), so requests in
-flight finish on the model they started with; the old model is freed when the last one ends.
+Each admitted request runs :func:`shared.pipeline.predict` on its own thread and submits its
+tiles to one batcher thread, which runs tiles of equal shape together (up to
+``batch_max_tiles`` or ``batch_timeout_ms``); a request past its deadline stops waiting (504) and
+its tiles are dropped. ``reload`` warms a new model beside the current one and swaps it in;
+requests in flight finish on the model they started with. The data flow and the swap:
+docs/inference-path.md, "In the service".
 """
 
 from __future__ import annotations

@@ -1,18 +1,9 @@
 """Masks to bytes: the encoding half of the seam, shared by the service and ``trainer.predict``.
 
-Decoding is :mod:`shared.imaging` and :mod:`shared.raster`; here ``(H, W)`` uint8 class-id masks
-(and ``(C, H, W)`` uint8 probabilities) become:
-
-* a palette PNG (the label colours as its palette);
-* per-class COCO RLE;
-* a Cloud Optimized GeoTIFF of class ids, with the input's CRS, transform (or GCPs) and nodata,
-  the label colours as colour table and class names in band tags, overviews by mode;
-* a uint8 multi-band COG of per-class probabilities (softmax x 255), one band per class;
-* GeoJSON polygons per class, in the raster's CRS, EPSG:4326 on request, or pixel coordinates
-  (x = column, y = row, origin at the top-left corner) for an image without georeferencing.
-
-The COG and GeoJSON writers take a scene band of rows at a time (:class:`CogWriter`,
-:class:`PolygonWriter`), so a scene never has to be held whole.
+``(H, W)`` uint8 class-id masks (and ``(C, H, W)`` uint8 probabilities) become a palette PNG,
+per-class COCO RLE, a COG of class ids or of probabilities, or GeoJSON polygons;
+:class:`CogWriter` and :class:`PolygonWriter` take a scene a band of rows at a time. What each
+output holds: docs/inference-path.md, "Writing".
 """
 
 from __future__ import annotations

@@ -1,23 +1,11 @@
 """The one image -> mask path, for every caller: rows -> tiles -> run(model) -> blended rows.
 
-    source (shared.raster) --read_rows--> band of ``tile`` rows, full width
-        --> tiles of ``tile x tile``, ``overlap`` shared, ``batch_size`` per ``run`` call
-        --> logits x blend_window, summed into a rolling accumulator
-        --> finished rows: argmax (and softmax x 255) --> writers (shared.codec), band by band
-
 ``run`` is the model call: ``Predictor.run_batch`` locally, the service's batcher in the
-service (so requests share forward passes and keep their deadlines). It maps ``(N, 3, t, t)``
-uint8 tiles (``(N, B, t, t)`` float32 band values for a multi-band model, ``Rows.pixels``) to
-``(N, C, t, t)`` float logits.
-
-Blending: tile logits are weighted by :func:`shared.tiling.blend_window` and summed; the argmax
-of the sum is the mask. The result is the same, bit for bit, as summing every tile into one
-whole-scene accumulator in row-major tile order, but only one tile row band is alive at a time:
-the rows a band shares with the next (``overlap`` of them, more for the last band) are carried
-over, and within a band only the columns a tile shares with the next are carried. Accumulator
-memory is ``C x overlap x W`` floats plus one ``C x tile x tile`` block, whatever the height.
-
-An image no larger than one tile is mirror-padded to a multiple of 32 and run once, unweighted.
+service. It maps ``(N, 3, t, t)`` uint8 tiles (``(N, B, t, t)`` float32 band values for a
+multi-band model, ``Rows.pixels``) to ``(N, C, t, t)`` float logits. Tile logits are weighted by
+:func:`shared.tiling.blend_window` and summed over a rolling band of rows: memory does not grow
+with the scene's height, and the mask equals a whole-scene sum bit for bit. The data flow, the
+blending and its memory bound: docs/inference-path.md.
 """
 
 from __future__ import annotations

@@ -1,20 +1,10 @@
 """Windowed reading of rasters: the scene is read a band of rows at a time, never whole.
 
-Two kinds of source give the pipeline the same thing, ``(h, W, 3)`` uint8 RGB rows plus the
-rows' validity (False where the input was nodata, masked or NaN), and for a multi-band model the
-rows' band values as read (``Rows.pixels``, the RGB then being a preview):
-
-* :class:`GdalRaster`: a GeoTIFF, or anything else GDAL reads, opened with rasterio and read
-  through ``src.read(bands, window=Window(...))``; band choice and value scaling follow
-  :mod:`shared.geotiff` (``bands``, ``scale``), with the stretch statistics taken from a
-  decimated read, so memory is bounded by the window, not the scene;
-* :class:`ArrayRaster`: an image already in memory, e.g. a PNG/JPEG/WebP upload decoded by
-  :func:`shared.imaging.decode_image`.
-
-Both carry a :class:`Georef` (CRS, transform, GCPs) that the writers put on the output.
-
-Nodata follows :func:`shared.bands.nodata_mask`, the one rule; ``auto``'s collar is traced once
-per scene when the raster is opened (:func:`shared.bands.trace_collar`) and handed to each window.
+:class:`GdalRaster` (anything GDAL reads, through rasterio windows) and :class:`ArrayRaster` (an
+image already in memory, e.g. a decoded upload) give the pipeline the same thing: ``(h, W, 3)``
+uint8 RGB rows, their validity, and for a multi-band model the band values (``Rows.pixels``),
+with a :class:`Georef` for the writers. Nodata follows :func:`shared.bands.nodata_mask`, the one
+rule. Details: docs/inference-path.md, "Reading".
 """
 
 from __future__ import annotations

@@ -1,19 +1,9 @@
 """The on-disk dataset layout: finding image/mask pairs and validating them.
 
-A dataset root holds two splits in the workshop layout::
-
-    <root>/TAIN_VAL_SET/IMAGES/<stem>.jpg     <root>/TAIN_VAL_SET/MASKS/<stem>.png
-    <root>/TEST_SET/IMAGES/<stem>.jpg         <root>/TEST_SET/MASKS/<stem>.png
-
-The workshop spells the training split ``TAIN_VAL_SET``; ``TRAIN_VAL_SET`` is accepted too.
-An image and its mask are paired by file stem. Masks are single-channel index images or RGB
-colour images (PNG, or TIFF/GeoTIFF), both resolved through a :class:`~shared.labels.LabelMap`.
-
-Images are pictures (PNG, JPEG...: 8-bit RGB, decoded by :func:`shared.imaging.decode_image`
-as they always were) or TIFF/GeoTIFF rasters of any band count and of the dtypes in
-:data:`shared.bands.SUPPORTED_DTYPES`, read with rasterio: :func:`read_image_bands` is the one
-reader of a dataset image's band values and nodata (the rule of :func:`shared.bands.nodata_mask`),
-used by training, evaluation and ``trainer.prepare stats``.
+``<root>/TAIN_VAL_SET`` (or ``TRAIN_VAL_SET``) and ``<root>/TEST_SET``, each with ``IMAGES/`` and
+``MASKS/`` paired by file stem; images are pictures or TIFF/GeoTIFF rasters of any band count
+(docs/datasets.md). :func:`read_image_bands` is the one reader of a dataset image's band values
+and nodata, used by training, evaluation and ``trainer.prepare stats``.
 """
 
 from __future__ import annotations

