@@ -17,6 +17,7 @@ from pydantic.functional_validators import AfterValidator, BeforeValidator, mode
 from shared.bands import parse_nodata
 from shared.precision import TRAINING_PRECISIONS
 from shared.tiling import check_tile_overlap
+from trainer.overrides import parse_override, read_yaml, set_dotted
 
 
 class ConfigError(ValueError):
@@ -35,9 +36,7 @@ def _require(ok: Callable[[Any], bool], message: str, when: Any = AfterValidator
 
 
 # YAML's true/false are not numbers, whatever Python thinks of bool.
-_NUMBER = _require(
-    lambda v: not isinstance(v, bool), "expected a number, not true/false", BeforeValidator
-)
+_NUMBER = _require(lambda v: not isinstance(v, bool), "a number, not true/false", BeforeValidator)
 Int = Annotated[int, _NUMBER]
 Float = Annotated[float, _NUMBER]
 Probability = Annotated[float, _NUMBER, Field(ge=0.0, le=1.0)]
@@ -65,18 +64,14 @@ class DataConfig(Section):
     num_workers: Int = Field(2, ge=0)
     cache: bool = False  # keep decoded tiles in memory (small datasets only)
     on_bad_file: Literal["error", "skip"] = "error"
-    # A tile is drawn with the largest factor among the classes it holds at least
-    # oversample_min_pixels of (1.0 when none is listed).
-    oversample: ClassFactors = {}
-    oversample_min_pixels: Positive = 1
-    # Bands in model order, by 1-based number or description; null: every band but alpha.
-    bands: list[BandItem] | None = None
+    oversample: ClassFactors = {}  # a tile's draw weight: the largest of the classes it holds
+    oversample_min_pixels: Positive = 1  # the pixels a class needs in a tile to count as held
+    bands: list[BandItem] | None = None  # in model order; null: every band but alpha
     nodata: Annotated[str | float, AfterValidator(parse_nodata)] = "auto"  # auto|none|VALUE
 
 
 class AugmentConfig(Section):
-    # random_resized: zoom (area share crop_scale, aspect crop_ratio); random: native resolution.
-    crop: Literal["random_resized", "random"] = "random_resized"
+    crop: Literal["random_resized", "random"] = "random_resized"  # random: native resolution
     crop_scale: Annotated[tuple[Probability, Probability], _ORDERED] = (0.25, 1.0)
     crop_ratio: Range = (0.75, 1.3333333)
     focus_crop: Probability = 0.0  # share of crops centred on a pixel of focus_classes
@@ -99,8 +94,7 @@ class ModelConfig(Section):
     backbone: Literal["resnet50", "mobilenet_v3_large"] = "resnet50"
     weights: str = "none"  # none | coco_voc | imagenet | a path
     aux_loss: bool = False
-    # BatchNorm momentum while training; null keeps torchvision's (see configs/quickstart.yaml).
-    bn_momentum: Float | None = Field(None, gt=0.0, le=1.0)
+    bn_momentum: Float | None = Field(None, gt=0.0, le=1.0)  # null: torchvision's
 
 
 class TrainConfig(Section):
@@ -175,14 +169,16 @@ class Config(Section):
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Defaults, then the YAML file at ``path``, then ``key.path=value`` overrides; validated."""
-    data = read_yaml(path) if path is not None else {}
-    for item in overrides:
-        set_dotted(data, *parse_override(item))
     try:
+        data = read_yaml(path) if path is not None else {}
+        for item in overrides:
+            set_dotted(data, *parse_override(item))
         return Config.model_validate(data)
     except ValidationError as err:
         source = str(path) if path is not None else "<defaults>"
         raise ConfigError(f"{source}: {_describe(err.errors()[0])}") from None
+    except ValueError as err:  # the file or an override, named in the message
+        raise ConfigError(str(err)) from None
 
 
 def _describe(error: Any) -> str:
@@ -202,53 +198,13 @@ def _describe(error: Any) -> str:
     return f"{key}: {message}" if message.endswith(got) else f"{key}: {message}, {got}"
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping, turning every failure into a ConfigError naming the file."""
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        mark = getattr(exc, "problem_mark", None)  # YAML syntax errors know their line
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}:{where} cannot read ({getattr(exc, 'problem', exc)})") from None
-    if not isinstance(data, dict | None):
-        raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
-    return data or {}
-
-
-def parse_override(item: str) -> tuple[str, Any]:
-    """``"train.lr=3e-4"`` -> ``("train.lr", 3e-4)``; the value is parsed as YAML."""
-    key, sep, raw = item.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise ConfigError(f"override {item!r}: expected key.path=value")
-    try:
-        return key, yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        return key, raw
-
-
-def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
-    """Set ``data["a"]["b"] = value`` for key ``"a.b"``, creating mappings on the way."""
-    *sections, leaf = key.split(".")
-    for i, part in enumerate(sections):
-        if data.get(part) is None:
-            data[part] = {}
-        if not isinstance(data := data[part], dict):
-            raise ConfigError(f"override {key}: {'.'.join(sections[: i + 1])} is not a section")
-    data[leaf] = value
-
-
-def to_dict(cfg: Config) -> dict[str, Any]:
-    """Plain nested dict of built-in types (tuples become lists): YAML- and weights_only-safe."""
-    return cfg.model_dump(mode="json")
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML: the run folder's record of what was trained."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, default_flow_style=None)
 
 
 def dump_yaml(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML (the run folder's record of what was trained)."""
-    text = yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
-    Path(path).write_text(text, encoding="utf-8")
+    Path(path).write_text(to_yaml(cfg), encoding="utf-8")
 
 
 def check_class_names(cfg: Config, names: Sequence[str]) -> None:

@@ -31,7 +31,7 @@ from shared.metrics import ConfusionMatrix, scores
 from shared.preprocess import normalize
 from trainer import distributed
 from trainer.build import USER_ERRORS, RemoteRankError, build_run
-from trainer.config import Config, ConfigError, load_config, to_dict
+from trainer.config import Config, ConfigError, load_config, to_yaml
 from trainer.data import iterate_batches, preview_rgb
 from trainer.evaluate import evaluate_checkpoint, format_table, write_json
 from trainer.logging_utils import Progress, close_logging, metric_scalars, overlay_grid
@@ -78,7 +78,7 @@ def train(cfg: Config) -> dict[str, Any]:
     info = distributed.setup(device)
     try:
         run = build_run(cfg, info)
-        run.board.text("config", "```\n" + format_config(cfg) + "\n```", run.state.step)
+        run.board.text("config", "```\n" + to_yaml(cfg) + "\n```", run.state.step)
         train_epochs(run)
         summary = summarize(run)
         distributed.barrier()
@@ -449,12 +449,6 @@ def run_test_evaluation(run: Run) -> dict[str, Any]:
         path,
     )
     return {k: result[k] for k in ("miou", "pixel_accuracy", "per_class")}
-
-
-def format_config(cfg: Config) -> str:
-    import yaml
-
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
 
 
 def build_parser() -> argparse.ArgumentParser:

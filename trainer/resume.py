@@ -9,7 +9,7 @@ from typing import Any
 
 from shared.checkpoint import build_checkpoint, save_checkpoint
 from trainer import distributed
-from trainer.config import ConfigError, to_dict
+from trainer.config import ConfigError
 from trainer.reproducibility import capture_rng, restore_rng, seed_everything
 from trainer.run import Run, RunState
 
@@ -65,7 +65,7 @@ def save_checkpoints(run: Run, *, best: bool) -> None:
         "aux_loss": run.cfg.model.aux_loss,
         "label_map": run.label_map,
         "normalization": run.normalization,
-        "config": to_dict(run.cfg),
+        "config": run.cfg.model_dump(mode="json"),  # built-in types: weights_only-safe
         "metrics": metrics,
         "bands": run.bands,
         "gsd_m": run.gsd_m,
