@@ -25,16 +25,14 @@ from shared.checkpoint import (
     load_checkpoint,
     model_from_checkpoint,
 )
-from shared.cpu import has_int8_matmul
 from shared.labels import LabelMap
 from shared.model import head_out_channels
 from shared.pipeline import BatchPrediction, Prediction, Tiling, predict, predict_batch
-from shared.precision import INFERENCE_PRECISIONS, autocast_dtype, cpu_has_native_bf16
+from shared.precision import autocast_dtype, resolve_precision
 from shared.preprocess import Normalization, normalize
 from shared.raster import ArrayRaster, RasterSource
 from shared.tiling import check_tile_overlap
 
-PRECISIONS = INFERENCE_PRECISIONS
 # An int8 model whose argmax differs from float32 on more pixels than this is not used.
 INT8_MIN_AGREEMENT = 0.995
 log = logging.getLogger("shared.inference")
@@ -95,33 +93,6 @@ def resolve_device(name: str) -> torch.device:
     elif device.type != "cpu":
         raise ValueError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
     return device
-
-
-def resolve_precision(precision: str, device: torch.device, *, optimize: bool = False) -> str:
-    """Turn ``"auto"`` into fp32/bf16 (or int8, see :class:`InferenceOptions`) for ``device``
-    and reject combinations that cannot run.
-
-    Raises:
-        ValueError: unknown precision, fp16 off CUDA, int8 off the CPU, or bf16 on a GPU
-            without it.
-    """
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
-    if precision == "int8" and device.type != "cpu":
-        raise ValueError("int8 inference runs on the CPU; use bf16 or fp16 on CUDA")
-    if device.type == "cuda":
-        if precision == "bf16" and not torch.cuda.is_bf16_supported():
-            raise ValueError(f"bf16 asked for but {torch.cuda.get_device_name(device)} lacks it")
-        if precision == "auto":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-        return precision
-    if precision == "fp16":
-        raise ValueError("fp16 inference needs CUDA; use bf16 or fp32 on the CPU")
-    if precision == "auto":
-        if optimize and has_int8_matmul():
-            return "int8"
-        return "bf16" if cpu_has_native_bf16() else "fp32"
-    return precision
 
 
 class Predictor:
@@ -314,7 +285,7 @@ class Predictor:
             except QuantizationError as exc:
                 if self.options.precision == "int8":
                     raise ValueError(f"int8 inference refused: {exc}") from exc
-                self.precision = "bf16" if cpu_has_native_bf16() else "fp32"
+                self.precision = resolve_precision("auto", self.device)
                 log.warning("int8 not used (%s); running %s instead", exc, self.precision)
         return optimize(
             model, device=self.device, precision=self.precision, channels_last=channels_last

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from shared.cpu import cpu_has_native_bf16
+from shared.cpu import cpu_has_native_bf16, has_int8_matmul
 
 # What autocast or a weight cast can run.
 FLOAT_PRECISIONS = ("fp32", "bf16", "fp16")
@@ -24,23 +24,36 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
     return AUTOCAST_DTYPES.get(precision)
 
 
-def training_precision(name: str, device: torch.device) -> str:
-    """``auto`` -> bf16 where the device computes it natively, fp16 (+GradScaler) on CUDA without
-    bf16, fp32 otherwise.
+def resolve_precision(
+    name: str, device: torch.device, *, training: bool = False, optimize: bool = False
+) -> str:
+    """The precision ``device`` runs ``name`` at; ``auto`` picks the fastest that keeps results.
+
+    ``auto`` on CUDA: bf16 where the GPU has it, else fp16 for training (with a GradScaler) and
+    fp32 for inference. On the CPU: int8 for an ``optimize``d inference model where the CPU has
+    int8 dot-product units, else bf16 where it multiplies bf16 natively, else fp32.
 
     Raises:
-        ValueError: fp16 off CUDA (slow, and no gain over bf16), or bf16 on a GPU without it.
+        ValueError: an unknown name (int8 in training), fp16 off CUDA, int8 off the CPU, or bf16
+            on a GPU without it.
     """
+    allowed = TRAINING_PRECISIONS if training else INFERENCE_PRECISIONS
+    if name not in allowed:
+        raise ValueError(f"unknown precision {name!r}; allowed: {', '.join(allowed)}")
+    if device.type == "cuda":
+        if name == "int8":
+            raise ValueError("int8 inference runs on the CPU; use bf16 or fp16 on CUDA")
+        if name == "bf16" and not torch.cuda.is_bf16_supported():
+            raise ValueError(f"bf16 asked for but {torch.cuda.get_device_name(device)} lacks it")
+        if name == "auto":
+            fallback = "fp16" if training else "fp32"
+            return "bf16" if torch.cuda.is_bf16_supported() else fallback
+        return name
+    if name == "fp16":
+        use = "training" if training else "inference"
+        raise ValueError(f"fp16 {use} needs CUDA; use bf16 or fp32 on the CPU")
     if name == "auto":
-        if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        if optimize and not training and has_int8_matmul():
+            return "int8"
         return "bf16" if cpu_has_native_bf16() else "fp32"
-    if name not in FLOAT_PRECISIONS:
-        raise ValueError(
-            f"unknown precision {name!r}; allowed: auto, {', '.join(FLOAT_PRECISIONS)}"
-        )
-    if name == "fp16" and device.type != "cuda":
-        raise ValueError("fp16 needs CUDA; use bf16 or fp32 on the CPU")
-    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError("this GPU has no bf16; use fp16 or auto")
     return name

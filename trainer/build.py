@@ -22,7 +22,7 @@ from shared.imaging import ImageError
 from shared.inference import InferenceOptions, Predictor
 from shared.labels import DEFAULT_LABEL_MAPPING, LabelMap, LabelMapError
 from shared.model import WeightsUnavailableError, build_model
-from shared.precision import training_precision
+from shared.precision import resolve_precision
 from shared.preprocess import STATS_FILE, Normalization, load_stats, normalization_for, save_stats
 from trainer import distributed
 from trainer.config import Config, ConfigError, check_class_names, dump_yaml
@@ -79,7 +79,7 @@ def build_run(cfg: Config, info: DistInfo) -> Run:
     tuner = make_thread_tuner(cfg, device)
     configure_determinism(cfg.train.deterministic)
     try:
-        precision = training_precision(cfg.train.precision, device)
+        precision = resolve_precision(cfg.train.precision, device, training=True)
     except ValueError as err:
         raise ConfigError(f"train.precision: {err}") from None
     label_map = LabelMap.load(Path(cfg.data.label_map or DEFAULT_LABEL_MAPPING))

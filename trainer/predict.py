@@ -43,9 +43,10 @@ from shared.codec import GEOJSON_CRS, CogWriter, PolygonWriter, mask_to_png
 from shared.files import atomic_write_bytes
 from shared.geotiff import RasterOptionError, Scale, parse_bands, parse_scale
 from shared.imaging import DEFAULT_MAX_PIXELS, ImageError, encode_png
-from shared.inference import PRECISIONS, InferenceOptions, Predictor
+from shared.inference import InferenceOptions, Predictor
 from shared.labels import LabelMap, overlay
 from shared.pipeline import Band, WholeScene, stream
+from shared.precision import INFERENCE_PRECISIONS
 from shared.raster import (
     ArrayRaster,
     RasterSource,
@@ -389,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overlay", action="store_true", help="also write <stem>_overlay.png")
     parser.add_argument("--alpha", type=float, default=0.5, help="overlay colour weight, 0..1")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--precision", default="auto", choices=PRECISIONS)
+    parser.add_argument("--precision", default="auto", choices=INFERENCE_PRECISIONS)
     defaults = InferenceOptions()
     parser.add_argument("--tile", type=int, default=defaults.tile, help="tile side (x32)")
     parser.add_argument("--overlap", type=int, default=defaults.overlap, help="tile overlap")

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import shared.inference as inference
+import shared.precision as precision
 from shared.acceleration import (
     CALIBRATION_REGION,
     Forward,
@@ -249,11 +250,11 @@ def test_resolve_precision_int8_rules(monkeypatch: pytest.MonkeyPatch) -> None:
     assert inference.resolve_precision("int8", cpu) == "int8"
     with pytest.raises(ValueError, match="int8 inference runs on the CPU"):
         inference.resolve_precision("int8", torch.device("cuda", 0))
-    monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: True)
-    monkeypatch.setattr(inference, "has_int8_matmul", lambda: True)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(precision, "has_int8_matmul", lambda: True)
     assert inference.resolve_precision("auto", cpu, optimize=True) == "int8"
     assert inference.resolve_precision("auto", cpu) == "bf16"  # eager models are never int8
-    monkeypatch.setattr(inference, "has_int8_matmul", lambda: False)
+    monkeypatch.setattr(precision, "has_int8_matmul", lambda: False)
     assert inference.resolve_precision("auto", cpu, optimize=True) == "bf16"
 
 
@@ -275,8 +276,8 @@ def test_predictor_int8_runs_a_quantised_forward(
 def test_predictor_auto_falls_back_when_int8_disagrees(
     tiny_checkpoint: Path, small_calibration: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(inference, "has_int8_matmul", lambda: True)
-    monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(precision, "has_int8_matmul", lambda: True)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
     monkeypatch.setattr(inference, "INT8_MIN_AGREEMENT", 1.01)  # nothing can pass
     options = InferenceOptions(device="cpu", precision="auto", optimize=True, tile=64, overlap=16)
     predictor = Predictor.from_checkpoint(tiny_checkpoint, options)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import shared.inference as inference
+import shared.precision as precision
 from shared.checkpoint import CheckpointError, load_checkpoint
 from shared.inference import (
     InferenceOptions,
@@ -55,7 +56,7 @@ def test_cuda_without_cuda_is_a_clear_error() -> None:
 def test_auto_precision_on_cpu_follows_native_bf16(
     monkeypatch: pytest.MonkeyPatch, native: bool, expected: str
 ) -> None:
-    monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
     assert resolve_precision("auto", CPU) == expected
 
 
