@@ -74,6 +74,7 @@ from shared.checkpoint import build_checkpoint, load_checkpoint, save_checkpoint
 from shared.inference import InferenceOptions, Predictor
 from shared.labels import LabelMap
 from shared.model import build_model
+from shared.precision import INFERENCE_PRECISIONS
 from shared.preprocess import Normalization, image_to_tensor, normalize
 from shared.tiling import tile_origins
 
@@ -706,7 +707,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--backbone", default="resnet50", help="backbone of the random model")
     parser.add_argument(
         "--precision",
-        choices=["auto", "fp32", "bf16", "fp16", "int8"],
+        choices=INFERENCE_PRECISIONS,
         help="engine and service precision (default: the service's SATSEG_PRECISION)",
     )
     parser.add_argument(
