@@ -217,6 +217,17 @@ class ArrayRaster:
         return Rows(self.rgb[rows, cols], valid, pixels)
 
 
+@dataclass(frozen=True)
+class SceneStatistics:
+    """What a :class:`GdalRaster` derives from the whole scene when it opens: the traced
+    collar (None unless the nodata rule is auto) and the per-band stretch. Handed to another
+    opening of the same file with the same options (a block read in another process), it
+    spares that opening the whole-scene reads and keeps every window's pixels the same."""
+
+    collar: Collar | None
+    stretch: tuple[tuple[float, float], ...]
+
+
 class GdalRaster:
     """A raster GDAL reads, read window by window through rasterio.
 
@@ -230,7 +241,8 @@ class GdalRaster:
     ``Rows.pixels``, nodata pixels set to ``fill`` (one value per band; 0 by default); the RGB
     rows are then a preview of those bands: the ones named red, green and blue, else the first
     three (``bands``, if given, picks the preview instead). ``nodata`` is the rule of
-    :func:`shared.bands.nodata_mask`.
+    :func:`shared.bands.nodata_mask`. ``statistics``, from :attr:`statistics` of an earlier
+    opening, replaces the whole-scene reads.
 
     Raises:
         BandMismatchError: the raster does not have the bands ``model`` reads.
@@ -247,6 +259,7 @@ class GdalRaster:
         model: BandSpec | None = None,
         model_bands: Sequence[int] | None = None,
         fill: Sequence[float] | None = None,
+        statistics: SceneStatistics | None = None,
     ) -> None:
         self._stack = ExitStack()
         is_bytes = isinstance(source, bytes | bytearray | memoryview)
@@ -295,7 +308,9 @@ class GdalRaster:
             )
             with _small_cache():
                 self._collar: Collar | None = None
-                if self.nodata == NODATA_AUTO:
+                if statistics is not None:
+                    self._collar = statistics.collar
+                elif self.nodata == NODATA_AUTO:
                     self._collar = trace_collar(self.src, self._read_bands)
                 self.has_nodata = self._float or (
                     self.nodata != NODATA_NONE
@@ -305,7 +320,7 @@ class GdalRaster:
                         or (self._collar is not None and self._collar.any())
                     )
                 )
-                self.stretch = self._stretch()
+                self.stretch = statistics.stretch if statistics is not None else self._stretch()
         except ImageError:
             self.close()
             raise
@@ -315,6 +330,11 @@ class GdalRaster:
 
     def __enter__(self) -> GdalRaster:
         return self
+
+    @property
+    def statistics(self) -> SceneStatistics:
+        """The whole-scene statistics this opening computed (or was given)."""
+        return SceneStatistics(self._collar, self.stretch)
 
     def geo_image(self, rows: Rows) -> GeoImage:
         """``rows`` with this raster's georeferencing, bands, type and stretch."""
@@ -461,11 +481,13 @@ def open_file(
     scale: str | Scale | None = "auto",
     max_pixels: int = DEFAULT_MAX_PIXELS,
     nodata: NodataRule = NODATA_AUTO,
+    statistics: SceneStatistics | None = None,
 ) -> RasterSource:
     """A file as a :class:`RasterSource`. A TIFF (or other GDAL raster) is opened for windowed
     reads, without a pixel cap: it is never read whole. A PNG, JPEG, WebP or BMP, and a plain
     (not georeferenced) TIFF picture when no ``bands``/``scale`` are asked for, is decoded whole
-    by :func:`shared.imaging.decode_image`, capped at ``max_pixels``.
+    by :func:`shared.imaging.decode_image`, capped at ``max_pixels``. ``statistics``: as for
+    :class:`GdalRaster`.
 
     Close a :class:`GdalRaster` when done (:func:`close_source`).
 
@@ -481,8 +503,8 @@ def open_file(
             return ArrayRaster(decode_image(path.read_bytes(), max_pixels=max_pixels))
         except UnsupportedFormatError:
             # Not a picture format: perhaps one of GDAL's (JPEG 2000, ENVI, VRT...).
-            return GdalRaster(path, bands=chosen, scale=how, nodata=nodata)
-    raster = GdalRaster(path, bands=chosen, scale=how, nodata=nodata)
+            return GdalRaster(path, bands=chosen, scale=how, nodata=nodata, statistics=statistics)
+    raster = GdalRaster(path, bands=chosen, scale=how, nodata=nodata, statistics=statistics)
     if chosen is None and how.kind == "auto" and not raster.georef.georeferenced:
         try:
             picture = ArrayRaster(decode_image(path.read_bytes(), max_pixels=max_pixels))

@@ -26,7 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -49,6 +49,7 @@ from shared.pipeline import Band, WholeScene, stream
 from shared.precision import INFERENCE_PRECISIONS
 from shared.raster import (
     ArrayRaster,
+    Georef,
     RasterSource,
     close_source,
     ground_sample_distance,
@@ -179,6 +180,16 @@ class Report:
     kept: list[Path] = field(default_factory=list)
 
 
+class SceneHeader(Protocol):
+    """What the writers need of an input besides its pixels (a :class:`RasterSource` has it)."""
+
+    height: int
+    width: int
+    georef: Georef
+    # Whether any pixel may be nodata: the outputs then declare the ignore index as nodata.
+    has_nodata: bool
+
+
 @dataclass
 class _Loaded:
     job: Job
@@ -267,7 +278,7 @@ def predict_files(
         else:
             todo.append(job)
 
-    bar = tqdm(total=len(todo), unit="img", desc="predict", disable=_bar_disabled(progress))
+    bar = tqdm(total=len(todo), unit="img", desc="predict", disable=bar_disabled(progress))
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="decode") as pool:
         depth = batch + max(1, workers)  # decoded images waiting: bounds host memory
         for chunk in _chunks(_prefetch(pool, todo, read, depth=depth), batch):
@@ -557,7 +568,7 @@ def _guarded(
         if predictor.device.type == "cuda":
             torch.cuda.empty_cache()
         for item in items:
-            _skip(report, item.job.source, f"inference failed: {_first_line(err)}")
+            _skip(report, item.job.source, f"inference failed: {first_line(err)}")
 
 
 def _stack(predictor: Predictor, items: list[_Loaded], write: WriteOptions) -> list[Path]:
@@ -569,7 +580,7 @@ def _stack(predictor: Predictor, items: list[_Loaded], write: WriteOptions) -> l
     for item, mask in zip(items, result.masks, strict=True):
         assert item.source is not None
         band = Band(0, mask, None, item.source.rgb)
-        written.extend(_write_bands(predictor.label_map, item, [band], write))
+        written.extend(write_outputs(predictor.label_map, item.job, item.source, [band], write))
     return written
 
 
@@ -585,17 +596,20 @@ def _stream_one(predictor: Predictor, item: _Loaded, write: WriteOptions) -> lis
             probabilities=write.format == "probabilities",
             ignore_index=predictor.label_map.ignore_index,
         )
-        return _write_bands(predictor.label_map, item, bands, write)
+        return write_outputs(predictor.label_map, item.job, source, bands, write)
 
 
-def _write_bands(
-    label_map: LabelMap, item: _Loaded, bands: Iterable[Band], write: WriteOptions
+def write_outputs(
+    label_map: LabelMap,
+    job: Job,
+    source: SceneHeader,
+    bands: Iterable[Band],
+    write: WriteOptions,
 ) -> list[Path]:
-    """Feed the bands of one scene to the writers of ``write.format``; returns the paths."""
-    source = item.source
-    assert source is not None
+    """Feed the bands of one scene (``source``'s size and georeference; bands in row order)
+    to the writers of ``write.format``; returns the paths, each written whole or not at all."""
     fmt = write.format or ("cog" if source.georef.georeferenced else "png")
-    target = item.job.output_path(fmt)
+    target = job.output_path(fmt)
     target.parent.mkdir(parents=True, exist_ok=True)
     shape = (source.height, source.width)
     nodata = label_map.ignore_index if source.has_nodata else None
@@ -635,7 +649,7 @@ def _write_bands(
     if picture is not None:
         assert picture.rgb is not None
         blended = overlay(picture.rgb, picture.mask, label_map, alpha=write.alpha)
-        written.append(_atomic_write(item.job.overlay_path, encode_png(blended)))
+        written.append(_atomic_write(job.overlay_path, encode_png(blended)))
     return written
 
 
@@ -649,12 +663,14 @@ def _skip(report: Report, path: Path, reason: str) -> None:
     tqdm.write(f"skipped {path}: {reason}", file=sys.stderr)
 
 
-def _bar_disabled(progress: bool | None) -> bool | None:
-    # tqdm: disable=None hides the bar when stderr is not a terminal.
+def bar_disabled(progress: bool | None) -> bool | None:
+    """tqdm's ``disable`` for a ``progress`` choice: None hides the bar when stderr is not a
+    terminal."""
     return None if progress is None else not progress
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of an error's message (its type's name when it has none)."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 

@@ -19,9 +19,11 @@ import contextlib
 import hashlib
 import json
 import os
+import pickle
 import sys
 import time
 import warnings
+import zlib
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -35,6 +37,7 @@ from rasterio.errors import NotGeoreferencedWarning
 from rasterio.windows import Window as RioWindow
 from tqdm import tqdm
 
+from shared.bands import Collar
 from shared.blocks import Block, plan_blocks, segment_block
 from shared.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from shared.files import atomic_writer
@@ -42,18 +45,27 @@ from shared.imaging import ImageError
 from shared.inference import InferenceOptions, Predictor
 from shared.labels import LabelMap
 from shared.pipeline import Band, Tiling, predict
-from shared.raster import ArrayRaster, GdalRaster, Georef, Rows, close_source, open_file, read_all
+from shared.raster import (
+    ArrayRaster,
+    GdalRaster,
+    Georef,
+    RasterSource,
+    Rows,
+    SceneStatistics,
+    close_source,
+    open_file,
+    read_all,
+)
 from trainer.predict import (
     EXIT_USAGE,
     Job,
     ReadOptions,
     Report,
     WriteOptions,
-    _bar_disabled,
-    _first_line,
-    _Loaded,
-    _write_bands,
+    bar_disabled,
+    first_line,
     print_report,
+    write_outputs,
 )
 from trainer.ray_options import DEFAULT_BLOCK_SIZE
 
@@ -71,13 +83,42 @@ MANIFEST_SAVE_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
+class PackedStatistics:
+    """A scene's :class:`shared.raster.SceneStatistics`, the collar bit-packed and deflated
+    (kilobytes for a typical collar, where the traced array holds a byte per pixel up to 16 MP),
+    so that every block carries it and no read task traces the collar of the whole scene again."""
+
+    data: bytes
+
+    @classmethod
+    def pack(cls, statistics: SceneStatistics) -> PackedStatistics:
+        collar = statistics.collar
+        cells = None
+        if collar is not None:
+            cells = (collar.cells.shape, np.packbits(collar.cells), collar.height, collar.width)
+        return cls(zlib.compress(pickle.dumps((cells, statistics.stretch)), 1))
+
+    def unpack(self) -> SceneStatistics:
+        cells, stretch = pickle.loads(zlib.decompress(self.data))
+        collar = None
+        if cells is not None:
+            shape, bits, height, width = cells
+            count = shape[0] * shape[1]
+            grid = np.unpackbits(bits, count=count).astype(bool).reshape(shape)
+            collar = Collar(grid, height, width)
+        return SceneStatistics(collar, stretch)
+
+
+@dataclass(frozen=True)
 class Scene:
-    """What the writers need of an input besides its pixels (see ``trainer.predict``)."""
+    """What the writers need of an input besides its pixels (a ``trainer.predict.SceneHeader``),
+    and what its blocks' reads need of the whole scene."""
 
     height: int
     width: int
     georef: Georef
     has_nodata: bool
+    statistics: PackedStatistics | None = None
 
 
 @dataclass(frozen=True)
@@ -277,9 +318,7 @@ def plan_units(
             units.append(Unit(job))
             continue
         try:
-            source = open_file(
-                job.source, bands=read.bands, scale=read.scale, max_pixels=read.max_pixels
-            )
+            source = open_input(job.source, read)
         except ImageError as err:
             failures.append((job.source, f"{err.code}: {err}"))
             continue
@@ -291,11 +330,27 @@ def plan_units(
             if not isinstance(source, GdalRaster) or len(blocks) == 1:
                 units.append(Unit(job))
                 continue
-            scene = Scene(source.height, source.width, source.georef, source.has_nodata)
+            statistics = PackedStatistics.pack(source.statistics)
+            scene = Scene(source.height, source.width, source.georef, source.has_nodata, statistics)
             units.extend(Unit(job, block, scene) for block in blocks)
         finally:
             close_source(source)
     return units, failures
+
+
+def open_input(
+    path: Path, read: ReadOptions, statistics: SceneStatistics | None = None
+) -> RasterSource:
+    """An input opened as ``trainer.predict`` opens it (8-bit RGB models: ``--ray`` refuses
+    others); ``statistics``, the scene's, spare a block's read the whole-scene reads."""
+    return open_file(
+        path,
+        bands=read.bands,
+        scale=read.scale,
+        max_pixels=read.max_pixels,
+        nodata=read.nodata,
+        statistics=statistics,
+    )
 
 
 # -- the stages --------------------------------------------------------------------------------
@@ -305,10 +360,11 @@ def read_unit(row: dict[str, Any], read: ReadOptions) -> dict[str, Any]:
     """Ray Data map: a unit -> its pixels (a block's read window, or the whole image)."""
     unit: Unit = row["unit"]
     empty = {"rgb": np.zeros((0, 0, 3), np.uint8), "valid": np.zeros((0, 0), bool)}
+    statistics = None
+    if unit.scene is not None and unit.scene.statistics is not None:
+        statistics = unit.scene.statistics.unpack()
     try:
-        source = open_file(
-            unit.job.source, bands=read.bands, scale=read.scale, max_pixels=read.max_pixels
-        )
+        source = open_input(unit.job.source, read, statistics)
         try:
             if unit.block is None:
                 rows = read_all(source)
@@ -369,7 +425,7 @@ class Segmenter:
             try:
                 prediction = self._predict(unit, rows)
             except (RuntimeError, ValueError) as err:
-                error = f"inference failed: {_first_line(err)}"
+                error = f"inference failed: {first_line(err)}"
             else:
                 mask = prediction.mask
                 if prediction.probabilities is not None:
@@ -412,16 +468,18 @@ def write_unit(
         rgb = row["rgb"] if row["rgb"].size else np.zeros((0, 0, 3), np.uint8)
         try:
             if unit.block is None:
+                assert unit.scene is not None
                 band = Band(0, mask, probs, rgb)
-                item = _Loaded(unit.job, source=unit.scene)  # type: ignore[arg-type]
-                paths = [str(p) for p in _write_bands(label_map, item, [band], write)]
+                paths = [
+                    str(p) for p in write_outputs(label_map, unit.job, unit.scene, [band], write)
+                ]
             else:
                 path = part_path(parts, unit)
                 paths = [str(write_part(path, mask, probs, rgb if rgb.size else None))]
         except OSError as err:
             error = f"cannot write: {err}"
         except (RuntimeError, ValueError) as err:
-            error = f"cannot write: {_first_line(err)}"
+            error = f"cannot write: {first_line(err)}"
     pixels = int(mask.size) if not error else 0
     return {"key": unit.key, "paths": paths, "error": error, "pixels": pixels}
 
@@ -475,8 +533,7 @@ def assemble_scene(
 ) -> list[str]:
     """A scene's part files -> its outputs, :data:`STRIP_ROWS` rows at a time."""
     bands = scene_bands(blocks, probabilities=write.format == "probabilities", classes=label_map)
-    item = _Loaded(job, source=scene)  # type: ignore[arg-type]
-    return [str(p) for p in _write_bands(label_map, item, bands, write)]
+    return [str(p) for p in write_outputs(label_map, job, scene, bands, write)]
 
 
 def scene_bands(
@@ -621,7 +678,7 @@ def _run(
         initial=summary.reused,
         unit="unit",
         desc="predict (ray)",
-        disable=_bar_disabled(progress),
+        disable=bar_disabled(progress),
     )
     if todo:
         # Held for the whole run: a restarted actor reads the checkpoint from it again.
@@ -731,7 +788,7 @@ def _collect_scene(
     try:
         written = ray.get(ref)
     except Exception as err:  # a Ray task error wraps whatever the writer raised
-        _skip(report, summary, source, f"cannot assemble: {_first_line(err)}")
+        _skip(report, summary, source, f"cannot assemble: {first_line(err)}")
         return
     report.written.extend(Path(p) for p in written)
     keys = [u.key for u in units]

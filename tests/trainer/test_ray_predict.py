@@ -271,3 +271,39 @@ def test_unreadable_inputs_are_named_before_the_cluster_is_used(tmp_path, inputs
     units, failures = plan_units(jobs, ReadOptions(), Tiling(128, 32, 4), 192)
     assert len(units) == BLOCKS and all(u.job.source.name == "scene.tif" for u in units)
     assert [path for path, _ in failures] == [broken]
+
+
+def test_block_reads_take_the_scene_statistics_from_the_plan(tmp_path, inputs, monkeypatch):
+    """The driver traces a scene's collar once; each block's read uses it (no whole-scene read
+    per block) and gets the pixels and validity of the scene's own windows."""
+    import shared.raster
+    from shared.pipeline import Tiling
+    from shared.raster import GdalRaster
+    from trainer.predict import Job, ReadOptions
+    from trainer.ray_predict import plan_units, read_unit
+
+    with rasterio.open(inputs / "scene.tif") as src:
+        pixels, profile = src.read(), src.profile
+    pixels[:, :, :300] = 0  # a collar along the left edge, across the first blocks
+    scene = tmp_path / "collar.tif"
+    with rasterio.open(scene, "w", **profile) as dst:
+        dst.write(pixels)
+    units, failures = plan_units(
+        [Job(scene, tmp_path / "collar")], ReadOptions(), Tiling(128, 32, 4), 192
+    )
+    assert failures == [] and len(units) == BLOCKS
+
+    def no_whole_scene_read(*args, **kwargs):
+        raise AssertionError("a block's read traced the whole scene's collar again")
+
+    with GdalRaster(scene) as whole:
+        monkeypatch.setattr(shared.raster, "trace_collar", no_whole_scene_read)
+        for unit in units:
+            row = read_unit({"unit": unit}, ReadOptions())
+            assert row["error"] == "", row["error"]
+            w = unit.block.read
+            want = whole.read_window(w.row, w.col, w.height, w.width)
+            np.testing.assert_array_equal(row["rgb"], want.rgb)
+            valid = np.ones(want.rgb.shape[:2], bool) if want.valid is None else want.valid
+            np.testing.assert_array_equal(row["valid"], valid)
+        assert not whole.read_window(0, 0, SCENE_H, 300).valid.any()  # the collar is nodata
