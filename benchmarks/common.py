@@ -167,6 +167,31 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
     return "\n".join(lines)
 
 
+def write_random_checkpoint(path: str | Path, *, seed: int = 0) -> Path:
+    """Save a random-initialised 3-class DeepLabV3-MobileNetV3-Large (the quick recipe's model)
+    to ``path`` through :mod:`shared.checkpoint`, as the trainer saves its checkpoints: a model
+    to time, or to run the paths around it, when no trained one is at hand. Same ``seed``, same
+    weights."""
+    from shared.checkpoint import build_checkpoint, save_checkpoint
+    from shared.labels import LabelMap
+    from shared.model import build_model
+    from shared.preprocess import Normalization
+
+    torch.manual_seed(seed)
+    model = build_model("mobilenet_v3_large", num_classes=3, weights="none", aux_loss=False)
+    payload = build_checkpoint(
+        model,
+        backbone="mobilenet_v3_large",
+        aux_loss=False,
+        label_map=LabelMap.load(),
+        normalization=Normalization(),
+        config={"model": {"backbone": "mobilenet_v3_large", "weights": "none"}, "epochs": 0},
+        metrics={"val": {"miou": 0.0}},
+    )
+    save_checkpoint(payload, path)
+    return Path(path)
+
+
 def write_json(path: str | Path, payload: dict[str, Any]) -> None:
     """Write ``payload`` as indented JSON, creating the folder."""
     path = Path(path)

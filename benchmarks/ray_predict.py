@@ -15,6 +15,9 @@ DeepLabV3-MobileNetV3-Large, the quick recipe's model):
 
 Every configuration is timed in turn with the single process, so that both see the same load on
 a shared machine; a ratio is Ray scenes/s over the single process scenes/s of the same round.
+Each round also times both commands on one 64 x 64 picture: their start-up (imports, checkpoint,
+for Ray the Ray Data start and the model actors' start), so that the ratio after start-up (both
+times less their start-up) is that of a run long enough to hide it.
 Outputs are compared with the single process's (pixels equal, bit for bit). Per-actor
 throughput (megapixels of finished blocks per second per actor) is what each added GPU or CPU
 worker adds on a cluster, as long as reading and writing keep up.
@@ -35,11 +38,16 @@ from typing import Any
 
 import numpy as np
 import rasterio
-import torch
 from PIL import Image
 from rasterio.transform import Affine
 
-from benchmarks.common import describe, machine, markdown_table, write_json
+from benchmarks.common import (
+    describe,
+    machine,
+    markdown_table,
+    write_json,
+    write_random_checkpoint,
+)
 from shared.blocks import plan_blocks
 from shared.pipeline import Tiling
 from trainer.predict import main
@@ -71,26 +79,6 @@ def build_scene(path: Path, height: int, width: int) -> None:
     }
     with rasterio.open(path, "w", **profile) as dst:
         dst.write(np.moveaxis(scene, -1, 0))
-
-
-def build_checkpoint(path: Path) -> None:
-    from shared.checkpoint import build_checkpoint as build
-    from shared.checkpoint import save_checkpoint
-    from shared.labels import LabelMap
-    from shared.model import build_model
-    from shared.preprocess import Normalization
-
-    torch.manual_seed(0)
-    model = build_model("mobilenet_v3_large", num_classes=3, weights="none", aux_loss=False)
-    payload = build(
-        model,
-        backbone="mobilenet_v3_large",
-        aux_loss=False,
-        label_map=LabelMap.load(),
-        normalization=Normalization(),
-        config={"model": {"backbone": "mobilenet_v3_large"}},
-    )
-    save_checkpoint(payload, path)
 
 
 def timed(argv: list[str]) -> tuple[float, str]:
@@ -136,9 +124,14 @@ def main_benchmark(argv: list[str] | None = None) -> dict[str, Any]:
         os.link(scenes / "scene_0.tif", scenes / f"scene_{i}.tif")
     checkpoint = Path(args.checkpoint) if args.checkpoint else folder / "model.pt"
     if not args.checkpoint:
-        build_checkpoint(checkpoint)
-    common = [str(scenes), "--checkpoint", str(checkpoint), "--device", "cpu"]
-    common += ["--precision", "fp32", "--threads", "1", "--format", "cog"]
+        write_random_checkpoint(checkpoint)
+    # The start-up of a command, alone: one picture of a single tile.
+    tiny = folder / "tiny"
+    tiny.mkdir()
+    Image.new("RGB", (64, 64), (20, 60, 170)).save(tiny / "tile.png")
+    flags = ["--checkpoint", str(checkpoint), "--device", "cpu"]
+    flags += ["--precision", "fp32", "--threads", "1", "--format", "cog"]
+    common = [str(scenes), *flags]
     megapixels = height * width / 1e6 * args.copies
 
     # One thread per actor and a spare CPU for reading and writing, as --ray local would.
@@ -158,11 +151,15 @@ def main_benchmark(argv: list[str] | None = None) -> dict[str, Any]:
             count = len(plan_blocks(height, width, Tiling(TILE, OVERLAP), block))
             for n in workers:
                 for repeat in range(args.repeats):
+                    start_single_s, _ = timed([str(tiny), *flags, "--out", str(folder / "t")])
                     single_s, _ = timed([*common, "--out", str(folder / "single")])
+                    ray_flags = ["--ray", address, "--ray-actors", str(n)]
+                    start_ray_s, _ = timed(
+                        [str(tiny), *flags, "--out", str(folder / "tr")] + ray_flags
+                    )
                     out = folder / f"ray-{block}-{n}-{repeat}"
                     ray_s, log = timed(
-                        [*common, "--out", str(out), "--ray", address]
-                        + ["--ray-actors", str(n), "--block-size", str(block)]
+                        [*common, "--out", str(out), *ray_flags, "--block-size", str(block)]
                     )
                     rows.append(
                         {
@@ -174,6 +171,11 @@ def main_benchmark(argv: list[str] | None = None) -> dict[str, Any]:
                             "single_scenes_per_s": args.copies / single_s,
                             "ray_scenes_per_s": args.copies / ray_s,
                             "ratio": single_s / ray_s,
+                            "start_single_s": start_single_s,
+                            "start_ray_s": start_ray_s,
+                            # Both less their start-up: the rate of a run long enough to hide it.
+                            "ratio_after_start": (single_s - start_single_s)
+                            / max(ray_s - start_ray_s, 1e-9),
                             "ray_mpx_per_s_per_actor": megapixels / ray_s / n,
                             "equal": all(
                                 same_pixels(
@@ -206,17 +208,20 @@ def main_benchmark(argv: list[str] | None = None) -> dict[str, Any]:
 def print_row(row: dict[str, Any]) -> None:
     print(
         f"block {row['block_size']} ({row['blocks']} blocks), {row['workers']} worker(s): "
-        f"single {row['single_s']:.1f} s, ray {row['ray_s']:.1f} s, ratio {row['ratio']:.2f}, "
-        f"equal {row['equal']}",
+        f"single {row['single_s']:.1f} s, ray {row['ray_s']:.1f} s, ratio {row['ratio']:.2f}; "
+        f"start-up single {row['start_single_s']:.1f} s, ray {row['start_ray_s']:.1f} s, "
+        f"ratio after start-up {row['ratio_after_start']:.2f}; equal {row['equal']}",
         file=sys.stderr,
     )
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     headers = ["block size", "blocks", "workers", "single s", "ray s", "ray / single"]
+    headers += ["start-up single s", "start-up ray s", "ray / single after start-up"]
     headers += ["Mpx/s per actor", "equal"]
     cells = [
         [r["block_size"], r["blocks"], r["workers"], r["single_s"], r["ray_s"], r["ratio"]]
+        + [r["start_single_s"], r["start_ray_s"], r["ratio_after_start"]]
         + [r["ray_mpx_per_s_per_actor"], r["equal"]]
         for r in rows
     ]

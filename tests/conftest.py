@@ -81,25 +81,9 @@ def label_map():  # -> shared.labels.LabelMap
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Path of a random-initialised 3-class DeepLabV3-MobileNetV3 checkpoint (written once per
     session through shared.checkpoint, as the trainer writes them). Treat it as read-only."""
-    from shared.checkpoint import build_checkpoint, save_checkpoint
-    from shared.labels import LabelMap
-    from shared.model import build_model
-    from shared.preprocess import Normalization
+    from benchmarks.common import write_random_checkpoint
 
-    torch.manual_seed(0)
-    model = build_model("mobilenet_v3_large", num_classes=3, weights="none", aux_loss=False)
-    payload = build_checkpoint(
-        model,
-        backbone="mobilenet_v3_large",
-        aux_loss=False,
-        label_map=LabelMap.load(),
-        normalization=Normalization(),
-        config={"model": {"backbone": "mobilenet_v3_large", "weights": "none"}, "epochs": 0},
-        metrics={"val": {"miou": 0.0}},
-    )
-    path = tmp_path_factory.mktemp("checkpoint") / "tiny.pt"
-    save_checkpoint(payload, path)
-    return path
+    return write_random_checkpoint(tmp_path_factory.mktemp("checkpoint") / "tiny.pt")
 
 
 @pytest.fixture(scope="session")
