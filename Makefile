@@ -9,7 +9,7 @@ RUN    ?= runs/quickstart
 CKPT   ?= $(RUN)/best.pt
 PORT   ?= 8000
 
-.PHONY: demo test install data train serve lint format bench clean docker-base wheelhouse docker mutants
+.PHONY: demo test install data train serve lint format bench clean docker-base wheelhouse docker mutants gpu-check
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -58,6 +58,13 @@ format: $(VENV)/.installed
 bench: $(CKPT)
 	$(PY) -m benchmarks.inference --json benchmarks/inference.json
 	$(PY) -m benchmarks.train --json benchmarks/train.json
+
+# On a CUDA machine: the gpu tests, three minutes of the full ResNet-50 recipe and the CUDA
+# inference benchmark, in eight minutes, into one JSON (benchmarks/gpu_check.sh --help).
+# GPU_PYTHON: the interpreter that holds CUDA PyTorch; WHEELHOUSE: the other dependencies.
+GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	PYTHON=$(GPU_PYTHON) benchmarks/gpu_check.sh $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

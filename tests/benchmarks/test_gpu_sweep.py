@@ -1,0 +1,75 @@
+"""Tests for benchmarks/gpu_sweep.py: reading candidates, planning runs, aggregating seeds."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+import pytest
+
+from benchmarks.gpu_sweep import (
+    QUICK_RECIPE,
+    Candidate,
+    Job,
+    aggregate,
+    cpu_slots,
+    load_candidates,
+    parse_line,
+    plan,
+)
+
+
+def test_parse_line_reads_name_config_and_overrides() -> None:
+    got = parse_line("focus  train.max_steps=600 augment.focus_crop=0.3  # lakes", QUICK_RECIPE)
+    assert got == Candidate(
+        "focus", QUICK_RECIPE, ("train.max_steps=600", "augment.focus_crop=0.3")
+    )
+    got = parse_line("r18 --config trainer/configs/x.yaml train.lr=0.002", QUICK_RECIPE)
+    assert got == Candidate("r18", "trainer/configs/x.yaml", ("train.lr=0.002",))
+    assert parse_line("   # only a comment", QUICK_RECIPE) is None
+    with pytest.raises(ValueError, match="must start with a name"):
+        parse_line("train.lr=0.1", QUICK_RECIPE)
+    with pytest.raises(ValueError, match="not key=value"):
+        parse_line("bad train.lr 0.1", QUICK_RECIPE)
+
+
+def test_load_candidates_from_a_folder_of_lines_and_configs(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("base\nlr2 train.lr=0.002\n")
+    (tmp_path / "wide.yaml").write_text("train: {lr: 0.001}\n")
+    (tmp_path / "FORMAT.md").write_text("not a candidate")
+    got = load_candidates(tmp_path, QUICK_RECIPE)
+    assert [c.name for c in got] == ["base", "lr2", "wide"]
+    assert got[2].config == str(tmp_path / "wide.yaml")
+    (tmp_path / "b.txt").write_text("lr2 train.lr=0.003\n")
+    with pytest.raises(ValueError, match="used twice: lr2"):
+        load_candidates(tmp_path, QUICK_RECIPE)
+
+
+def test_plan_runs_seed_by_seed_and_once_for_a_fixed_seed(tmp_path: Path) -> None:
+    a = Candidate("a", QUICK_RECIPE, ())
+    fixed = Candidate("f", QUICK_RECIPE, ("train.seed=5",))
+    jobs = plan([a, fixed], [42, 7], tmp_path)
+    assert [(j.name, j.seed) for j in jobs] == [("a-s42", 42), ("f", None), ("a-s7", 7)]
+
+
+def test_aggregate_gives_mean_and_std_over_scored_seeds(tmp_path: Path) -> None:
+    c = Candidate("a", QUICK_RECIPE, ())
+    jobs = []
+    for seed, lake in ((1, 0.30), (2, 0.40), (3, None)):
+        job = Job(c, seed, tmp_path / f"a-s{seed}")
+        if lake is not None:
+            job.result = {"steps": 600, "test": {"miou": 0.7, "iou": {"lake": lake}}}
+        jobs.append(job)
+    got = aggregate(jobs)["a"]
+    assert got["runs_scored"] == 2
+    assert got["lake_iou"]["mean"] == pytest.approx(0.35)
+    assert got["lake_iou"]["std"] == pytest.approx(statistics.stdev([0.30, 0.40]))
+    assert got["steps"]["values"] == [600, 600]
+
+
+def test_cpu_slots_are_disjoint_equal_shares() -> None:
+    slots = cpu_slots(1)
+    assert len(slots) == 1 and slots[0]
+    many = cpu_slots(len(slots[0]))
+    assert all(len(s) == 1 for s in many)
+    assert len(set().union(*many)) == len(slots[0])
