@@ -344,6 +344,16 @@ def _encode_image(
     return mask_to_png(mask, label_map)
 
 
+PreviewQuery = Annotated[
+    bool,
+    Query(
+        description="`format=rle`: add the input as an RGB PNG (`preview`), e.g. for a "
+        "browser that cannot show a TIFF; a multi-band input shows its red, green and blue "
+        "bands, else its first three."
+    ),
+]
+
+
 @router.post(
     "/segment",
     dependencies=PROTECTED,
@@ -374,14 +384,7 @@ async def segment(
     crs: GeoJsonCrs = "raster",
     min_area: MinArea = 0.0,
     simplify: Simplify = 0.0,
-    preview: Annotated[
-        bool,
-        Query(
-            description="`format=rle`: add the input as an RGB PNG (`preview`), e.g. for a "
-            "browser that cannot show a TIFF; a multi-band input shows its red, green and blue "
-            "bands, else its first three."
-        ),
-    ] = False,
+    preview: PreviewQuery = False,
 ) -> Any:
     """Predict a class for every pixel of the uploaded image.
 
@@ -535,6 +538,7 @@ async def evaluate(
             "leaves them out."
         ),
     ] = EvaluateFormat.png,
+    preview: PreviewQuery = False,
 ) -> Any:
     """Segment each image and compare it with its mask: confusion matrix, IoU, Dice,
     pixel accuracy per pair and over all pairs.
@@ -578,6 +582,8 @@ async def evaluate(
                 geo,
                 with_masks=format is EvaluateFormat.rle,
             )
+            if preview and format is EvaluateFormat.rle:
+                pair["preview"] = await engine.run_io(_data_url, decoded.rgb)
             pairs.append(pair)
         aggregate = _scores(total, label_map)
     end = time.perf_counter()

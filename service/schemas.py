@@ -126,6 +126,11 @@ class PairResult(BaseModel):
         description="The ground-truth mask as scored, as RLE, present when `format=rle`; "
         "ignore_index pixels (and nodata pixels of a GeoTIFF image) are in no class.",
     )
+    preview: str | None = Field(
+        None,
+        description="With `format=rle&preview=true`: the image as an RGB PNG data URL, as "
+        "`/segment` gives it.",
+    )
 
 
 class EvaluateResponse(BaseModel):

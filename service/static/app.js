@@ -554,7 +554,7 @@
     // Browsers cannot show a TIFF: the server sends the RGB it sees (for a multi-band model,
     // its red, green and blue bands, else its first three).
     const tiff = /\.tiff?$/i.test(image.name) || image.type === "image/tiff";
-    const url = mask ? "/evaluate?format=rle" : `/segment?format=rle${tiff ? "&preview=true" : ""}`;
+    const url = `${mask ? "/evaluate" : "/segment"}?format=rle${tiff ? "&preview=true" : ""}`;
     startProgress();
     // Decode the picture for display while the server works.
     const bitmapPromise = createImageBitmap(image).catch(() => null);
@@ -579,7 +579,8 @@
     }
     setProgress("Drawing…");
     try {
-      const bitmap = (await bitmapPromise) || (await previewBitmap(res.body.preview));
+      const preview = mask ? res.body.pairs[0].preview : res.body.preview;
+      const bitmap = (await bitmapPromise) || (await previewBitmap(preview));
       await render(res.body, Boolean(mask), bitmap, mask);
     } catch (err) {
       showError("Could not draw the result", err.message);
@@ -726,7 +727,7 @@
         const blob = await res.blob();
         return new File([blob], name, { type: blob.type });
       };
-      const ext = (type) => (type === "image/jpeg" ? ".jpg" : type === "image/png" ? ".png" : "");
+      const ext = (type) => ({ "image/jpeg": ".jpg", "image/png": ".png", "image/tiff": ".tif" })[type] || "";
       const image = await fetchFile(example.image_url, example.name);
       const named = new File([image], example.name + ext(image.type), { type: image.type });
       const mask = example.mask_url ? await fetchFile(example.mask_url, `${example.name}_mask.png`) : null;

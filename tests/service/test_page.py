@@ -418,3 +418,147 @@ def test_grey_index_mask_is_drawn_in_the_label_colours(
     # Same truth as the palette mask, so the same scores.
     _check_scores_match(pg, _evaluate(service, tile)["pairs"][0]["scores"])
     assert errors == []
+
+
+# ---------------------------------------------------------------- a multi-band model
+
+# Two levels per band inside the footprint, each band in its own pattern, so every colour
+# channel of the preview can be told apart from the others by eye and by test.
+LOW, HIGH = 1500, 8500
+
+
+@dataclass(frozen=True)
+class BandScene:
+    """A 6-band uint16 GeoTIFF (Sentinel-2 band names, zero collar) and what it holds."""
+
+    image: Path
+    mask: Path
+    rgb_high: np.ndarray  # (H, W, 3) bool: red, green, blue band HIGH (inside the footprint)
+    footprint: np.ndarray  # (H, W) bool
+
+
+@pytest.fixture(scope="module")
+def band_scene(tmp_path_factory: pytest.TempPathFactory) -> BandScene:
+    from shared.labels import LabelMap
+    from tests.geodata import S2_BAND_NAMES, sentinel2_like_scene
+    from tests.service.test_bands import named_geotiff
+
+    scene, footprint = sentinel2_like_scene()
+    rows, cols = np.mgrid[0 : scene.shape[1], 0 : scene.shape[2]]
+    red_high = cols < scene.shape[2] // 2
+    green_high = rows < scene.shape[1] // 2
+    blue_high = (rows // 16 + cols // 16) % 2 == 0
+    # S2_BAND_NAMES: band 1 is blue, 2 green, 3 red; the page must show them as R, G, B.
+    for band, high in ((2, red_high), (1, green_high), (0, blue_high)):
+        scene[band] = np.where(footprint, np.where(high, HIGH, LOW), 0)
+    folder = tmp_path_factory.mktemp("bands")
+    image = folder / "s2_scene.tif"
+    image.write_bytes(named_geotiff(scene, S2_BAND_NAMES))
+    truth = np.where(cols < 32, 0, np.where(cols < 64, 1, 2)).astype(np.uint8)
+    mask = folder / "s2_scene_mask.png"
+    Image.fromarray(LabelMap.load().to_color(truth)).save(mask)
+    rgb_high = np.stack([red_high, green_high, blue_high], axis=-1) & footprint[..., None]
+    return BandScene(image, mask, rgb_high, footprint)
+
+
+@pytest.fixture(scope="module")
+def band_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    from tests.service.test_bands import six_band_checkpoint
+
+    checkpoint = six_band_checkpoint(tmp_path_factory.mktemp("six") / "six.pt")
+    with _serve(checkpoint, api_keys=[]) as running:
+        yield running
+
+
+@pytest.fixture
+def band_page(browser: Browser, band_service: Service) -> Iterator[PageAndErrors]:
+    with _open_page(browser, band_service.url) as (pg, errors):
+        pg.wait_for_selector("#model-status.ok")
+        yield pg, errors
+
+
+def _data_url_pixels(url: str) -> np.ndarray:
+    import base64
+
+    assert url.startswith("data:image/png;base64,"), url[:40]
+    data = base64.b64decode(url.split(",", 1)[1])
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def _check_band_preview(shown: np.ndarray, scene: BandScene) -> None:
+    """The input canvas is the red, green and blue bands (by name, not by position): each
+    channel bright exactly where its band is HIGH, dark where LOW, black on the collar."""
+    colours = np.unique(shown.reshape(-1, 3), axis=0)
+    assert len(colours) > 1, f"the input canvas is one colour {colours[0]}: no preview drawn"
+    assert (shown[~scene.footprint] == 0).all(), "the nodata collar is not black"
+    inside = scene.footprint
+    for channel, name in enumerate(("red", "green", "blue")):
+        values = shown[..., channel][inside].astype(int)
+        high = scene.rgb_high[..., channel][inside]
+        assert values[high].min() > values[~high].max() + 100, (
+            f"the {name} channel does not follow the band named {name}"
+        )
+
+
+def _mask_colours(mask: np.ndarray, ignore_rgb: tuple[int, int, int]) -> np.ndarray:
+    from shared.labels import LabelMap
+
+    label_map = LabelMap.load()
+    colours = label_map.to_color(mask)
+    colours[mask == label_map.ignore_index] = ignore_rgb
+    return colours
+
+
+# The page's colour for pixels of no class (app.js UNKNOWN_COLOR).
+NO_CLASS_RGB = (40, 40, 40)
+
+
+def test_multi_band_tiff_is_previewed_as_rgb_under_the_prediction(
+    band_page: PageAndErrors, band_service: Service, band_scene: BandScene, tmp_path: Path
+) -> None:
+    pg, errors = band_page
+    pg.set_input_files("#image-input", str(band_scene.image))
+    pg.click("#run-button")
+    _wait_for_result(pg)
+    shot = tmp_path / "multi_band.png"
+    pg.screenshot(path=str(shot), full_page=True)
+
+    files = {"image": (band_scene.image.name, band_scene.image.read_bytes(), "image/tiff")}
+    server = band_service.client.post(
+        "/segment", params={"format": "rle", "preview": "true"}, files=files
+    )
+    assert server.status_code == 200, server.text
+    shown = _canvas_pixels(pg, "canvas-input")
+    np.testing.assert_array_equal(shown, _data_url_pixels(server.json()["preview"]))
+    _check_band_preview(shown, band_scene)
+    assert pg.locator("#input-note").is_hidden()
+
+    png = band_service.client.post("/segment", files=files)
+    predicted = np.asarray(Image.open(io.BytesIO(png.content)))
+    assert (predicted[~band_scene.footprint] == 255).all()
+    prediction_rgb = _mask_colours(predicted, NO_CLASS_RGB)
+    np.testing.assert_array_equal(_canvas_pixels(pg, "canvas-prediction"), prediction_rgb)
+    # The overlay is the preview with the prediction over it at the slider's 50 %.
+    assert pg.locator("#opacity").input_value() == "50"
+    blended = (shown.astype(int) + prediction_rgb.astype(int)) / 2
+    overlay = _canvas_pixels(pg, "canvas-overlay").astype(int)
+    assert np.abs(overlay - blended).max() <= 2
+    assert errors == []
+
+
+def test_multi_band_tiff_with_a_mask_keeps_the_rgb_preview(
+    band_page: PageAndErrors, band_service: Service, band_scene: BandScene
+) -> None:
+    pg, errors = band_page
+    pg.set_input_files("#image-input", str(band_scene.image))
+    pg.set_input_files("#mask-input", str(band_scene.mask))
+    pg.click("#run-button")
+    _wait_for_result(pg)
+    shown = _canvas_pixels(pg, "canvas-input")
+    _check_band_preview(shown, band_scene)
+    assert pg.locator("#input-note").is_hidden()
+    assert pg.locator("#miou").count() == 1
+    # Nodata is in no class in the truth as scored: dark on the error map, out of the scores.
+    errors_map = _canvas_pixels(pg, "canvas-errors")
+    assert (errors_map[~band_scene.footprint].max(axis=-1) < 70).all()
+    assert errors == []
