@@ -78,10 +78,7 @@ def build_run(cfg: Config, info: DistInfo) -> Run:
     device = info.device
     tuner = make_thread_tuner(cfg, device)
     configure_determinism(cfg.train.deterministic)
-    try:
-        precision = resolve_precision(cfg.train.precision, device, training=True)
-    except ValueError as err:
-        raise ConfigError(f"train.precision: {err}") from None
+    precision = training_precision(cfg, device)
     label_map = LabelMap.load(Path(cfg.data.label_map or DEFAULT_LABEL_MAPPING))
     check_class_names(cfg, label_map.names)
     spec, first_image = resolve_data_bands(cfg)
@@ -134,6 +131,14 @@ def build_run(cfg: Config, info: DistInfo) -> Run:
     if resume_ckpt is not None:
         restore(run, resume_ckpt)
     return run
+
+
+def training_precision(cfg: Config, device: torch.device) -> str:
+    """``train.precision`` resolved for ``device``; one it cannot run is a ConfigError."""
+    try:
+        return resolve_precision(cfg.train.precision, device, training=True)
+    except ValueError as err:
+        raise ConfigError(f"train.precision: {err}") from None
 
 
 def make_thread_tuner(cfg: Config, device: torch.device) -> ThreadTuner | None:

@@ -164,48 +164,7 @@ def build_train_transform(
     the mask so the loss does not learn from it. Validation and test never see this pipeline.
     """
     nearest = cv2.INTER_NEAREST
-
-    def pad() -> A.PadIfNeeded:
-        return A.PadIfNeeded(
-            min_height=image_size,
-            min_width=image_size,
-            position="random",
-            border_mode=cv2.BORDER_CONSTANT,
-            fill=0,
-            fill_mask=ignore_index,
-        )
-
-    crop: A.BasicTransform | A.BaseCompose
-    if aug.crop == "random_resized":
-        crop = A.RandomResizedCrop(
-            size=(image_size, image_size),
-            scale=aug.crop_scale,
-            ratio=aug.crop_ratio,
-            interpolation=cv2.INTER_LINEAR,
-            mask_interpolation=nearest,
-            p=1.0,
-        )
-    else:
-        crop = A.Sequential([pad(), A.RandomCrop(height=image_size, width=image_size)], p=1.0)
-    steps: list[A.BasicTransform | A.BaseCompose] = [crop]
-    if aug.focus_crop > 0 and focus_ids:
-        if num_classes is None:
-            raise ValueError("focus crops need num_classes")
-        # CropNonEmptyMaskIfExists centres on a mask pixel whose value is not ignored; every
-        # value but the focus classes is ignored, so it centres on a focus-class pixel.
-        others = [i for i in range(num_classes) if i not in focus_ids] + [ignore_index]
-        focus = A.Sequential(
-            [
-                pad(),
-                A.CropNonEmptyMaskIfExists(
-                    height=image_size, width=image_size, ignore_values=others
-                ),
-            ],
-            p=aug.focus_crop,
-        )
-        crop.p = 1.0 - aug.focus_crop
-        # OneOf picks one of them with probability proportional to its p.
-        steps = [A.OneOf([focus, crop], p=1.0)] if aug.focus_crop < 1 else [focus]
+    steps = crop_steps(aug, image_size, ignore_index, num_classes=num_classes, focus_ids=focus_ids)
     if aug.hflip > 0:
         steps.append(A.HorizontalFlip(p=aug.hflip))
     if aug.vflip > 0:
@@ -237,6 +196,59 @@ def build_train_transform(
             )
         )
     return A.Compose(steps, mask_interpolation=nearest)
+
+
+def crop_steps(
+    aug: AugmentConfig,
+    image_size: int,
+    ignore_index: int,
+    *,
+    num_classes: int | None = None,
+    focus_ids: Sequence[int] = (),
+) -> list[A.BasicTransform | A.BaseCompose]:
+    """The crop that starts the training pipeline: ``aug.crop`` (zoomed or at native
+    resolution), or with probability ``aug.focus_crop`` one centred on a focus-class pixel.
+    Padding is ``ignore_index`` in the mask."""
+
+    def pad() -> A.PadIfNeeded:
+        return A.PadIfNeeded(
+            min_height=image_size,
+            min_width=image_size,
+            position="random",
+            border_mode=cv2.BORDER_CONSTANT,
+            fill=0,
+            fill_mask=ignore_index,
+        )
+
+    crop: A.BasicTransform | A.BaseCompose
+    if aug.crop == "random_resized":
+        crop = A.RandomResizedCrop(
+            size=(image_size, image_size),
+            scale=aug.crop_scale,
+            ratio=aug.crop_ratio,
+            interpolation=cv2.INTER_LINEAR,
+            mask_interpolation=cv2.INTER_NEAREST,
+            p=1.0,
+        )
+    else:
+        crop = A.Sequential([pad(), A.RandomCrop(height=image_size, width=image_size)], p=1.0)
+    if aug.focus_crop <= 0 or not focus_ids:
+        return [crop]
+    if num_classes is None:
+        raise ValueError("focus crops need num_classes")
+    # CropNonEmptyMaskIfExists centres on a mask pixel whose value is not ignored; every
+    # value but the focus classes is ignored, so it centres on a focus-class pixel.
+    others = [i for i in range(num_classes) if i not in focus_ids] + [ignore_index]
+    focus = A.Sequential(
+        [
+            pad(),
+            A.CropNonEmptyMaskIfExists(height=image_size, width=image_size, ignore_values=others),
+        ],
+        p=aug.focus_crop,
+    )
+    crop.p = 1.0 - aug.focus_crop
+    # OneOf picks one of them with probability proportional to its p.
+    return [A.OneOf([focus, crop], p=1.0)] if aug.focus_crop < 1 else [focus]
 
 
 # --- dataset, sampler, loaders -----------------------------------------------------------------
