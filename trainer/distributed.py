@@ -77,15 +77,6 @@ def all_reduce_sum(array: np.ndarray, device: torch.device) -> np.ndarray:
     return tensor.cpu().numpy()
 
 
-def all_reduce_mean(value: float, device: torch.device) -> float:
-    """Mean of a float over all ranks."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return float(tensor.item()) / dist.get_world_size()
-
-
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank when ``flag`` is true on at least one (e.g. a time budget ran out)."""
     if not (dist.is_available() and dist.is_initialized()):
