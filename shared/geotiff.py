@@ -1,10 +1,10 @@
-"""GeoTIFF in and out: satellite rasters to RGB for the model, class masks back to GeoTIFF.
+"""GeoTIFF in: satellite rasters to RGB for the model, with their georeferencing.
 
 Reading (:func:`read_geotiff`) turns a TIFF of any band count and numeric type into the
 ``(H, W, 3)`` uint8 RGB the model takes, and keeps its georeferencing (CRS, geotransform, GCPs)
-so that :func:`write_geotiff_mask` gives the mask exactly the source's footprint. RGB is bands
-1, 2, 3 unless chosen (``bands``, 1-based as in GDAL, e.g. ``(4, 3, 2)`` for Sentinel-2); a one-
-or two-band raster, or a single chosen band, is grey. ``scale`` (:func:`parse_scale`; the
+so that the writers (:mod:`shared.codec`) give the mask exactly the source's footprint. RGB is
+bands 1, 2, 3 unless chosen (``bands``, 1-based as in GDAL, e.g. ``(4, 3, 2)`` for Sentinel-2);
+a one- or two-band raster, or a single chosen band, is grey. ``scale`` (:func:`parse_scale`; the
 README's "GeoTIFF" lists the choices) maps values to 0..255, clipped and linear; ``auto`` passes
 uint8 through and stretches other types per band. Pixels that are nodata under
 :func:`shared.bands.nodata_mask`'s rule are in :attr:`GeoImage.valid`, left out of the
@@ -19,10 +19,10 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 from rasterio.control import GroundControlPoint
@@ -43,7 +43,6 @@ from shared.imaging import (
     decode_image,
     image_size,
 )
-from shared.labels import LabelMap
 
 # Classic TIFF and BigTIFF, little and big endian.
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
@@ -134,18 +133,6 @@ class GeoImage:
     def georeferenced(self) -> bool:
         """Whether the file placed its pixels on Earth (a CRS, a geotransform or GCPs)."""
         return self.crs is not None or self.transform != Affine.identity() or bool(self.gcps)
-
-    @property
-    def profile(self) -> dict[str, Any]:
-        """What :func:`write_geotiff_mask` needs: crs, transform, width, height, gcps."""
-        return {
-            "crs": self.crs,
-            "transform": self.transform,
-            "width": self.width,
-            "height": self.height,
-            "gcps": self.gcps,
-            "gcps_crs": self.gcps_crs,
-        }
 
 
 def is_tiff(data: bytes) -> bool:
@@ -356,64 +343,6 @@ def mask_invalid(mask: np.ndarray, geo: GeoImage | None, fill: int) -> np.ndarra
     out = mask.copy()
     out[~geo.valid] = fill
     return out
-
-
-def write_geotiff_mask(
-    mask: np.ndarray,
-    profile: Mapping[str, Any],
-    *,
-    label_map: LabelMap | None = None,
-    nodata: int | None = None,
-) -> bytes:
-    """Encode a class-id mask as a single-band uint8 GeoTIFF placed where ``profile`` says.
-
-    Args:
-        mask: ``(H, W)`` uint8 class ids.
-        profile: ``crs`` and ``transform`` (and optionally ``gcps``, ``gcps_crs``, and ``width``
-            and ``height``, which must match the mask), e.g. :attr:`GeoImage.profile`.
-        label_map: when given, its colours become the band's colour table (so GIS tools show the
-            classes in their colours) and its names go into ``CLASS_<id>`` band tags.
-        nodata: value marking pixels without a prediction (e.g. ``label_map.ignore_index`` where
-            the input was nodata), or None.
-
-    Returns:
-        The GeoTIFF's bytes: deflate-compressed, tiled when larger than one 256x256 block.
-    """
-    mask = np.asarray(mask)
-    if mask.ndim != 2 or mask.dtype != np.uint8:
-        raise ValueError(f"mask must be (H, W) uint8, got {mask.shape} {mask.dtype}")
-    height, width = mask.shape
-    expected = (profile.get("height", height), profile.get("width", width))
-    if expected != (height, width):
-        raise ValueError(
-            f"mask is {width}x{height} but the profile describes {expected[1]}x{expected[0]}"
-        )
-    creation: dict[str, Any] = {
-        "driver": "GTiff",
-        "width": width,
-        "height": height,
-        "count": 1,
-        "dtype": "uint8",
-        "crs": profile.get("crs"),
-        "transform": profile.get("transform") or Affine.identity(),
-        "nodata": nodata,
-        "compress": "deflate",
-    }
-    if height > 256 and width > 256:
-        creation.update(tiled=True, blockxsize=256, blockysize=256)
-    gcps = tuple(profile.get("gcps") or ())
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        with MemoryFile() as memfile:
-            with memfile.open(**creation) as dst:
-                if gcps:
-                    dst.gcps = (list(gcps), profile.get("gcps_crs") or profile.get("crs"))
-                dst.write(mask, 1)
-                if label_map is not None:
-                    dst.write_colormap(1, {c.id: (*c.color, 255) for c in label_map.classes})
-                    dst.update_tags(1, **{f"CLASS_{c.id}": c.name for c in label_map.classes})
-                dst.set_band_description(1, "class id")
-            return memfile.read()
 
 
 # -- internals ---------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import rasterio
 from PIL import Image
+from rasterio.control import GroundControlPoint
 from rasterio.crs import CRS
 from rasterio.features import rasterize
 from rasterio.io import MemoryFile
@@ -76,6 +77,24 @@ def test_cog_streamed_validates_and_keeps_georeferencing(scene, tmp_path, rng, l
         for cls in label_map.classes:
             assert colormap[cls.id][:3] == tuple(cls.color)
         assert src.tags(1)["CLASS_1"] == label_map.classes[1].name
+
+
+def test_cog_of_a_raster_placed_by_gcps_carries_them(tmp_path, label_map):
+    gcps = (
+        GroundControlPoint(row=0, col=0, x=10.0, y=45.0, id="1"),
+        GroundControlPoint(row=0, col=64, x=10.4, y=45.0, id="2"),
+        GroundControlPoint(row=32, col=0, x=10.0, y=44.8, id="3"),
+    )
+    georef = Georef(gcps=gcps, gcps_crs=CRS.from_epsg(4326))
+    mask = np.zeros((32, 64), np.uint8)
+    path = tmp_path / "mask.tif"
+    writer = CogWriter(path, mask.shape, georef, label_map)
+    writer.write(next(bands_of(mask, 32)))
+    writer.close()
+    with rasterio.open(path) as src:
+        points, crs = src.gcps
+    assert crs == CRS.from_epsg(4326)
+    assert [(p.row, p.col, p.x, p.y) for p in points] == [(p.row, p.col, p.x, p.y) for p in gcps]
 
 
 def test_probabilities_cog_has_one_band_per_class(tmp_path, rng, label_map):

@@ -24,7 +24,6 @@ from shared.geotiff import (
     parse_bands,
     parse_scale,
     read_geotiff,
-    write_geotiff_mask,
 )
 from shared.imaging import (
     CorruptImageError,
@@ -32,7 +31,6 @@ from shared.imaging import (
     ImageTooLargeError,
     UnsupportedFormatError,
 )
-from shared.labels import LabelMap
 from tests.geodata import (
     PIXELS_PER_DEGREE,
     TILE_COL,
@@ -46,12 +44,6 @@ from tests.geodata import (
 @pytest.fixture(scope="module", name="bluemarble_tile")
 def bluemarble_tile_fixture() -> np.ndarray:
     return bluemarble_tile()
-
-
-def read_mask_file(data: bytes) -> tuple[np.ndarray, dict, dict]:
-    with MemoryFile(data) as memfile, memfile.open() as src:
-        colormap = src.colormap(1) if src.colorinterp[0].name == "palette" else None
-        return src.read(1), dict(src.profile), {"colormap": colormap, "tags": src.tags(1)}
 
 
 # -- reading -----------------------------------------------------------------------------------
@@ -294,45 +286,7 @@ def test_parse_scale_rejects(text):
         parse_scale(text)
 
 
-# -- writing -----------------------------------------------------------------------------------
-
-
-def test_mask_round_trip_carries_crs_transform_values_and_colours(bluemarble_tile):
-    image = read_geotiff(geotiff_bytes(bluemarble_tile.transpose(2, 0, 1).copy()))
-    label_map = LabelMap.load()
-    mask = np.zeros((64, 96), dtype=np.uint8)
-    mask[:, 40:] = 1
-    mask[10:20, 50:60] = 2
-
-    data = write_geotiff_mask(mask, image.profile, label_map=label_map)
-
-    assert is_geotiff(data)
-    values, profile, extra = read_mask_file(data)
-    np.testing.assert_array_equal(values, mask)
-    assert profile["count"] == 1 and profile["dtype"] == "uint8"
-    assert (profile["width"], profile["height"]) == (96, 64)
-    assert profile["crs"] == CRS.from_epsg(4326)
-    assert profile["transform"] == TILE_TRANSFORM
-    assert profile["compress"] == "deflate" and profile["nodata"] is None
-    for cls in label_map.classes:
-        assert extra["colormap"][cls.id] == (*cls.color, 255)
-        assert extra["tags"][f"CLASS_{cls.id}"] == cls.name
-
-
-def test_mask_nodata_and_large_masks_are_tiled():
-    mask = np.full((300, 260), 1, dtype=np.uint8)
-    mask[0, 0] = 255
-    data = write_geotiff_mask(
-        mask, {"crs": "EPSG:32633", "transform": Affine(10, 0, 5e5, 0, -10, 5e6)}, nodata=255
-    )
-    values, profile, _ = read_mask_file(data)
-    np.testing.assert_array_equal(values, mask)
-    assert profile["nodata"] == 255 and profile["tiled"] and profile["blockxsize"] == 256
-    assert profile["crs"] == CRS.from_epsg(32633)
-    assert profile["transform"] == Affine(10, 0, 5e5, 0, -10, 5e6)
-
-
-def test_ground_control_points_are_carried():
+def test_ground_control_points_are_read():
     gcps = [
         GroundControlPoint(row=0, col=0, x=10.0, y=45.0, id="1"),
         GroundControlPoint(row=0, col=4, x=10.4, y=45.0, id="2"),
@@ -346,21 +300,9 @@ def test_ground_control_points_are_carried():
                 dst.write(np.zeros((3, 2, 4), dtype=np.uint8))
             data = memfile.read()
     image = read_geotiff(data)
-    assert image.georeferenced and len(image.gcps) == 3
-
-    out = write_geotiff_mask(np.zeros((2, 4), dtype=np.uint8), image.profile)
-    with MemoryFile(out) as memfile, memfile.open() as src:
-        points, crs = src.gcps
-    assert crs == CRS.from_epsg(4326)
-    assert [(p.row, p.col, p.x, p.y) for p in points] == [(p.row, p.col, p.x, p.y) for p in gcps]
-
-
-def test_mask_must_be_uint8_and_match_the_profile():
-    profile = {"crs": "EPSG:4326", "transform": TILE_TRANSFORM, "width": 96, "height": 64}
-    with pytest.raises(ValueError, match="uint8"):
-        write_geotiff_mask(np.zeros((64, 96), dtype=np.int64), profile)
-    with pytest.raises(ValueError, match="95x64"):
-        write_geotiff_mask(np.zeros((64, 95), dtype=np.uint8), profile)
+    assert image.georeferenced and image.gcps_crs == CRS.from_epsg(4326)
+    placed = [(p.row, p.col, p.x, p.y) for p in gcps]
+    assert [(p.row, p.col, p.x, p.y) for p in image.gcps] == placed
 
 
 # -- dispatch and nodata -----------------------------------------------------------------------
