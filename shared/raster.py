@@ -49,7 +49,6 @@ from shared.geotiff import (
     check_header,
     choose_bands,
     clean_error,
-    is_geotiff,
     is_tiff,
     parse_bands,
     parse_scale,
@@ -201,10 +200,6 @@ class ArrayRaster:
         self.height, self.width = int(rgb.shape[0]), int(rgb.shape[1])
         self.georef = georef or Georef()
         self.has_nodata = valid is not None
-
-    @classmethod
-    def from_geoimage(cls, geo: GeoImage) -> ArrayRaster:
-        return cls(geo.rgb, geo.valid, georef_of(geo))
 
     def read_rows(self, row: int, count: int) -> Rows:
         return self.read_window(row, 0, count, self.width)
@@ -447,31 +442,6 @@ class GdalRaster:
 def _small_cache() -> rasterio.Env:
     # Entered around each read, in the reading thread (GDAL environments are per thread).
     return rasterio.Env(GDAL_CACHEMAX=READ_CACHE_BYTES)
-
-
-def open_raster(
-    data: bytes,
-    *,
-    bands: Sequence[int] | str | None = None,
-    scale: str | Scale | None = "auto",
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-) -> RasterSource:
-    """An upload's bytes as a :class:`RasterSource`: TIFFs through :class:`GdalRaster` (plain
-    palette/1-bit TIFFs through PIL, as :func:`shared.geotiff.decode_raster` does), PNG, JPEG,
-    WebP and BMP through :func:`shared.imaging.decode_image`.
-
-    Raises:
-        ImageError: one of its subclasses.
-    """
-    chosen, how = parse_bands(bands), parse_scale(scale)
-    if not is_tiff(data):
-        return ArrayRaster(decode_image(data, max_pixels=max_pixels))
-    if chosen is None and how.kind == "auto" and not is_geotiff(data):
-        try:
-            return ArrayRaster(decode_image(data, max_pixels=max_pixels))
-        except (UnsupportedFormatError, CorruptImageError):
-            pass
-    return GdalRaster(data, bands=chosen, scale=how, max_pixels=max_pixels)
 
 
 def open_file(
