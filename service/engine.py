@@ -214,11 +214,12 @@ class Engine:
                 return
             self._install(model)
         log.info(
-            "model ready: %s (sha256 %s) on %s (%s)",
+            "model ready: %s (sha256 %s) on %s (%s; %s)",
             path,
             model.sha256[:12],
             model.predictor.device,
             model.predictor.precision,
+            model.predictor.precision_reason,
         )
 
     def _install(self, model: LoadedModel) -> None:
@@ -653,6 +654,12 @@ class Engine:
             },
             "device": str(predictor.device),
             "precision": predictor.precision,
+            "precision_reason": predictor.precision_reason,
+            "int8_agreement": (
+                predictor.int8_agreement.to_dict([c.name for c in label_map.classes])
+                if predictor.int8_agreement is not None
+                else None
+            ),
             "tile": self.options.tile,
             "overlap": self.options.overlap,
         }

@@ -189,6 +189,16 @@ class ModelInfo(BaseModel):
     checkpoint: CheckpointInfo
     device: str
     precision: str = Field(description="Resolved precision: fp32, bf16, fp16 or int8.")
+    precision_reason: str = Field(
+        description="Why this precision serves: set explicitly, the hardware, or the int8 "
+        "agreement gate's verdict with its measurements."
+    )
+    int8_agreement: dict[str, Any] | None = Field(
+        None,
+        description="When int8 was checked: its agreement with float32 on the check crops, "
+        "`pixel` (share of pixels with the same class), `class_iou` (per class, IoU of the "
+        "pixels each gives it; null where neither does) and `class_pixels` (float32's count).",
+    )
     tile: int
     overlap: int
 

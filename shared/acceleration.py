@@ -4,8 +4,10 @@
 ``(N, 3, H, W)`` float32 input to ``(N, C, H, W)`` logits: no auxiliary head, BatchNorm folded
 into the convolutions, channels_last, bf16/fp16 or int8 post-training static quantisation (CPU,
 the last convolution and the upsampling kept in float32), optionally ``torch.compile``; why each
-one pays is in docs/inference-speed.md. :func:`pixel_agreement` measures what an optimisation
-costs: the fraction of pixels whose argmax is unchanged against float32.
+one pays is in docs/inference-speed.md. :class:`Agreement` measures what an optimisation
+costs against float32 (the share of pixels whose argmax is unchanged, and each class's IoU
+between the two predictions), and an :class:`AgreementGate` refuses an int8 model that costs
+any class too much.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import os
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,6 +37,7 @@ from shared.datasets import (
     lat_rows,
     lon_columns,
 )
+from shared.metrics import ConfusionMatrix
 from shared.precision import AUTOCAST_DTYPES, FLOAT_PRECISIONS
 from shared.preprocess import Normalization, image_to_tensor, normalize
 
@@ -45,10 +50,126 @@ _ROWS = lat_rows(BLUEMARBLE_SHAPE[0], MAX_ABS_LAT)
 _TEST_COLUMNS = lon_columns(BLUEMARBLE_SHAPE[1], *TEST_BAND_LON)
 TEST_REGION = (_ROWS[0], _TEST_COLUMNS[0], _ROWS[1], _TEST_COLUMNS[1])
 CALIBRATION_REGION = (_ROWS[0], 0, _ROWS[1], _TEST_COLUMNS[0])
+# Centres (lon, lat) of the mosaic's lake districts west of the test band, found in the GSHHG
+# mask as the 256x256 windows with the most lake pixels. Lakes are 0.3% of the mosaic's pixels,
+# so random crops rarely hold one; crops here hold ocean, land and lakes together, and the int8
+# gate judges every class on them.
+LAKE_DISTRICTS: dict[str, tuple[float, float]] = {
+    "Great Lakes": (-85.1, 48.7),
+    "Canadian Shield": (-105.3, 58.3),
+    "Karelia": (31.2, 61.5),
+    "East African Rift": (34.4, -5.7),
+    "Caspian Sea": (53.6, 44.4),
+}
 
 
 class QuantizationError(RuntimeError):
-    """int8 quantisation is unavailable here, or changed the model's answers too much."""
+    """int8 quantisation is unavailable here, or changed the model's answers too much.
+
+    ``agreement`` holds the measurement when the gate refused the model."""
+
+    def __init__(self, message: str, agreement: Agreement | None = None) -> None:
+        super().__init__(message)
+        self.agreement = agreement
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """How a faster forward's answers compare with float32's on the same pixels.
+
+    Attributes:
+        pixel: share of pixels whose class is the same in both.
+        class_iou: per class, the IoU of the pixels float32 gives it and those the candidate
+            gives it; None where neither gives it any pixel (nothing to judge).
+        class_pixels: per class, the pixels float32 gives it.
+    """
+
+    pixel: float
+    class_iou: tuple[float | None, ...]
+    class_pixels: tuple[int, ...]
+
+    @classmethod
+    def measure(
+        cls,
+        reference: Iterable[torch.Tensor],
+        candidate: Iterable[torch.Tensor],
+        num_classes: int,
+    ) -> Agreement:
+        """Pool pairs of ``(N, C, H, W)`` logits or ``(N, H, W)`` class-id masks (float32's
+        first) into one agreement: rare classes are judged on all their pixels together."""
+        matrix = ConfusionMatrix(num_classes)
+        for ref, cand in zip(reference, candidate, strict=True):
+            a = ref.argmax(dim=1) if ref.is_floating_point() else ref
+            b = cand.argmax(dim=1) if cand.is_floating_point() else cand
+            if a.shape != b.shape:
+                raise ValueError(f"shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
+            matrix.update(b.cpu(), a.cpu())  # rows: float32's class, columns: the candidate's
+        m = matrix.matrix.astype(np.int64)
+        total = int(m.sum())
+        if total == 0:
+            raise ValueError("no pixels to compare")
+        tp, ref_pixels, cand_pixels = np.diag(m), m.sum(axis=1), m.sum(axis=0)
+        union = ref_pixels + cand_pixels - tp
+        ious = tuple(float(t / u) if u else None for t, u in zip(tp, union, strict=True))
+        return cls(float(tp.sum() / total), ious, tuple(int(p) for p in ref_pixels))
+
+    @property
+    def worst_class_iou(self) -> float | None:
+        """The lowest class IoU (None when no class was predicted by either)."""
+        judged = [iou for iou in self.class_iou if iou is not None]
+        return min(judged) if judged else None
+
+    def to_dict(self, class_names: Sequence[str] | None = None) -> dict[str, Any]:
+        names = _class_names(class_names, len(self.class_iou))
+        return {
+            "pixel": round(self.pixel, 6),
+            "class_iou": {
+                n: None if iou is None else round(iou, 6)
+                for n, iou in zip(names, self.class_iou, strict=True)
+            },
+            "class_pixels": dict(zip(names, self.class_pixels, strict=True)),
+        }
+
+    def describe(self, class_names: Sequence[str] | None = None) -> str:
+        """``pixels 0.9981; IoU ocean 0.998, land 0.996, lake 0.941``."""
+        names = _class_names(class_names, len(self.class_iou))
+        ious = ", ".join(
+            f"{n} {'n/a' if iou is None else f'{iou:.3f}'}"
+            for n, iou in zip(names, self.class_iou, strict=True)
+        )
+        return f"pixels {self.pixel:.4f}; IoU {ious}"
+
+
+@dataclass(frozen=True)
+class AgreementGate:
+    """The least agreement with float32 a quantised model must keep to be served.
+
+    A class whose IoU is None (float32 and the candidate both give it no pixel of the check
+    crops) cannot be judged and does not fail the gate; the check crops are chosen to hold
+    every class (see :func:`calibration_set`).
+    """
+
+    min_pixel: float = 0.995
+    min_class_iou: float = 0.9
+
+    def failures(self, agreement: Agreement, class_names: Sequence[str] | None = None) -> list[str]:
+        """What falls short, in words; empty when the gate passes."""
+        names = _class_names(class_names, len(agreement.class_iou))
+        out = []
+        if agreement.pixel < self.min_pixel:
+            out.append(f"pixel agreement {agreement.pixel:.4f} < {self.min_pixel}")
+        for name, iou in zip(names, agreement.class_iou, strict=True):
+            if iou is not None and iou < self.min_class_iou:
+                out.append(f"{name} IoU {iou:.3f} < {self.min_class_iou}")
+        return out
+
+
+def _class_names(names: Sequence[str] | None, count: int) -> list[str]:
+    if names is None:
+        return [f"class {i}" for i in range(count)]
+    if len(names) != count:
+        raise ValueError(f"{len(names)} class names for {count} classes")
+    return list(names)
 
 
 class Forward(nn.Module):
@@ -75,6 +196,8 @@ class Forward(nn.Module):
         self.autocast_dtype = autocast_dtype
         self.input_dtype = input_dtype
         self.description = description
+        # Measured against float32 by optimize()'s gate, when one was given.
+        self.agreement: Agreement | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
@@ -111,8 +234,9 @@ def optimize(
     fold_batchnorm: bool = True,
     cast_weights: bool = True,
     compile_mode: str | None = None,
-    min_agreement: float | None = None,
+    gate: AgreementGate | None = None,
     validation: Iterable[torch.Tensor] | None = None,
+    class_names: Sequence[str] | None = None,
 ) -> Forward:
     """Build the fast inference forward of a torchvision DeepLabV3.
 
@@ -135,16 +259,17 @@ def optimize(
             call.
         compile_mode: ``torch.compile`` mode (e.g. ``"default"``, ``"reduce-overhead"`` for CUDA
             graphs, ``"max-autotune"``); ``None`` runs eagerly.
-        min_agreement: with int8, the least acceptable :func:`pixel_agreement` between the
-            quantised and the float32 model (the lowest over ``validation`` batches); below it
-            :class:`QuantizationError` is raised.
+        gate: with int8, the :class:`AgreementGate` the quantised model must pass against the
+            float32 model on the ``validation`` batches (pooled); the measured
+            :class:`Agreement` is kept as the result's ``agreement``.
         validation: normalised batches for that check (default: the calibration batches).
+        class_names: names for the gate's messages (default ``class 0``, ``class 1``...).
 
     Raises:
         ValueError: unknown precision or quantize mode, int8 without calibration data or on
             a non-CPU device.
-        QuantizationError: int8 unsupported on this machine, or agreement below
-            ``min_agreement``.
+        QuantizationError: int8 unsupported on this machine, or the gate failed (its
+            ``agreement`` says by how much).
     """
     device = torch.device(device)
     if precision not in FLOAT_PRECISIONS:
@@ -157,6 +282,7 @@ def optimize(
     net = _Logits(_without_aux(model)).eval()
     checks: list[torch.Tensor] = []
     expected: list[torch.Tensor] = []
+    num_classes = 0
     if quantize == "int8":
         if device.type != "cpu":
             raise ValueError(f"int8 quantisation runs on the CPU only, not on {device}")
@@ -165,9 +291,12 @@ def optimize(
         batches = [b.to(device=device, dtype=torch.float32) for b in calibration]
         if not batches:
             raise ValueError("int8 quantisation needs at least one calibration batch")
-        if min_agreement is not None:
+        if gate is not None:
             checks = batches if validation is None else [b.to(device) for b in validation]
-            expected = [_run(net, b).argmax(dim=1) for b in checks]  # float32 answers
+            for b in checks:  # float32's answers
+                logits = _run(net, b)
+                num_classes = int(logits.shape[1])
+                expected.append(logits.argmax(dim=1))
         graph = quantize_int8(net, batches, channels_last=channels_last, inplace=True)
         del net
         autocast_dtype = input_dtype = None
@@ -202,12 +331,17 @@ def optimize(
         input_dtype=input_dtype,
         description=description,
     )
-    if min_agreement is not None and checks:
-        score = min(pixel_agreement(e, forward(b)) for e, b in zip(expected, checks, strict=True))
-        if score < min_agreement:
+    if gate is not None and checks:
+        agreement = Agreement.measure(
+            expected, (forward(b).argmax(dim=1) for b in checks), num_classes
+        )
+        forward.agreement = agreement
+        failures = gate.failures(agreement, class_names)
+        if failures:
             raise QuantizationError(
-                f"int8 model agrees with float32 on {score:.4f} of the checked pixels, "
-                f"below the required {min_agreement}; calibrate on images like those served"
+                f"int8 model disagrees with float32 on the check crops: {'; '.join(failures)} "
+                f"({agreement.describe(class_names)}); calibrate on images like those served",
+                agreement,
             )
     release_free_memory()  # the copies and calibration activations above are garbage now
     return forward
@@ -362,18 +496,41 @@ def calibration_set(
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Normalised batches to calibrate int8 on, and different ones to check it on.
 
-    ``count + checks`` random ``size x size`` crops (smaller where an image is smaller) of the
-    images in ``folder``, or of the bundled Blue Marble mosaic outside its test band when
-    ``folder`` is None. 8 crops of 256x256 (half a million pixels) calibrate DeepLabV3 well.
+    With ``folder``: ``count + checks`` random ``size x size`` crops (smaller where an image is
+    smaller) of its images, the last ``checks`` for checking. Without: ``count`` random crops of
+    the bundled Blue Marble mosaic outside its test band to calibrate on, and one crop centred
+    on each of the :data:`LAKE_DISTRICTS` to check on (``checks`` is not used), so that the
+    check holds ocean, land and lakes from five regions. 8 crops of 256x256 (half a million
+    pixels) calibrate DeepLabV3 well.
 
     Raises:
         ValueError: ``folder`` holds no readable image.
     """
     if folder is None:
-        crops = bluemarble_crops(count + checks, size, seed=seed, region=CALIBRATION_REGION)
-    else:
-        crops = folder_crops(folder, count + checks, size, seed=seed)
+        calibration = bluemarble_crops(count, size, seed=seed, region=CALIBRATION_REGION)
+        check = bluemarble_centred_crops(list(LAKE_DISTRICTS.values()), size)
+        return _batches(calibration, normalization), _batches(check, normalization)
+    crops = folder_crops(folder, count + checks, size, seed=seed)
     return _batches(crops[:count], normalization), _batches(crops[count:], normalization)
+
+
+def bluemarble_centred_crops(centres: Sequence[tuple[float, float]], size: int) -> list[np.ndarray]:
+    """``(size, size, 3)`` uint8 crops of the Blue Marble mosaic centred on ``(lon, lat)``
+    points (moved inside the mosaic where a centre lies nearer its edge than ``size / 2``)."""
+    from PIL import Image
+
+    with Image.open(bluemarble_path()) as img:
+        mosaic = np.asarray(img.convert("RGB"))
+    height, width = mosaic.shape[:2]
+    if size > min(height, width):
+        raise ValueError(f"a {size}x{size} crop does not fit the {width}x{height} mosaic")
+    crops = []
+    for lon, lat in centres:
+        x = round((lon + 180) / 360 * width) - size // 2
+        y = round((90 - lat) / 180 * height) - size // 2
+        x, y = min(max(x, 0), width - size), min(max(y, 0), height - size)
+        crops.append(np.ascontiguousarray(mosaic[y : y + size, x : x + size]))
+    return crops
 
 
 def folder_crops(folder: str | Path, count: int, size: int, *, seed: int = 0) -> list[np.ndarray]:

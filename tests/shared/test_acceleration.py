@@ -15,6 +15,9 @@ import shared.inference as inference
 import shared.precision as precision
 from shared.acceleration import (
     CALIBRATION_REGION,
+    LAKE_DISTRICTS,
+    Agreement,
+    AgreementGate,
     Forward,
     QuantizationError,
     bluemarble_crops,
@@ -26,8 +29,10 @@ from shared.acceleration import (
     pixel_agreement,
 )
 from shared.inference import InferenceOptions, Predictor
+from shared.labels import LabelMap
 from shared.model import build_model
 from shared.preprocess import Normalization
+from tests.toy_models import LAKE, Toy, lake_fragile_inputs, one_hot_images
 
 
 @pytest.fixture(autouse=True)
@@ -37,42 +42,6 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-class Toy(nn.Module):
-    """DeepLabV3's shape in miniature: backbone, a classifier whose [4] is the last 1x1 conv,
-    an auxiliary head, and a dict output. Its answer is the argmax of the input channels."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.backbone = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.ReLU())
-        self.classifier = nn.Sequential(*(nn.Identity() for _ in range(4)), nn.Conv2d(3, 3, 1))
-        self.aux_classifier = nn.Conv2d(3, 3, 1)
-        with torch.no_grad():
-            for conv in (self.backbone[0], self.classifier[4]):
-                conv.weight.copy_(torch.eye(3).view(3, 3, 1, 1))
-                conv.bias.zero_()
-            # Eval BatchNorm: (x - 0.5) / 2 * 2 + 0.5 = x, but only once folded correctly.
-            bn = self.backbone[1]
-            bn.running_mean.fill_(0.5)
-            bn.running_var.fill_(4.0 - bn.eps)
-            bn.weight.fill_(2.0)
-            bn.bias.fill_(0.5)
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = {"out": self.classifier(self.backbone(x))}
-        if self.aux_classifier is not None:  # as torchvision's DeepLabV3 does
-            out["aux"] = self.aux_classifier(x)
-        return out
-
-
-def one_hot_images(n: int, size: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(n, 3, size, size) inputs whose winning channel leads by at least 0.5, and its labels."""
-    gen = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, 3, (n, size, size), generator=gen)
-    noise = torch.rand((n, 3, size, size), generator=gen) * 0.3
-    x = nn.functional.one_hot(labels, 3).permute(0, 3, 1, 2).float() * 0.8 + noise
-    return x, labels
 
 
 def test_fold_bn_removes_batchnorm_and_keeps_the_function() -> None:
@@ -121,7 +90,9 @@ def test_optimize_leaves_the_model_untouched() -> None:
 def test_int8_keeps_the_argmax_of_a_model_with_clear_margins() -> None:
     calibration = [one_hot_images(4, seed=s)[0] for s in range(2)]
     x, labels = one_hot_images(3, seed=7)
-    forward = optimize(Toy().eval(), quantize="int8", calibration=calibration, min_agreement=0.99)
+    gate = AgreementGate(min_pixel=0.99, min_class_iou=0.99)
+    forward = optimize(Toy().eval(), quantize="int8", calibration=calibration, gate=gate)
+    assert forward.agreement is not None and forward.agreement.pixel >= 0.99
     out = forward(x)
     assert out.dtype == torch.float32 and out.shape == (3, 3, 16, 16)
     assert torch.equal(out.argmax(dim=1), labels)
@@ -134,14 +105,58 @@ def test_int8_raises_when_agreement_is_below_the_floor() -> None:
     # Calibrated on near-zero inputs, every real input saturates: the argmax collapses.
     calibration = [torch.rand(2, 3, 16, 16) * 0.01]
     real = [one_hot_images(2)[0]]
-    with pytest.raises(QuantizationError, match="agrees with float32"):
+    with pytest.raises(QuantizationError, match="pixel agreement 0.[0-9]+ < 0.99"):
         optimize(
             Toy().eval(),
             quantize="int8",
             calibration=calibration,
-            min_agreement=0.99,
+            gate=AgreementGate(min_pixel=0.99, min_class_iou=0.0),
             validation=real,
         )
+
+
+def test_agreement_scores_each_class_by_the_iou_of_the_two_predictions() -> None:
+    # By hand: float32 says 0 0 1 1 2 2 0 0, the candidate 0 0 1 1 2 1 0 1.
+    reference = torch.tensor([[[0, 0, 1, 1], [2, 2, 0, 0]]])
+    candidate = torch.tensor([[[0, 0, 1, 1], [2, 1, 0, 1]]])
+    agreement = Agreement.measure([reference], [candidate], num_classes=4)
+    assert agreement.pixel == pytest.approx(6 / 8)
+    # class 0: 3 shared of 4 | class 1: 2 shared of 4 | class 2: 1 of 2 | class 3: nobody's
+    assert agreement.class_iou == (pytest.approx(3 / 4), pytest.approx(2 / 4), 0.5, None)
+    assert agreement.class_pixels == (4, 2, 2, 0)
+    assert agreement.worst_class_iou == 0.5
+    gate = AgreementGate(min_pixel=0.7, min_class_iou=0.6)
+    assert gate.failures(agreement, ["a", "b", "c", "d"]) == [
+        "b IoU 0.500 < 0.6",
+        "c IoU 0.500 < 0.6",
+    ]
+    # Logits are reduced by argmax first; a class the candidate invents has IoU 0.
+    logits = torch.nn.functional.one_hot(torch.tensor([[[3, 3]]]), 4).permute(0, 3, 1, 2).float()
+    invented = Agreement.measure([torch.tensor([[[0, 0]]])], [logits], num_classes=4)
+    assert invented.class_iou == (0.0, None, None, 0.0)
+
+
+def test_the_gate_refuses_int8_that_loses_a_rare_class_the_pixel_share_misses() -> None:
+    calibration, checks = lake_fragile_inputs()
+    names = [c.name for c in LabelMap.load().classes]
+    # Inputs built so: float32 finds the lakes, with a margin int8 cannot keep.
+    lakes = int((Toy().eval()(checks[0])["out"].argmax(dim=1) == LAKE).sum())
+    assert lakes > 0
+    with pytest.raises(QuantizationError) as caught:
+        optimize(
+            Toy().eval(),
+            quantize="int8",
+            calibration=calibration,
+            validation=checks,
+            gate=AgreementGate(min_pixel=0.995, min_class_iou=0.9),
+            class_names=names,
+        )
+    agreement = caught.value.agreement
+    assert agreement is not None and agreement.pixel >= 0.995  # the old, pixel-only gate passes
+    assert agreement.class_iou[LAKE] == 0.0 and agreement.class_pixels[LAKE] == lakes
+    assert min(agreement.class_iou[:LAKE]) >= 0.99
+    message = str(caught.value)
+    assert "lake IoU 0.000 < 0.9" in message and "pixel agreement" not in message.split("(")[0]
 
 
 @pytest.mark.parametrize(
@@ -262,7 +277,7 @@ def test_predictor_int8_runs_a_quantised_forward(
     tiny_checkpoint: Path, small_calibration: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Random weights give near-tied logits, so agreement says nothing here: no floor.
-    monkeypatch.setattr(inference, "INT8_MIN_AGREEMENT", 0.0)
+    monkeypatch.setattr(inference, "INT8_GATE", AgreementGate(min_pixel=0.0, min_class_iou=0.0))
     options = InferenceOptions(device="cpu", precision="int8", tile=64, overlap=16)
     predictor = Predictor.from_checkpoint(tiny_checkpoint, options)
     assert predictor.precision == "int8" and isinstance(predictor.forward, Forward)
@@ -278,13 +293,65 @@ def test_predictor_auto_falls_back_when_int8_disagrees(
 ) -> None:
     monkeypatch.setattr(precision, "has_int8_matmul", lambda: True)
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
-    monkeypatch.setattr(inference, "INT8_MIN_AGREEMENT", 1.01)  # nothing can pass
+    nothing_passes = AgreementGate(min_pixel=1.01, min_class_iou=0.0)
+    monkeypatch.setattr(inference, "INT8_GATE", nothing_passes)
     options = InferenceOptions(device="cpu", precision="auto", optimize=True, tile=64, overlap=16)
     predictor = Predictor.from_checkpoint(tiny_checkpoint, options)
     assert predictor.precision == "fp32"
     assert "fp32, batchnorm folded" in predictor.forward.description
     with pytest.raises(ValueError, match="int8 inference refused"):
         Predictor.from_checkpoint(tiny_checkpoint, replace(options, precision="int8"))
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_predictor_auto_serves_bf16_when_int8_costs_one_class_and_says_why(
+    monkeypatch: pytest.MonkeyPatch, bf16: bool
+) -> None:
+    import shared.acceleration as acceleration
+
+    calibration, checks = lake_fragile_inputs()
+    monkeypatch.setattr(acceleration, "calibration_set", lambda *a, **k: (calibration, checks))
+    monkeypatch.setattr(precision, "has_int8_matmul", lambda: True)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: bf16)
+    options = InferenceOptions(device="cpu", precision="auto", optimize=True, tile=32, overlap=0)
+    predictor = Predictor(Toy(), LabelMap.load(), Normalization(), options)
+
+    fallback = "bf16" if bf16 else "fp32"
+    assert predictor.precision == fallback
+    assert not any(isinstance(m, torch.ao.nn.quantized.Conv2d) for m in predictor.forward.modules())
+    assert "int8 refused" in predictor.precision_reason
+    assert "lake IoU 0.000 < 0.9" in predictor.precision_reason
+    assert predictor.precision_reason.endswith(f"{fallback} instead")
+    agreement = predictor.int8_agreement
+    assert agreement is not None and agreement.pixel >= 0.995 and agreement.class_iou[LAKE] == 0
+    with pytest.raises(ValueError, match="int8 inference refused.*lake IoU"):
+        Predictor(Toy(), LabelMap.load(), Normalization(), replace(options, precision="int8"))
+
+
+def test_predictor_auto_keeps_int8_when_every_class_agrees(monkeypatch: pytest.MonkeyPatch) -> None:
+    import shared.acceleration as acceleration
+
+    calibration = [one_hot_images(4, seed=s)[0] for s in range(2)]
+    checks = [one_hot_images(4, seed=9)[0]]
+    monkeypatch.setattr(acceleration, "calibration_set", lambda *a, **k: (calibration, checks))
+    monkeypatch.setattr(precision, "has_int8_matmul", lambda: True)
+    options = InferenceOptions(device="cpu", precision="auto", optimize=True, tile=32, overlap=0)
+    predictor = Predictor(Toy(), LabelMap.load(), Normalization(), options)
+
+    assert predictor.precision == "int8"
+    assert "passed the agreement gate" in predictor.precision_reason
+    assert "lake 1.000" in predictor.precision_reason
+    assert predictor.int8_agreement is not None
+    assert predictor.int8_agreement.class_iou == (1.0, 1.0, 1.0)
+
+
+def test_default_check_crops_come_from_every_lake_district() -> None:
+    calibration, checks = calibration_set(Normalization(), count=2, size=64)
+    assert sum(b.shape[0] for b in calibration) == 2
+    assert sum(b.shape[0] for b in checks) == len(LAKE_DISTRICTS) >= 5
+    assert all(tuple(b.shape[1:]) == (3, 64, 64) for b in checks)
+    # Each district lies west of the test band (100E..180E), which calibration never sees.
+    assert all(lon < 100 for lon, _ in LAKE_DISTRICTS.values())
 
 
 def test_predictor_optimize_fp32_matches_the_eager_path(tiny_checkpoint: Path) -> None:
