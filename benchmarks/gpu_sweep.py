@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from benchmarks.gpu_check import (
     REPO,
@@ -143,6 +143,27 @@ def command(job: Job, args: argparse.Namespace) -> list[str]:
     return cmd + list(c.overrides)  # the candidate's own keys win
 
 
+def check_plan(jobs: list[Job], args: argparse.Namespace) -> list[str]:
+    """Each run's config resolved as ``trainer.fit`` would (unknown keys and bad values fail
+    here, before any GPU time is spent); returns one line per run, or raises ValueError."""
+    from trainer.config import ConfigError, load_config
+
+    lines = []
+    for job in jobs:
+        cmd = command(job, args)
+        try:
+            cfg = load_config(job.candidate.config, cmd[5:])
+        except ConfigError as err:
+            raise ValueError(f"candidate {job.candidate.name}: {err}") from None
+        t = cfg.train
+        steps = "max_steps unset: time-bounded" if t.max_steps is None else f"{t.max_steps} steps"
+        lines.append(
+            f"{job.name}: {cfg.model.backbone}, {steps}, max_minutes {t.max_minutes}, "
+            f"seed {t.seed}, batch {t.batch_size}, image_size {cfg.data.image_size}"
+        )
+    return lines
+
+
 def cpu_slots(parallel: int) -> list[set[int]]:
     """The CPUs this process may use, split into ``parallel`` equal disjoint sets."""
     cpus = sorted(os.sched_getaffinity(0))
@@ -221,12 +242,12 @@ def sweep(args: argparse.Namespace, candidates: list[Candidate]) -> int:
                         preexec_fn=lambda cpus=slots[slot]: os.sched_setaffinity(0, cpus),
                     )
                 running[job.name] = (job, slot)
-                print(f"started {job.name} on cpus {sorted(slots[slot])}", flush=True)
+                say(log, f"started {job.name} on cpus {sorted(slots[slot])}")
             time.sleep(1.0)
             for name, (job, slot) in list(running.items()):
                 if job.proc is None or job.proc.poll() is None:
                     continue
-                finish(job, job.proc.returncode, timed_out=False)
+                say(log, finish(job, job.proc.returncode, timed_out=False))
                 del running[name]
                 free.append(slot)
                 report["runs"] = [j.result | {"name": j.name} for j in jobs]
@@ -234,7 +255,7 @@ def sweep(args: argparse.Namespace, candidates: list[Candidate]) -> int:
                 write_report(json_path, report)
         for job, _ in running.values():
             stop(job)
-            finish(job, None, timed_out=True)
+            say(log, finish(job, None, timed_out=True))
         for job in queue:
             job.result = {"status": "not run", "error": "the sweep's budget was spent first"}
     report["runs"] = [j.result | {"name": j.name} for j in jobs]
@@ -254,17 +275,26 @@ def stop(job: Job) -> None:
         kill_group(job.proc)
 
 
-def finish(job: Job, returncode: int | None, *, timed_out: bool) -> None:
+def say(log: TextIO, message: str) -> None:
+    print(message, flush=True)
+    log.write(message + "\n")
+    log.flush()
+
+
+def finish(job: Job, returncode: int | None, *, timed_out: bool) -> str:
+    """Record how ``job`` ended, with its training summary; returns a one-line account."""
     seconds = time.monotonic() - job.started
     summary = training_summary(job.run_dir)
     ok = returncode == 0 and "test" in summary
     status = "timeout" if timed_out else ("passed" if ok else "failed")
     job.result.update(summary, status=status, returncode=returncode, seconds=round(seconds, 1))
+    if timed_out:
+        job.result["error"] = "stopped when the sweep's budget was spent"
     if not ok:
         log = job.run_dir / "stdout.log"
         lines = log.read_text(errors="replace").splitlines() if log.is_file() else []
         job.result["log_tail"] = lines[-15:]
-    print(f"{status} {job.name} in {seconds:.0f} s", flush=True)
+    return f"{status} {job.name} in {seconds:.0f} s"
 
 
 def pack_runs(jobs: list[Job], path: Path) -> None:
@@ -298,6 +328,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--site", type=Path, default=Path(os.environ.get("GPU_CHECK_SITE", "/tmp/satseg-site"))
     )
     parser.add_argument("--allow-cpu", action="store_true", help="train on the CPU (rehearsal)")
+    parser.add_argument(
+        "--check", action="store_true", help="resolve every run's config and list them; no training"
+    )
     args = parser.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     wheelhouse = args.wheelhouse.strip()
@@ -314,6 +347,14 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as err:
         print(f"error: {args.candidates}: {err}", file=sys.stderr)
         return 2
+    if args.check:
+        try:
+            lines = check_plan(plan(candidates, args.seeds, args.work), args)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print("\n".join(lines) + f"\n{len(lines)} runs, {args.parallel} at a time")
+        return 0
     return sweep(args, candidates)
 
 

@@ -73,3 +73,17 @@ def test_cpu_slots_are_disjoint_equal_shares() -> None:
     many = cpu_slots(len(slots[0]))
     assert all(len(s) == 1 for s in many)
     assert len(set().union(*many)) == len(slots[0])
+
+
+def test_check_resolves_each_run_and_names_a_bad_key(tmp_path: Path, capsys) -> None:
+    from benchmarks.gpu_sweep import main
+
+    (tmp_path / "c.txt").write_text("fixed train.max_steps=600 train.max_minutes=null\n")
+    args = ["--candidates", str(tmp_path), "--seeds", "1,2", "--check", "--wheelhouse", ""]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "fixed-s1: mobilenet_v3_large, 600 steps, max_minutes None, seed 1" in out
+    assert "fixed-s2:" in out and "2 runs" in out
+    (tmp_path / "c.txt").write_text("typo train.max_step=600\n")
+    assert main(args) == 2
+    assert "candidate typo" in capsys.readouterr().err
