@@ -420,14 +420,7 @@ def run_service(
     import httpx
 
     port = _free_port()
-    env = dict(
-        os.environ,
-        SATSEG_CHECKPOINT=str(checkpoint),
-        SATSEG_HOST="127.0.0.1",
-        SATSEG_PORT=str(port),
-        SATSEG_LOG_LEVEL="warning",
-        **extra_env,
-    )
+    env = _service_env(checkpoint, port, **extra_env)
     bodies = [jpeg(i) for i in images]
     base = f"http://127.0.0.1:{port}"
     with _server(env) as proc:
@@ -903,6 +896,18 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _service_env(checkpoint: Path, port: int, **extra: str) -> dict[str, str]:
+    """The environment of a ``python -m service`` serving ``checkpoint`` on loopback ``port``."""
+    return dict(
+        os.environ,
+        SATSEG_CHECKPOINT=str(checkpoint),
+        SATSEG_HOST="127.0.0.1",
+        SATSEG_PORT=str(port),
+        SATSEG_LOG_LEVEL="warning",
+        **extra,
+    )
 
 
 @contextlib.contextmanager
