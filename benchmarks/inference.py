@@ -670,7 +670,7 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> int:
             checkpoint,
             images[:n_agree],
             reference_masks,
-            [1, 4, 8] if quick else [1, 4, 8, 16, 32],
+            args.cuda_batches or ([1, 4, 8] if quick else [1, 4, 8, 16, 32]),
             repeat,
         )
         print(_cuda_table(result["cuda"]), flush=True)
@@ -723,6 +723,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip-scaling", action="store_true")
     parser.add_argument("--skip-service", action="store_true")
     parser.add_argument("--skip-cuda", action="store_true")
+    parser.add_argument(
+        "--cuda-batches",
+        type=_batch_sizes,
+        help="batch sizes of the cuda section, each compiled once (default 1,4,8 with --quick, "
+        "else 1,4,8,16,32)",
+    )
     parser.add_argument("--scene-worker", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -851,6 +857,17 @@ def _summary(result: dict[str, Any]) -> str:
 
 
 # ----- helpers ---------------------------------------------------------------------------------
+
+
+def _batch_sizes(text: str) -> list[int]:
+    """``"1,8"`` -> ``[1, 8]``."""
+    try:
+        sizes = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected batch sizes like 1,8, got {text!r}") from None
+    if min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be positive, got {text!r}")
+    return sizes
 
 
 def _size(text: str) -> tuple[int, int]:
