@@ -20,8 +20,9 @@ Stages, in order, each in a subprocess under its own time limit and all within `
 4. **gpu_tests**: ``pytest -m gpu`` on the test files that hold such tests;
 5. **train**: the full recipe (``trainer/config.yaml``, DeepLabV3-ResNet50) for
    ``--train-minutes`` on ``--data``, then its test-split evaluation;
-6. **inference**: ``benchmarks.inference``'s CUDA section (engine at batch 1..8, eager and
-   ``torch.compile`` with CUDA graphs) on the checkpoint just trained.
+6. **inference**: ``benchmarks.inference --quick``: the service's engine against the CPU fp32
+   torchvision baseline, then its CUDA section at ``--cuda-batches`` (eager, and
+   ``torch.compile`` with CUDA graphs), on the checkpoint just trained.
 
 The JSON (``<out>/gpu_check.json``) is rewritten after every stage, so a stage that fails or
 runs out of time leaves the others' results and its own error; every stage's output is in
@@ -338,6 +339,9 @@ def stage_environment(ctx: Context) -> dict[str, Any]:
         return {**_status(outcome, False), **entry, **outcome.to_dict()}
     entry.update(info)
     ctx.cuda = bool(info["cuda_available"])
+    # For the record, not a failure: what pip finds unmet among the installed distributions,
+    # the wheels' own requirements against the interpreter's packages included.
+    entry["pip_check"] = ctx.run([ctx.python, "-m", "pip", "check"], 60).tail[-20:]
     if not ctx.cuda and not ctx.allow_cpu:
         entry["error"] = (
             f"CUDA is not available: torch {info['torch']} sees no GPU "
@@ -525,6 +529,8 @@ def stage_inference(ctx: Context) -> dict[str, Any]:
     cmd += ["--skip-scaling", "--skip-service", "--json", str(out)]
     if ctx.checkpoint is not None:
         cmd += ["--checkpoint", str(ctx.checkpoint)]
+    if ctx.cuda:
+        cmd += ["--cuda-batches", ctx.cuda_batches]
     if not ctx.cuda:
         cmd += CPU_INFERENCE_ARGS
     outcome = ctx.run(cmd, ctx.limits["inference"])
@@ -555,6 +561,7 @@ class Context:
     wheelhouse: Path | None
     train_minutes: float
     train_overrides: list[str]
+    cuda_batches: str
     allow_cpu: bool
     deadline: float
     log: TextIO
@@ -649,6 +656,7 @@ def check(args: argparse.Namespace) -> int:
             wheelhouse=args.wheelhouse,
             train_minutes=args.train_minutes,
             train_overrides=list(args.train_override),
+            cuda_batches=args.cuda_batches,
             allow_cpu=args.allow_cpu,
             deadline=start + args.budget_s,
             log=log,
@@ -758,6 +766,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="extra trainer.fit override (repeatable)",
     )
     parser.add_argument("--tests-limit-s", type=float, default=120.0)
+    parser.add_argument(
+        "--cuda-batches",
+        default="1,8",
+        help="batch sizes of the CUDA inference benchmark; each costs one torch.compile",
+    )
     parser.add_argument("--inference-limit-s", type=float, default=240.0)
     parser.add_argument(
         "--allow-cpu",
