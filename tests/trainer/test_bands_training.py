@@ -223,3 +223,55 @@ def test_resuming_with_other_bands_is_refused(
     err = capsys.readouterr().err
     assert rc == 2
     assert "train.resume" in err and "1=B02 blue" in err and "3=B04 red, 2=B03 green" in err
+
+
+def test_the_service_answers_255_on_the_collar_with_the_trained_model(
+    s2: tuple[Path, dict], trained: Path
+) -> None:
+    """The checkpoint the trainer wrote, served: no class on the collar in any format."""
+    from pycocotools import mask as coco_mask
+    from rasterio.features import rasterize
+    from rasterio.io import MemoryFile
+    from shapely.geometry import shape
+
+    from tests.service.helpers import png_mask, running_app, settings_for
+
+    root, footprints = s2
+    chip = (root / "TEST_SET" / "IMAGES" / "chip0.tif").read_bytes()
+    footprint = footprints["test"][0]
+    collar = ~footprint
+
+    def segment(client, **params: str):
+        response = client.post("/segment", params=params, files={"image": ("chip0.tif", chip)})
+        assert response.status_code == 200, response.text
+        return response
+
+    def read(data: bytes) -> tuple[np.ndarray, float | None]:
+        with MemoryFile(data) as memfile, memfile.open() as src:
+            return src.read(), src.nodata
+
+    with running_app(settings_for(trained / "best.pt")) as client:
+        mask = png_mask(segment(client).content)
+        assert (mask[collar] == 255).all() and (mask[footprint] < 3).all()
+
+        covered = np.zeros_like(footprint)
+        for cls in segment(client, format="rle").json()["classes"]:
+            rle = {"size": cls["rle"]["size"], "counts": cls["rle"]["counts"].encode()}
+            covered |= coco_mask.decode(rle).astype(bool)
+        np.testing.assert_array_equal(covered, footprint)
+
+        values, nodata = read(segment(client, format="geotiff").content)
+        assert nodata == 255
+        np.testing.assert_array_equal(values[0], mask)
+
+        probabilities, _ = read(segment(client, format="probabilities").content)
+        assert (probabilities[:, collar] == 0).all()
+        assert (probabilities[:, footprint].astype(int).sum(axis=0) == 255).all()
+
+        features = segment(client, format="geojson").json()["features"]
+        drawn = rasterize(
+            [(shape(f["geometry"]), 1) for f in features],
+            out_shape=footprint.shape,
+            transform=TILE_TRANSFORM,
+        ).astype(bool)
+        np.testing.assert_array_equal(drawn, footprint)
