@@ -280,11 +280,3 @@ def normalize(
             )
         out.masked_fill_(nodata.to(out.device, torch.bool).unsqueeze(1), 0.0)
     return out
-
-
-def preprocess(image: np.ndarray, norm: Normalization) -> torch.Tensor:
-    """The eval transform: ``(H, W, B)`` bands -> ``(1, B, H, W)`` float32 normalised.
-
-    No resizing: the model is fully convolutional and tiling handles large scenes.
-    """
-    return normalize(image_to_tensor(image).unsqueeze(0), norm)

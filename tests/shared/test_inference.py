@@ -17,7 +17,7 @@ from shared.inference import (
 )
 from shared.labels import LabelMap
 from shared.model import build_model
-from shared.preprocess import Normalization, preprocess
+from shared.preprocess import Normalization, normalize
 from tests.service.helpers import scene
 
 CPU = torch.device("cpu")
@@ -96,7 +96,7 @@ def test_run_batch_matches_plain_eager_model(
     out = predictor.run_batch(batch)
 
     with torch.inference_mode():
-        x = torch.cat([preprocess(img.permute(1, 2, 0).numpy(), Normalization()) for img in batch])
+        x = normalize(batch, Normalization())
         expected = reference(x)["out"]
     assert out.shape == (2, 3, 64, 64) and out.dtype == torch.float32
     assert torch.allclose(out, expected, atol=1e-4, rtol=1e-4)

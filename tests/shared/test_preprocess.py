@@ -13,7 +13,6 @@ from shared.preprocess import (
     load_stats,
     normalization_for,
     normalize,
-    preprocess,
     save_stats,
 )
 
@@ -106,8 +105,8 @@ def test_normalize_rejects_other_dtypes_and_band_counts(batch):
         normalize(batch, Normalization())
 
 
-def test_preprocess_is_the_eval_transform():
-    out = preprocess(IMAGE, Normalization())
+def test_an_image_normalises_with_the_imagenet_statistics():
+    out = normalize(image_to_tensor(IMAGE).unsqueeze(0), Normalization())
     assert out.shape == (1, 3, 1, 3) and out.dtype == torch.float32
     values = torch.tensor([0.0, 128 / 255, 1.0]).view(1, 1, 3)
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
@@ -124,7 +123,8 @@ def test_normalize_stays_on_the_device():
     batch = torch.from_numpy(IMAGE).permute(2, 0, 1).unsqueeze(0).cuda()
     out = normalize(batch, Normalization())
     assert out.device == batch.device
-    torch.testing.assert_close(out.cpu(), preprocess(IMAGE, Normalization()))
+    on_cpu = normalize(batch.cpu(), Normalization())
+    torch.testing.assert_close(out.cpu(), on_cpu)
 
 
 # --------------------------------------------------------------------------- multi-band

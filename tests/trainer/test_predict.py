@@ -24,7 +24,7 @@ from shared.checkpoint import build_checkpoint, save_checkpoint
 from shared.inference import InferenceOptions, Predictor
 from shared.labels import LabelMap, overlay
 from shared.model import build_model
-from shared.preprocess import Normalization, preprocess
+from shared.preprocess import Normalization, image_to_tensor, normalize
 from tests.geodata import geotiff_bytes
 from trainer.predict import EXIT_OK, EXIT_SKIPPED, EXIT_USAGE, PredictError, collect_jobs, main
 
@@ -60,7 +60,7 @@ def checkpoint(tmp_path_factory, tiles) -> Path:
     """
     torch.manual_seed(0)
     model = build_model("mobilenet_v3_large", num_classes=3, weights="none", aux_loss=False)
-    x = torch.cat([preprocess(t, Normalization()) for t in tiles.values()])
+    x = normalize(torch.stack([image_to_tensor(t) for t in tiles.values()]), Normalization())
     for module in model.modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             module.momentum = None  # a plain average over the passes below
