@@ -6,7 +6,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".bmp"})
+# Rasters are read with rasterio (any band count and dtype); pictures are decoded to 8-bit RGB.
+RASTER_EXTENSIONS = frozenset({".tif", ".tiff"})
+PICTURE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
+IMAGE_EXTENSIONS = RASTER_EXTENSIONS | PICTURE_EXTENSIONS
 # Masks must be lossless: JPEG artefacts invent label values along every class edge.
 MASK_EXTENSIONS = frozenset({".png", ".tif", ".tiff", ".bmp"})
 

@@ -29,7 +29,7 @@ from shared.bands import (
     raster_nodata_inputs,
     resolve_bands,
 )
-from shared.datasets import IMAGE_EXTENSIONS, MASK_EXTENSIONS
+from shared.datasets import IMAGE_EXTENSIONS, MASK_EXTENSIONS, RASTER_EXTENSIONS
 from shared.imaging import ImageError, decode_image, decode_mask, read_image
 from shared.labels import LabelMap, MaskValueError
 from shared.raster import Georef, ground_sample_distance
@@ -40,9 +40,6 @@ SPLIT_DIRS: dict[str, tuple[str, ...]] = {
 }
 IMAGES_DIR = "IMAGES"
 MASKS_DIR = "MASKS"
-# Images with these suffixes are rasters read with rasterio (any band count and dtype); the
-# others are pictures, decoded to 8-bit RGB.
-RASTER_EXTENSIONS = frozenset({".tif", ".tiff"})
 # The bands a picture decodes to.
 PICTURE_BANDS = ("red", "green", "blue")
 # Listing more than this many offending files in one message helps nobody.
