@@ -625,6 +625,90 @@ def summarize(stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
+def _num(value: Any, digits: int = 3) -> str:
+    return (
+        "-" if value is None else f"{value:.{digits}g}" if isinstance(value, float) else str(value)
+    )
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """A RESULTS.md section from a ``gpu_check.json``: the machine, each stage's outcome, the
+    training's numbers and the inference tables."""
+    stages = report.get("stages", {})
+    env, train = stages.get("environment", {}), stages.get("train", {})
+    inference = stages.get("inference", {}).get("result", {})
+    gpu = (env.get("nvidia_smi", {}).get("gpus") or [{}])[0]
+    lines = [
+        f"### CUDA, measured {report.get('started_utc', '?')[:10]} with `benchmarks/gpu_check.sh`",
+        "",
+        f"Machine: {env.get('device_name', '?')} ({_num(env.get('memory_gib'))} GiB, "
+        f"{env.get('multiprocessors', '?')} SMs, driver {gpu.get('driver_version', '?')}), "
+        f"{env.get('cpu_count', '?')} CPUs; Python {env.get('python', '?')}, torch "
+        f"{env.get('torch', '?')} (CUDA {env.get('torch_cuda', '?')}, "
+        f"cuDNN {env.get('cudnn', '?')}). "
+        f"Budget {_num(report.get('budget_s'))} s, wall {_num(report.get('wall_s'))} s.",
+        "",
+        "| stage | status | seconds | note |",
+        "|---|---|---|---|",
+    ]
+    for name, entry in stages.items():
+        note = str(entry.get("error") or "").replace("|", "/")[:120]
+        lines.append(f"| {name} | {entry.get('status')} | {_num(entry.get('seconds'))} | {note} |")
+    summary = report.get("summary", {})
+    if train.get("test"):
+        iou = train["test"]["iou"]
+        lines += [
+            "",
+            f"Training (`trainer/config.yaml`, {_num(report.get('train_minutes'))} min budget, "
+            "torch.compile time inside it): "
+            f"{_num(train.get('steps'))} steps, {_num(train.get('epochs'))} epochs, "
+            f"{_num(train.get('images_per_s'))} images/s; test split "
+            + ", ".join(f"{k} {_num(v)}" for k, v in iou.items())
+            + f", mIoU {_num(train['test'].get('miou'))} "
+            f"({train['test'].get('precision')}, {_num(train['test'].get('images_per_s'))} "
+            "images/s evaluated).",
+        ]
+    if summary.get("gpu_tests"):
+        lines += ["", f"gpu tests: {summary['gpu_tests']}."]
+    cuda = inference.get("cuda")
+    if inference:
+        base = inference.get("baseline", {})
+        lines += [
+            "",
+            "| path | batch | images/s | median s/batch |",
+            "|---|---|---|---|",
+            f"| baseline: {base.get('what', '?')} (CPU) | 1 | {_num(base.get('images_per_s'))} | "
+            f"{_num(base.get('median_s'))} |",
+        ]
+        engine = inference.get("engine", {})
+        for r in engine.get("rows", []):
+            lines.append(
+                f"| engine ({engine.get('precision')}, {engine.get('device')}) | {r['batch']} | "
+                f"{_num(r['images_per_s'])} | {_num(r.get('median_s'))} |"
+            )
+        for label, section in (
+            ("cuda eager", cuda or {}),
+            ("cuda compiled", (cuda or {}).get("compiled", {})),
+        ):
+            for r in section.get("rows", []):
+                lines.append(
+                    f"| {label} ({(cuda or {}).get('precision')}) | {r['batch']} | "
+                    f"{_num(r['images_per_s'])} | {_num(r.get('median_s'))} |"
+                )
+        if cuda:
+            compiled = cuda.get("compiled", {})
+            lines += [
+                "",
+                f"Pixel agreement with the fp32 baseline: engine "
+                f"{_num(inference.get('pixel_agreement'), 5)}, cuda eager "
+                f"{_num(cuda.get('pixel_agreement'), 5)}, compiled "
+                f"{_num(compiled.get('pixel_agreement'), 5)}; peak GPU memory "
+                f"{_num(cuda.get('peak_memory_mib'), 4)} MiB."
+                + (f" Compilation failed: {compiled['error']}" if "error" in compiled else ""),
+            ]
+    return "\n".join(lines) + "\n"
+
+
 def write_report(path: Path, report: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
@@ -791,6 +875,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--markdown"]:  # --markdown gpu_check.json: print a RESULTS.md section
+        if len(argv) != 2:
+            print("usage: benchmarks/gpu_check.sh --markdown gpu_check.json", file=sys.stderr)
+            return 2
+        try:
+            print(markdown(json.loads(Path(argv[1]).read_text())), end="")
+        except (OSError, ValueError) as err:
+            print(f"error: {argv[1]}: {err}", file=sys.stderr)
+            return 2
+        return 0
     return check(parse_args(argv))
 
 

@@ -165,3 +165,35 @@ def test_gpu_test_files_are_found() -> None:
     files = gpu_check.gpu_test_files(gpu_check.REPO / "tests")
     assert gpu_check.REPO / "tests" / "shared" / "test_inference.py" in files
     assert all("pytest.mark.gpu" in f.read_text() for f in files)
+
+
+def test_markdown_renders_the_cuda_numbers(tmp_path, capsys) -> None:
+    rows = [{"batch": 1, "images_per_s": 120.0, "median_s": 0.0083}]
+    compiled = {"rows": [{"batch": 8, "images_per_s": 900.0, "median_s": 0.0089}]}
+    report = {
+        "started_utc": "2026-11-27T15:00:00+00:00",
+        "train_minutes": 3.0,
+        "stages": {
+            "environment": {"status": "passed", "device_name": "NVIDIA H100", "torch": "2.11"},
+            "train": {
+                "status": "passed",
+                "steps": 400,
+                "test": {"iou": {"lake": 0.41}, "miou": 0.78, "precision": "bf16"},
+            },
+            "inference": {
+                "status": "timeout",
+                "error": "stopped at its time limit",
+                "result": {"cuda": {"precision": "bf16", "rows": rows, "compiled": compiled}},
+            },
+        },
+        "summary": {"gpu_tests": "7 passed, 0 failed, 0 skipped"},
+    }
+    path = tmp_path / "gpu_check.json"
+    path.write_text(json.dumps(report))
+    assert gpu_check.main(["--markdown", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "Machine: NVIDIA H100" in text and "| inference | timeout |" in text
+    assert "400 steps" in text and "lake 0.41" in text and "7 passed" in text
+    assert "| cuda eager (bf16) | 1 | 120 |" in text
+    assert "| cuda compiled (bf16) | 8 | 900 |" in text
+    assert gpu_check.main(["--markdown", str(tmp_path / "missing.json")]) == 2
