@@ -197,6 +197,29 @@ def aggregate(jobs: list[Job]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def table(report: dict[str, Any]) -> str:
+    """Markdown: per candidate, the scored seeds and mean +- std of each test IoU and steps."""
+
+    def cell(entry: dict[str, Any] | None) -> str:
+        if not entry:
+            return "-"
+        std = entry.get("std")
+        return f"{entry['mean']:.3f}" + ("" if std is None else f" +- {std:.3f}")
+
+    keys = ("ocean_iou", "land_iou", "lake_iou", "miou")
+    lines = [
+        "| candidate | seeds scored | ocean | land | lake | mIoU | steps | images/s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, entry in report.get("by_candidate", {}).items():
+        steps, rate = entry.get("steps"), entry.get("images_per_s")
+        cells = [name, str(entry["runs_scored"]), *(cell(entry.get(k)) for k in keys)]
+        cells.append(f"{steps['mean']:.0f}" if steps else "-")
+        cells.append(f"{rate['mean']:.1f}" if rate else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def sweep(args: argparse.Namespace, candidates: list[Candidate]) -> int:
     out, work = args.out, args.work
     out.mkdir(parents=True, exist_ok=True)
@@ -341,6 +364,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--table"]:  # --table gpu_sweep.json: print the per-candidate table
+        if len(argv) != 2:
+            print("usage: python -m benchmarks.gpu_sweep --table gpu_sweep.json", file=sys.stderr)
+            return 2
+        try:
+            print(table(json.loads(Path(argv[1]).read_text())), end="")
+        except (OSError, ValueError) as err:
+            print(f"error: {argv[1]}: {err}", file=sys.stderr)
+            return 2
+        return 0
     args = parse_args(argv)
     try:
         candidates = load_candidates(args.candidates, args.base_config)

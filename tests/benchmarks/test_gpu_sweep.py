@@ -87,3 +87,19 @@ def test_check_resolves_each_run_and_names_a_bad_key(tmp_path: Path, capsys) -> 
     (tmp_path / "c.txt").write_text("typo train.max_step=600\n")
     assert main(args) == 2
     assert "candidate typo" in capsys.readouterr().err
+
+
+def test_table_shows_mean_and_std_and_unscored_candidates(tmp_path: Path) -> None:
+    from benchmarks.gpu_sweep import table
+
+    c, d = Candidate("a", QUICK_RECIPE, ()), Candidate("b", QUICK_RECIPE, ())
+    jobs = [Job(c, s, tmp_path / f"a-s{s}") for s in (1, 2)] + [Job(d, 1, tmp_path / "b-s1")]
+    for job, lake in zip(jobs[:2], (0.30, 0.40), strict=True):
+        job.result = {
+            "steps": 600,
+            "images_per_s": 50.0,
+            "test": {"miou": 0.7, "iou": {"lake": lake}},
+        }
+    text = table({"by_candidate": aggregate(jobs)})
+    assert "| a | 2 | - | - | 0.350 +- 0.071 | 0.700 +- 0.000 | 600 | 50.0 |" in text
+    assert "| b | 0 | - | - | - | - | - | - |" in text
