@@ -197,3 +197,23 @@ def test_markdown_renders_the_cuda_numbers(tmp_path, capsys) -> None:
     assert "| cuda eager (bf16) | 1 | 120 |" in text
     assert "| cuda compiled (bf16) | 8 | 900 |" in text
     assert gpu_check.main(["--markdown", str(tmp_path / "missing.json")]) == 2
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie waiting to be reaped does not count)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status
+
+
+def test_run_logged_also_stops_the_commands_children(tmp_path) -> None:
+    script = (
+        "import subprocess, time; child = subprocess.Popen(['sleep', '60']); "
+        "print(child.pid, flush=True); time.sleep(60)"
+    )
+    with open(tmp_path / "log", "w") as log:
+        outcome = run_logged([sys.executable, "-c", script], limit_s=2, env={}, log=log)
+    assert outcome.timed_out
+    assert not _running(int(outcome.tail[0]))
