@@ -30,6 +30,7 @@ from shapely.geometry.base import BaseGeometry
 from shapely.ops import unary_union
 
 from shared import rle
+from shared.files import atomic_path
 from shared.geotiff import GeoImage
 from shared.imaging import encode_png
 from shared.labels import LabelMap
@@ -209,8 +210,7 @@ class CogWriter:
                 self._dst.close()
             resampling = "MODE" if self.kind == "mask" else "AVERAGE"
             # Copied beside the target and renamed: a run stopped half-way leaves no partial COG.
-            partial = self._tmp.with_suffix(".cog")
-            with warnings.catch_warnings(), _small_cache():
+            with atomic_path(self.path) as partial, warnings.catch_warnings(), _small_cache():
                 warnings.simplefilter("ignore", NotGeoreferencedWarning)
                 rasterio.shutil.copy(
                     self._tmp,
@@ -221,9 +221,7 @@ class CogWriter:
                     OVERVIEW_RESAMPLING=resampling,
                     BIGTIFF="IF_SAFER",
                 )
-            os.replace(partial, self.path)
         finally:
-            self._tmp.with_suffix(".cog").unlink(missing_ok=True)
             self.abort()
         return self.path
 

@@ -13,14 +13,14 @@ from typing import BinaryIO
 
 
 @contextlib.contextmanager
-def atomic_writer(path: str | Path, *, durable: bool = False) -> Iterator[BinaryIO]:
-    """A binary file to write ``path``'s new content into; it replaces ``path`` on success.
+def atomic_path(path: str | Path, *, durable: bool = False) -> Iterator[Path]:
+    """A temporary path to write ``path``'s new content to by name (as GDAL's writers do); it
+    is renamed over ``path`` when the block ends, and removed if the block raises.
 
-    The bytes go to a temporary file in the same folder (so ``os.replace`` is a rename on one
-    filesystem), then it is renamed over ``path``. On any failure the temporary file is removed
-    and ``path`` is left as it was. Missing parent folders are created. ``durable``: fsync the
-    file before the rename and the folder after it, so the rename survives a power cut, and
-    first remove temporary files that a writer of ``path`` killed outright left behind (one
+    The temporary file lies in ``path``'s folder (so ``os.replace`` is a rename on one
+    filesystem), so ``path`` is left as it was on any failure. Missing parent folders are
+    created. ``durable``: fsync the folder after the rename, so the rename survives a power cut,
+    and first remove temporary files that a writer of ``path`` killed outright left behind (one
     process writes a given path at a time).
     """
     path = Path(path)
@@ -30,19 +30,27 @@ def atomic_writer(path: str | Path, *, durable: bool = False) -> Iterator[Binary
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp_name, path)
+        yield tmp
+        os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
+        tmp.unlink(missing_ok=True)
         raise
     if durable:
         _fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_writer(path: str | Path, *, durable: bool = False) -> Iterator[BinaryIO]:
+    """A binary file to write ``path``'s new content into; it replaces ``path`` on success, as
+    :func:`atomic_path` says. ``durable``: the file is also fsynced before the rename."""
+    with atomic_path(path, durable=durable) as tmp, tmp.open("wb") as f:
+        yield f
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.files import atomic_write_bytes, atomic_writer
+from shared.files import atomic_path, atomic_write_bytes, atomic_writer
 
 
 def test_the_new_content_replaces_the_old(tmp_path: Path) -> None:
@@ -35,3 +35,17 @@ def test_a_durable_write_removes_what_a_killed_writer_left(tmp_path: Path) -> No
         f.write(b"new")
     assert path.read_bytes() == b"new"
     assert not stale.exists() and other.exists()
+
+
+def test_a_writer_by_name_replaces_the_file_only_when_it_is_done(tmp_path: Path) -> None:
+    path = tmp_path / "scene.tif"
+    path.write_bytes(b"old")
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(b"new")
+        assert tmp.parent == tmp_path and path.read_bytes() == b"old"  # readers see the old one
+    assert path.read_bytes() == b"new"
+    with pytest.raises(RuntimeError), atomic_path(path) as tmp:
+        tmp.write_bytes(b"half of the ne")
+        raise RuntimeError("GDAL failed")
+    assert path.read_bytes() == b"new"
+    assert [p.name for p in tmp_path.iterdir()] == ["scene.tif"]
