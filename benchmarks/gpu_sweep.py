@@ -20,9 +20,11 @@ Dependencies are installed from ``--wheelhouse`` as ``benchmarks/gpu_check.py`` 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -37,7 +39,6 @@ from benchmarks.gpu_check import (
     REPO,
     child_env,
     install_wheels,
-    kill_group,
     run_logged,
     training_summary,
     write_report,
@@ -276,8 +277,8 @@ def sweep(args: argparse.Namespace, candidates: list[Candidate]) -> int:
                 report["runs"] = [j.result | {"name": j.name} for j in jobs]
                 report["by_candidate"] = aggregate(jobs)
                 write_report(json_path, report)
+        stop_all([job for job, _ in running.values()])
         for job, _ in running.values():
-            stop(job)
             say(log, finish(job, None, timed_out=True))
         for job in queue:
             job.result = {"status": "not run", "error": "the sweep's budget was spent first"}
@@ -293,9 +294,20 @@ def sweep(args: argparse.Namespace, candidates: list[Candidate]) -> int:
     return 0 if scored == len(jobs) else 1
 
 
-def stop(job: Job) -> None:
-    if job.proc is not None and job.proc.poll() is None:
-        kill_group(job.proc)
+def stop_all(jobs: list[Job], grace_s: float = 10.0) -> None:
+    """SIGTERM every job's process group at once, then SIGKILL what is left after ``grace_s``."""
+    live = [j.proc for j in jobs if j.proc is not None and j.proc.poll() is None]
+    for proc in live:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+    end = time.monotonic() + grace_s
+    for proc in live:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=max(0.1, end - time.monotonic()))
+    for proc in live:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def say(log: TextIO, message: str) -> None:
