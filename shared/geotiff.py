@@ -232,14 +232,9 @@ def raster_size(
         size = image_size(data, max_pixels=max_pixels)
         check_decoded_size(size, max_decoded_bytes)
         return size
-    try:
-        with _opened(data) as src:
-            check_header(src, max_pixels, max_bands=max_bands, max_decoded_bytes=max_decoded_bytes)
-            return _tiff_size(src)
-    except ImageError:
-        raise
-    except (RasterioError, ValueError) as e:
-        raise CorruptImageError(f"cannot read the TIFF: {clean_error(e)}") from None
+    with _reading_tiff(), _opened(data) as src:
+        check_header(src, max_pixels, max_bands=max_bands, max_decoded_bytes=max_decoded_bytes)
+        return _tiff_size(src)
 
 
 def read_geotiff(
@@ -283,17 +278,14 @@ def read_geotiff(
         raster_size(
             data, max_pixels=max_pixels, max_decoded_bytes=max_decoded_bytes, max_bands=max_bands
         )
-    try:
-        with GdalRaster(
-            data, bands=bands, scale=scale, max_pixels=max_pixels, nodata=nodata
-        ) as raster:
-            return raster.geo_image(raster.read_rows(0, raster.height))
-    except ImageError:
-        raise
-    except MemoryError:
-        raise ImageTooLargeError("the raster cannot be read within the memory limits") from None
-    except (RasterioError, ValueError) as e:
-        raise CorruptImageError(f"cannot read the TIFF: {clean_error(e)}") from None
+    with _reading_tiff():
+        try:
+            with GdalRaster(
+                data, bands=bands, scale=scale, max_pixels=max_pixels, nodata=nodata
+            ) as raster:
+                return raster.geo_image(raster.read_rows(0, raster.height))
+        except MemoryError:
+            raise ImageTooLargeError("the raster cannot be read within the memory limits") from None
 
 
 def decode_raster(
@@ -346,6 +338,17 @@ def mask_invalid(mask: np.ndarray, geo: GeoImage | None, fill: int) -> np.ndarra
 
 
 # -- internals ---------------------------------------------------------------------------------
+
+
+@contextmanager
+def _reading_tiff() -> Iterator[None]:
+    """GDAL's failures to read a TIFF as CorruptImageError; image errors raised inside pass."""
+    try:
+        yield
+    except ImageError:
+        raise
+    except (RasterioError, ValueError) as e:
+        raise CorruptImageError(f"cannot read the TIFF: {clean_error(e)}") from None
 
 
 @contextmanager
