@@ -19,6 +19,9 @@ FROM ${BASE_IMAGE} AS build
 
 # cuda or cpu: which folder of the wheelhouse to install from (wheelhouse/<variant>/).
 ARG TORCH_VARIANT=cuda
+# Optional extras of pyproject.toml: ray (Ray Data, for trainer.predict --ray and the compose ray
+# profile) by default; --build-arg EXTRAS= leaves Ray out (see the README for the size).
+ARG EXTRAS=ray
 
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -39,9 +42,10 @@ COPY wheelhouse/ /wheelhouse/
 RUN set -eu; \
     mkdir -p shared trainer service benchmarks; \
     touch README.md shared/__init__.py trainer/__init__.py service/__init__.py benchmarks/__init__.py; \
+    spec=.; if [ -n "$EXTRAS" ]; then spec=".[$EXTRAS]"; fi; \
     if [ -f /wheelhouse/"$TORCH_VARIANT"/.complete ]; then \
-        echo "installing offline from wheelhouse/$TORCH_VARIANT"; \
-        /opt/venv/bin/pip install --no-index --find-links /wheelhouse/"$TORCH_VARIANT" -e .; \
+        echo "installing $spec offline from wheelhouse/$TORCH_VARIANT"; \
+        /opt/venv/bin/pip install --no-index --find-links /wheelhouse/"$TORCH_VARIANT" -e "$spec"; \
     fi
 
 # Only without a wheelhouse: install from the package index, torch and torchvision from
@@ -56,7 +60,8 @@ RUN set -eu; \
             python3 -c "import re, tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; print('\n'.join(d for d in deps if re.split(r'[<>=!~;\[ ]', d)[0] in ('torch', 'torchvision')))" > /tmp/torch-requirements.txt; \
             "$pip" install --index-url "$TORCH_INDEX_URL" -r /tmp/torch-requirements.txt; \
         fi; \
-        "$pip" install -e .; \
+        spec=.; if [ -n "$EXTRAS" ]; then spec=".[$EXTRAS]"; fi; \
+        "$pip" install -e "$spec"; \
     fi; \
     # pip is not needed at run time. The bytecode pip compiled stays: /opt/venv is read-only to
     # the service user, and without it every start would compile torch again.

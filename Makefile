@@ -75,7 +75,8 @@ clean:
 #   make wheelhouse    every wheel the image needs, downloaded here with this host's pip settings
 #                      (index, proxy, certificates) into wheelhouse/$(TORCH_VARIANT)/, so that
 #                      `docker build` installs with --no-index and needs no network
-#   make docker        the image satseg:latest (cuda) or satseg:cpu (TORCH_VARIANT=cpu)
+#   make docker        the image satseg:latest (cuda) or satseg:cpu (TORCH_VARIANT=cpu), with the
+#                      [ray] extra unless EXTRAS= is given
 TORCH_VARIANT ?= cuda
 DOCKER_BASE   ?= satseg-base:bookworm
 # A docker-base image when there is one, else the Dockerfile's default (python:3.11-slim).
@@ -91,6 +92,9 @@ TORCH_cpu      = --extra-index-url $(CPU_INDEX) $(CPU_TORCH)
 TORCH_cuda     =
 IMAGE_cpu      = satseg:cpu
 IMAGE_cuda     = satseg:latest
+# Optional extras of pyproject.toml installed in the image: ray runs the compose ray profile
+# (trainer.predict --ray); EXTRAS= leaves Ray out of the image.
+EXTRAS        ?= ray
 
 docker-base:
 	@if docker image inspect $(DOCKER_BASE) >/dev/null 2>&1; then \
@@ -107,18 +111,22 @@ docker-base:
 			--change 'CMD ["python3"]' - $(DOCKER_BASE); \
 	fi
 
-# Downloads only what is missing; .complete marks a download that finished, and is what the
-# Dockerfile looks for. A change to pyproject.toml makes the next `make wheelhouse` fetch again.
-wheelhouse: wheelhouse/$(TORCH_VARIANT)/.complete
+# Downloads only what is missing; .complete marks a download that finished, holds the extras it
+# covers, and is what the Dockerfile looks for. A change to pyproject.toml or to EXTRAS makes the
+# next `make wheelhouse` fetch again.
+wheelhouse:
+	@grep -qxF "extras=$(EXTRAS)" wheelhouse/$(TORCH_VARIANT)/.complete 2>/dev/null \
+		|| rm -f wheelhouse/$(TORCH_VARIANT)/.complete
+	$(MAKE) wheelhouse/$(TORCH_VARIANT)/.complete
 
 wheelhouse/%/.complete: pyproject.toml
 	rm -f $@
-	$(PYTHON) -m pip download --quiet --dest wheelhouse/$* . $(TORCH_$*) \
+	$(PYTHON) -m pip download --quiet --dest wheelhouse/$* ".$(if $(EXTRAS),[$(EXTRAS)])" $(TORCH_$*) \
 		$$($(PYTHON) -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['build-system']['requires'])")
-	touch $@
+	echo "extras=$(EXTRAS)" > $@
 	du -sh wheelhouse/$*
 
 docker:
 	docker build -t $(IMAGE_$(TORCH_VARIANT)) --build-arg TORCH_VARIANT=$(TORCH_VARIANT) \
-		$(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) .
+		--build-arg EXTRAS=$(EXTRAS) $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) .
 	docker image ls $(IMAGE_$(TORCH_VARIANT))
