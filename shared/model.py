@@ -20,19 +20,37 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision.models import MobileNet_V3_Large_Weights, ResNet50_Weights
+from torchvision.models import (
+    MobileNet_V3_Large_Weights,
+    ResNet18_Weights,
+    ResNet50_Weights,
+    mobilenet_v3_large,
+    resnet18,
+)
+from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.segmentation import (
     DeepLabV3_MobileNet_V3_Large_Weights,
     DeepLabV3_ResNet50_Weights,
     deeplabv3_mobilenet_v3_large,
     deeplabv3_resnet50,
 )
+from torchvision.models.segmentation.deeplabv3 import ASPP, DeepLabV3
+from torchvision.models.segmentation.fcn import FCNHead
 
-BACKBONES = ("resnet50", "mobilenet_v3_large")
+# torchvision's two DeepLabV3 models, and two built here for small CPUs and features a few
+# pixels wide (see _build_fine): MobileNetV3-Large at output stride 8, and a ResNet-18.
+BACKBONES = ("resnet50", "mobilenet_v3_large", "mobilenet_v3_large_os8", "resnet18_os8")
 RGB_BANDS = ("red", "green", "blue")  # the input order of every pretrained torchvision model
 WEIGHTS = ("none", "coco_voc", "imagenet")
 
 _BUILDERS = {"resnet50": deeplabv3_resnet50, "mobilenet_v3_large": deeplabv3_mobilenet_v3_large}
+# The trunk whose ImageNet classification weights each backbone loads.
+_TRUNKS = {
+    "resnet50": "resnet50",
+    "mobilenet_v3_large": "mobilenet_v3_large",
+    "mobilenet_v3_large_os8": "mobilenet_v3_large",
+    "resnet18_os8": "resnet18",
+}
 _COCO_WEIGHTS = {
     "resnet50": DeepLabV3_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1,
     "mobilenet_v3_large": DeepLabV3_MobileNet_V3_Large_Weights.COCO_WITH_VOC_LABELS_V1,
@@ -40,6 +58,7 @@ _COCO_WEIGHTS = {
 _IMAGENET_WEIGHTS = {
     "resnet50": ResNet50_Weights.IMAGENET1K_V1,
     "mobilenet_v3_large": MobileNet_V3_Large_Weights.IMAGENET1K_V1,
+    "resnet18": ResNet18_Weights.IMAGENET1K_V1,
 }
 # The COCO checkpoints were trained on the 20 Pascal VOC classes plus background.
 _COCO_NUM_CLASSES = 21
@@ -103,8 +122,13 @@ def build_model(
             "convolution gives bands named red, green, blue their pretrained kernels"
         )
 
-    builder = _BUILDERS[backbone]
+    if weights == "coco_voc" and backbone not in _COCO_WEIGHTS:
+        raise ValueError(
+            f"no COCO weights for backbone {backbone!r}; coco_voc exists for "
+            f"{', '.join(_COCO_WEIGHTS)} (use imagenet or none)"
+        )
     if weights == "coco_voc":
+        builder = _BUILDERS[backbone]
         # Build the 21-class architecture so the downloaded file loads strictly, then swap heads.
         model = builder(
             weights=None, weights_backbone=None, num_classes=_COCO_NUM_CLASSES, aux_loss=True
@@ -124,16 +148,78 @@ def build_model(
         _adapt_first_conv(model, names)
         return model
 
-    # weights_backbone=None explicitly: torchvision's default downloads ImageNet weights.
-    model = builder(weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=aux_loss)
+    if backbone in _BUILDERS:
+        # weights_backbone=None explicitly: torchvision's default downloads ImageNet weights.
+        model = _BUILDERS[backbone](
+            weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=aux_loss
+        )
+    else:
+        model = _build_fine(backbone, num_classes, aux_loss)
     if weights == "imagenet":
-        _load_backbone(model, _fetch(_IMAGENET_WEIGHTS[backbone].url), backbone, source="ImageNet")
+        url = _IMAGENET_WEIGHTS[_TRUNKS[backbone]].url
+        _load_backbone(model, _fetch(url), backbone, source="ImageNet")
         _adapt_first_conv(model, names)
     elif local is not None:
         _load_local(model, local, backbone, in_channels, names)
     elif in_channels != 3:
         _replace_first_conv(model, _fresh_first_conv(first_conv(model), in_channels))
     return model
+
+
+# Output stride 8 and a 128-channel ASPP: a lake a few pixels wide still covers a feature
+# cell, and the head (80% of the cost of torchvision's MobileNetV3 DeepLabV3) stays cheap.
+# ASPP rates 6, 12, 18, the DeepLab paper's for stride-16 maps, suit the 32x32 maps of a
+# 256 px tile; torchvision's 12, 24, 36 would mostly sample padding there.
+_FINE_HEAD_WIDTH = 128
+_FINE_RATES = (6, 12, 18)
+
+
+def _build_fine(backbone: str, num_classes: int, aux_loss: bool) -> DeepLabV3:
+    """DeepLabV3 on a trunk dilated to output stride 8, with a 128-channel head; the layout of
+    torchvision's (``backbone.*``, ``classifier.0`` ASPP ... ``classifier.4`` final 1x1 conv,
+    ``aux_classifier`` an FCN head) so loading, quantisation and checkpoints treat it alike."""
+    aux_layer: str
+    if backbone == "mobilenet_v3_large_os8":
+        features = mobilenet_v3_large(weights=None).features
+        # Blocks 7-12 run at stride 16 and 13-15 at 32 in the classifier: dilate them instead.
+        for index in range(7, 16):
+            _dilate(features[index], 2 if index < 13 else 4)
+        # The head reads block 15's 160 channels, not the 960 of the 1x1 expansion after it
+        # (torchvision's choice): ASPP's 3x3 convolutions over 960 channels at stride 8 would
+        # cost more than the whole trunk.
+        trunk: nn.Module = features
+        out_layer, out_channels, aux_layer, aux_channels = "15", 160, "4", 40
+    elif backbone == "resnet18_os8":
+        net = resnet18(weights=None)
+        for layer, dilation in ((net.layer3, 2), (net.layer4, 4)):
+            _dilate(layer, dilation)
+        trunk = net
+        out_layer, out_channels, aux_layer, aux_channels = "layer4", 512, "layer3", 256
+    else:
+        raise ValueError(f"unknown backbone {backbone!r}; allowed: {', '.join(BACKBONES)}")
+    layers = {out_layer: "out"} | ({aux_layer: "aux"} if aux_loss else {})
+    head = nn.Sequential(
+        ASPP(out_channels, list(_FINE_RATES), _FINE_HEAD_WIDTH),
+        nn.Conv2d(_FINE_HEAD_WIDTH, _FINE_HEAD_WIDTH, 3, padding=1, bias=False),
+        nn.BatchNorm2d(_FINE_HEAD_WIDTH),
+        nn.ReLU(),
+        nn.Conv2d(_FINE_HEAD_WIDTH, num_classes, 1),
+    )
+    aux = FCNHead(aux_channels, num_classes) if aux_loss else None
+    return DeepLabV3(IntermediateLayerGetter(trunk, layers), head, aux)
+
+
+def _dilate(block: nn.Module, dilation: int) -> None:
+    """Every spatial convolution of ``block`` at stride 1 with ``dilation`` (and the padding that
+    keeps its output size), 1x1 shortcut convolutions at stride 1: the block keeps its input's
+    resolution and, like torchvision's ``replace_stride_with_dilation``, its receptive field."""
+    for conv in block.modules():
+        if not isinstance(conv, nn.Conv2d):
+            continue
+        conv.stride = (1, 1)
+        if conv.kernel_size[0] > 1:
+            conv.dilation = (dilation, dilation)
+            conv.padding = ((conv.kernel_size[0] - 1) // 2 * dilation,) * 2
 
 
 def adapt_rgb_kernels(weight: torch.Tensor, band_names: Sequence[str]) -> torch.Tensor:
@@ -394,12 +480,16 @@ def _load_backbone(
     model: nn.Module, state: Mapping[str, torch.Tensor], backbone: str, source: str
 ) -> None:
     """Load classification weights (ResNet50 / MobileNetV3 ImageNet layout) into the backbone."""
-    if backbone == "mobilenet_v3_large":
+    if _TRUNKS[backbone] == "mobilenet_v3_large":
         # DeepLabV3 keeps mobilenet.features, so "features.3.block..." becomes "3.block...".
         mapped = {k[len("features.") :]: v for k, v in state.items() if k.startswith("features.")}
     else:
         # DeepLabV3 keeps the ResNet trunk and drops the global pool and fc classifier.
         mapped = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    # A trunk may end early (mobilenet_v3_large_os8 stops at block 15): its later layers'
+    # weights have no place in it; every layer it keeps must still load exactly.
+    kept = {name for name, _ in model.backbone.named_children()}
+    mapped = {k: v for k, v in mapped.items() if k.split(".", 1)[0] in kept}
     try:
         model.backbone.load_state_dict(mapped, strict=True)
     except RuntimeError as exc:

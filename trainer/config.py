@@ -15,8 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.functional_validators import AfterValidator, BeforeValidator, model_validator
 
 from shared.bands import parse_nodata
+from shared.model import BACKBONES
 from shared.precision import TRAINING_PRECISIONS
 from shared.tiling import check_tile_overlap
+from trainer.losses import LOSSES
 from trainer.overrides import parse_override, read_yaml, set_dotted
 
 
@@ -91,7 +93,7 @@ class AugmentConfig(Section):
 
 
 class ModelConfig(Section):
-    backbone: Literal["resnet50", "mobilenet_v3_large"] = "resnet50"
+    backbone: Literal[BACKBONES] = "resnet50"  # shared.model.BACKBONES
     weights: str = "none"  # none | coco_voc | imagenet | a path
     aux_loss: bool = False
     bn_momentum: Float | None = Field(None, gt=0.0, le=1.0)  # null: torchvision's
@@ -105,7 +107,7 @@ class TrainConfig(Section):
     max_minutes: Float | None = Field(None, gt=0.0)  # the schedule decays to min_lr as it ends
     seed: Int = 42
     resume: str | None = None  # a last.pt to continue from
-    loss: Literal["dice", "ce", "dice+ce"] = "dice+ce"
+    loss: Literal[LOSSES] = "dice+ce"  # trainer.losses.LOSSES
     class_weights: ClassFactors = {}
     dice_smooth: NonNegative = 1.0
     aux_weight: NonNegative = 0.4

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from torchvision.models import mobilenet_v3_large, resnet50
+from torchvision.models import mobilenet_v3_large, resnet18, resnet50
 from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large
 
 import shared.model as model_mod
@@ -66,7 +66,7 @@ def test_aux_loss_keeps_aux_head() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "named"),
     [
-        ({"backbone": "vgg16"}, "resnet50, mobilenet_v3_large"),
+        ({"backbone": "vgg16"}, "resnet50, mobilenet_v3_large, mobilenet_v3_large_os8"),
         ({"weights": "coco"}, "none, coco_voc, imagenet"),
         ({"weights": "/no/such/weights.pth"}, "none, coco_voc, imagenet"),
         ({"num_classes": 0}, "num_classes"),
@@ -259,7 +259,8 @@ def test_adapt_rgb_kernels_maps_by_name_not_position() -> None:
 def _imagenet_file(tmp_path: Path, backbone: str) -> Path:
     """A torchvision classification state dict, as the ImageNet download holds (random here)."""
     torch.manual_seed(6)
-    classifier = mobilenet_v3_large(weights=None) if backbone == MBV3 else resnet50(weights=None)
+    trunk = {"mobilenet_v3_large": mobilenet_v3_large, "resnet50": resnet50, "resnet18": resnet18}
+    classifier = trunk[model_mod._TRUNKS[backbone]](weights=None)
     path = tmp_path / f"{backbone}_imagenet.pth"
     torch.save(classifier.state_dict(), path)
     return path
@@ -368,3 +369,22 @@ def test_rgb_local_file_into_multiband_model_needs_names(tmp_path: Path) -> None
     weights = str(_imagenet_file(tmp_path, MBV3))
     with pytest.raises(ValueError, match="is RGB; a 4-band model needs band_names"):
         build_model(MBV3, weights=weights, in_channels=4)
+
+
+@pytest.mark.parametrize("backbone", ["mobilenet_v3_large_os8", "resnet18_os8"])
+def test_fine_backbones_keep_output_stride_8(backbone: str) -> None:
+    model = build_model(backbone, num_classes=3).eval()
+    with torch.inference_mode():
+        features = model.backbone(torch.zeros(1, 3, 64, 96))["out"]
+    # A 2-pixel-wide feature a stride-16 model would blur into one cell keeps a cell of its own.
+    assert features.shape[-2:] == (8, 12)
+    # torchvision's stride-16 model on the same input, for contrast.
+    coarse = build_model("mobilenet_v3_large", num_classes=3).eval()
+    with torch.inference_mode():
+        assert coarse.backbone(torch.zeros(1, 3, 64, 96))["out"].shape[-2:] == (4, 6)
+
+
+@pytest.mark.parametrize("backbone", ["mobilenet_v3_large_os8", "resnet18_os8"])
+def test_fine_backbones_refuse_coco_weights_naming_the_ones_that_exist(backbone: str) -> None:
+    with pytest.raises(ValueError, match="coco_voc exists for resnet50, mobilenet_v3_large"):
+        build_model(backbone, weights="coco_voc")

@@ -4,7 +4,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.losses import SegmentationLoss, class_weight_tensor, soft_dice_loss
+from trainer.losses import (
+    SegmentationLoss,
+    class_weight_tensor,
+    lovasz_softmax_loss,
+    soft_dice_loss,
+)
 
 IGNORE = 255
 
@@ -122,3 +127,32 @@ def test_bf16_logits_are_scored_in_float32() -> None:
     loss = soft_dice_loss(logits, target)
     assert loss.dtype == torch.float32
     assert loss.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_lovasz_of_hard_predictions_is_one_minus_iou_by_hand() -> None:
+    # One image, 2 classes, 6 pixels: truth 0 0 0 1 1 1, prediction 0 1 1 1 1 0 (confident).
+    target = torch.tensor([[[0, 0, 0, 1, 1, 1]]])
+    predicted = torch.tensor([[[0, 1, 1, 1, 1, 0]]])
+    logits = F.one_hot(predicted, 2).permute(0, 3, 1, 2).float() * 50.0
+    # IoU class 0 = 1/4, class 1 = 2/5: the surrogate equals 1 - IoU on 0/1 predictions.
+    expected = ((1 - 1 / 4) + (1 - 2 / 5)) / 2
+    assert lovasz_softmax_loss(logits, target).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_lovasz_leaves_out_ignored_pixels_and_absent_classes() -> None:
+    target = torch.tensor([[[0, 0, 255, 255]]])
+    predicted = torch.tensor([[[0, 0, 1, 2]]])
+    logits = F.one_hot(predicted, 3).permute(0, 3, 1, 2).float() * 50.0
+    # Only class 0 is present and its two labelled pixels are right: a perfect score.
+    assert lovasz_softmax_loss(logits, target).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_lovasz_term_joins_the_sum_with_finite_gradients() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 8, 8, requires_grad=True)
+    target = torch.randint(0, 3, (2, 8, 8))
+    total, parts = SegmentationLoss("dice+ce+lovasz", num_classes=3)(logits, target)
+    assert set(parts) == {"ce", "dice", "lovasz", "total"}
+    assert total.item() == pytest.approx(sum(parts[k].item() for k in ("ce", "dice", "lovasz")))
+    total.backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
