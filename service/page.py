@@ -10,6 +10,7 @@ Routes:
     GET /examples                  [{"name", "image_url", "mask_url"}]; [] without the folder
     GET /examples/{name}/image     the tile's image
     GET /examples/{name}/mask      the tile's ground-truth mask
+    GET /examples/{name}/thumbnail the tile as a browser shows it (a TIFF as an RGB PNG)
 """
 
 from __future__ import annotations
@@ -19,9 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
+import rasterio
 from fastapi import APIRouter
 from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel
+from rasterio.errors import RasterioError
+
+from shared.bands import BandError, resolve_bands
+from shared.geotiff import decode_raster
+from shared.imaging import ImageError, encode_png
+from shared.raster import open_for_model, read_all
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 
@@ -50,6 +58,8 @@ IMAGE_TYPES: dict[str, str] = {
     ".bmp": "image/bmp",
 }
 MASK_TYPES: dict[str, str] = {".png": "image/png"}
+# Browsers show none of these, so the examples list offers them as a PNG thumbnail.
+TIFF_SUFFIXES = frozenset({".tif", ".tiff"})
 
 # Everything the page loads comes from this origin; images are drawn from blob: URLs.
 PAGE_HEADERS: dict[str, str] = {
@@ -71,6 +81,7 @@ class ExampleTile(BaseModel):
     name: str
     image_url: str
     mask_url: str | None
+    thumbnail_url: str
 
 
 class ExampleErrorDetail(BaseModel):
@@ -128,6 +139,20 @@ def _not_found(name: str) -> JSONResponse:
     return JSONResponse(status_code=404, content=body.model_dump())
 
 
+def tiff_thumbnail(path: Path) -> bytes:
+    """A TIFF as the RGB PNG the service previews it as: its bands named red, green and blue,
+    else its first three (a 3-band uint8 file as its colours)."""
+    with rasterio.open(path) as src:
+        colours = [c.name for c in src.colorinterp]
+        spec = resolve_bands(None, src.descriptions, dtype=src.dtypes[0], colorinterp=colours)
+    if spec.reads_pictures():
+        rgb, _ = decode_raster(path.read_bytes())
+    else:
+        with open_for_model(path, spec) as raster:
+            rgb = read_all(raster).rgb
+    return encode_png(rgb)
+
+
 def _example_file(path: Path) -> FileResponse:
     return FileResponse(
         path,
@@ -171,6 +196,7 @@ def list_examples() -> list[ExampleTile]:
             name=name,
             image_url=f"/examples/{quote(name, safe='')}/image",
             mask_url=f"/examples/{quote(name, safe='')}/mask" if files.mask is not None else None,
+            thumbnail_url=f"/examples/{quote(name, safe='')}/thumbnail",
         )
         for name, files in find_examples(examples_dir()).items()
     ]
@@ -202,3 +228,36 @@ def example_mask(name: str) -> Response:
     if files is None or files.mask is None:
         return _not_found(name)
     return _example_file(files.mask)
+
+
+@router.get(
+    "/examples/{name}/thumbnail",
+    tags=["examples"],
+    response_class=FileResponse,
+    responses={
+        200: {"content": {t: {} for t in set(IMAGE_TYPES.values())}},
+        422: {"model": ExampleError},
+        **_NOT_FOUND_DOC,
+    },
+)
+def example_thumbnail(name: str) -> Response:
+    """The example tile's image as a browser can show it: a picture as stored, a TIFF (which
+    browsers cannot show) as an RGB PNG, its bands named red, green and blue, else the first
+    three."""
+    files = find_examples(examples_dir()).get(name)
+    if files is None:
+        return _not_found(name)
+    if files.image.suffix.lower() not in TIFF_SUFFIXES:
+        return _example_file(files.image)
+    try:
+        png = tiff_thumbnail(files.image)
+    except (ImageError, BandError, RasterioError) as exc:
+        body = ExampleError(
+            error=ExampleErrorDetail(code="unreadable_example", message=f"example {name!r}: {exc}")
+        )
+        return JSONResponse(status_code=422, content=body.model_dump())
+    return Response(
+        png,
+        media_type="image/png",
+        headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"},
+    )

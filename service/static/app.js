@@ -763,7 +763,7 @@
       button.dataset.name = ex.name;
       button.setAttribute("aria-label", `Load example ${ex.name}${ex.mask_url ? " with its mask" : ""}`);
       const img = document.createElement("img");
-      img.src = ex.image_url;
+      img.src = ex.thumbnail_url;
       img.alt = "";
       img.loading = "lazy";
       img.width = 96;

@@ -97,8 +97,18 @@ def test_examples_list_pairs_by_stem(client: TestClient, examples: Path) -> None
     res = client.get("/examples")
     assert res.status_code == 200
     assert res.json() == [
-        {"name": "a", "image_url": "/examples/a/image", "mask_url": "/examples/a/mask"},
-        {"name": "b", "image_url": "/examples/b/image", "mask_url": None},
+        {
+            "name": "a",
+            "image_url": "/examples/a/image",
+            "mask_url": "/examples/a/mask",
+            "thumbnail_url": "/examples/a/thumbnail",
+        },
+        {
+            "name": "b",
+            "image_url": "/examples/b/image",
+            "mask_url": None,
+            "thumbnail_url": "/examples/b/thumbnail",
+        },
     ]
 
 
@@ -111,6 +121,56 @@ def test_example_files_come_back_as_stored(client: TestClient, examples: Path) -
     assert mask.headers["content-type"] == "image/png"
     assert mask.content == b"mask a"
     assert client.get("/examples/b/image").headers["content-type"] == "image/png"
+
+
+def test_picture_thumbnails_are_the_files_as_stored(client: TestClient, examples: Path) -> None:
+    thumbnail = client.get("/examples/a/thumbnail")
+    assert thumbnail.status_code == 200
+    assert thumbnail.headers["content-type"] == "image/jpeg"
+    assert thumbnail.content == b"jpeg a"
+
+
+def test_a_multi_band_tiff_thumbnail_shows_its_red_green_blue_bands(
+    client: TestClient, examples: Path
+) -> None:
+    """Bands stored blue, relief, red, green: the thumbnail picks them by name, not position."""
+    import io
+
+    import numpy as np
+    import rasterio
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    bands = rng.integers(0, 256, size=(4, 20, 30), dtype=np.uint8)
+    names = ("blue", "relief", "red", "green")
+    with rasterio.open(
+        examples / "IMAGES" / "c.tif",
+        "w",
+        driver="GTiff",
+        width=30,
+        height=20,
+        count=4,
+        dtype="uint8",
+        photometric="MINISBLACK",  # GDAL's default for 4 uint8 bands is RGBA: band 4 alpha
+    ) as dst:
+        dst.write(bands)
+        for i, name in enumerate(names, start=1):
+            dst.set_band_description(i, name)
+    thumbnail = client.get("/examples/c/thumbnail")
+    assert thumbnail.status_code == 200, thumbnail.text
+    assert thumbnail.headers["content-type"] == "image/png"
+    shown = np.asarray(Image.open(io.BytesIO(thumbnail.content)))
+    np.testing.assert_array_equal(shown, bands[[2, 3, 0]].transpose(1, 2, 0))
+
+
+def test_an_unreadable_tiff_thumbnail_is_a_422_naming_the_example(
+    client: TestClient, examples: Path
+) -> None:
+    (examples / "IMAGES" / "broken.tif").write_bytes(b"II*\x00 not really a tiff")
+    res = client.get("/examples/broken/thumbnail")
+    assert res.status_code == 422
+    error = res.json()["error"]
+    assert error["code"] == "unreadable_example" and "'broken'" in error["message"]
 
 
 @pytest.mark.parametrize(
