@@ -19,7 +19,6 @@ import contextlib
 import hashlib
 import json
 import os
-import pickle
 import sys
 import time
 import warnings
@@ -86,27 +85,35 @@ MANIFEST_SAVE_SECONDS = 1.0
 class PackedStatistics:
     """A scene's :class:`shared.raster.SceneStatistics`, the collar bit-packed and deflated
     (kilobytes for a typical collar, where the traced array holds a byte per pixel up to 16 MP),
-    so that every block carries it and no read task traces the collar of the whole scene again."""
+    so that every block carries it and no read task traces the collar of the whole scene again.
 
-    data: bytes
+    Attributes:
+        stretch: per band, the ``(low, high)`` mapped to 0..255.
+        collar: ``(cells rows, cells columns, scene height, scene width)``; None without a
+            traced collar.
+        cells: the collar's cells, ``np.packbits`` then deflated.
+    """
+
+    stretch: tuple[tuple[float, float], ...]
+    collar: tuple[int, int, int, int] | None = None
+    cells: bytes = b""
 
     @classmethod
     def pack(cls, statistics: SceneStatistics) -> PackedStatistics:
         collar = statistics.collar
-        cells = None
-        if collar is not None:
-            cells = (collar.cells.shape, np.packbits(collar.cells), collar.height, collar.width)
-        return cls(zlib.compress(pickle.dumps((cells, statistics.stretch)), 1))
+        if collar is None:
+            return cls(statistics.stretch)
+        rows, cols = collar.cells.shape
+        cells = zlib.compress(np.packbits(collar.cells).tobytes(), 1)
+        return cls(statistics.stretch, (rows, cols, collar.height, collar.width), cells)
 
     def unpack(self) -> SceneStatistics:
-        cells, stretch = pickle.loads(zlib.decompress(self.data))
-        collar = None
-        if cells is not None:
-            shape, bits, height, width = cells
-            count = shape[0] * shape[1]
-            grid = np.unpackbits(bits, count=count).astype(bool).reshape(shape)
-            collar = Collar(grid, height, width)
-        return SceneStatistics(collar, stretch)
+        if self.collar is None:
+            return SceneStatistics(None, self.stretch)
+        rows, cols, height, width = self.collar
+        bits = np.frombuffer(zlib.decompress(self.cells), dtype=np.uint8)
+        grid = np.unpackbits(bits, count=rows * cols).astype(bool).reshape(rows, cols)
+        return SceneStatistics(Collar(grid, height, width), self.stretch)
 
 
 @dataclass(frozen=True)
