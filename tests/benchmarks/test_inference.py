@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from benchmarks import inference
@@ -35,7 +36,7 @@ def run(tmp_path: Path, checkpoint: Path, *extra: str) -> dict:
 
 
 def test_quick_engine_and_candidates(tmp_path: Path, tiny_checkpoint: Path) -> None:
-    result = run(tmp_path, tiny_checkpoint, "--skip-scaling", "--skip-service")
+    result = run(tmp_path, tiny_checkpoint, "--skip-scaling", "--skip-service", "--skip-peers")
     for field in FIELDS:
         assert field in result, field
     assert result["random_init"] is False  # the checkpoint given was used
@@ -43,10 +44,43 @@ def test_quick_engine_and_candidates(tmp_path: Path, tiny_checkpoint: Path) -> N
     assert [r["batch"] for r in result["engine"]["rows"]] == [1, 4]
     assert all(r["images_per_s"] > 0 for r in result["engine"]["rows"])
     assert 0.0 <= result["pixel_agreement"] <= 1.0
+    assert set(result["class_iou"]) == {"ocean", "land", "lake"}
+    # Agreement pools the test band's tiles with one from each lake region.
+    assert result["agreement_tiles"] == ["test band"] * 2 + list(inference.AGREEMENT_REGIONS)
     assert result["engine_over_baseline"] > 0
     variants = [c["variant"] for c in result["candidates"]]
     assert variants[0].startswith("eager fp32") and any("int8" in v for v in variants)
     assert all("pixel_agreement" in c or "error" in c for c in result["candidates"])
+    assert all("class_iou" in c or "error" in c for c in result["candidates"])
+
+
+def test_peers_run_beside_the_engine_or_say_why_not(
+    tmp_path: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from benchmarks import peers
+
+    installed = peers._installed
+    monkeypatch.setattr(peers, "_installed", lambda module: module != "nncf" and installed(module))
+    result = run(
+        tmp_path,
+        tiny_checkpoint,
+        "--skip-scaling",
+        "--skip-service",
+        "--skip-candidates",
+        "--precision",
+        "fp32",
+    )
+    rows = {r["runtime"]: r for r in result["peers"]}
+    assert list(rows) == list(peers.REQUIRED_BY_RUNTIME)
+    assert "not installed: nncf" in rows["openvino int8 (nncf)"]["skipped"]
+    for name, row in rows.items():
+        if "skipped" in row:  # this machine lacks the runtime: the reason names the package
+            assert "not installed" in row["skipped"] or name == "openvino int8 (nncf)"
+            continue
+        assert row["batch1_s"] > 0 and row["speedup"] > 0
+        assert set(row["class_iou"]) == {"ocean", "land", "lake"}
+        if name == "onnx runtime fp32":  # the same fp32 function: the same answers
+            assert row["pixel_agreement"] > 0.999
 
 
 def test_quick_precision_override_reaches_the_engine(tmp_path: Path, tiny_checkpoint: Path) -> None:
@@ -56,6 +90,7 @@ def test_quick_precision_override_reaches_the_engine(tmp_path: Path, tiny_checkp
         "--skip-scaling",
         "--skip-service",
         "--skip-candidates",
+        "--skip-peers",
         "--precision",
         "fp32",
         "--optimize",
@@ -70,6 +105,7 @@ def test_quick_full_path_with_service_and_scene(tmp_path: Path, tiny_checkpoint:
         tmp_path,
         tiny_checkpoint,
         "--skip-candidates",
+        "--skip-peers",
         "--precision",
         "fp32",
         "--scene",
@@ -90,4 +126,4 @@ def test_quick_full_path_with_service_and_scene(tmp_path: Path, tiny_checkpoint:
     }
     assert all(r["errors"] == 0 and r["p95_ms"] >= r["p50_ms"] for r in service["rows"])
     assert service["precision"] == "fp32"
-    assert result["service_over_engine"] > 0
+    assert result["service_over_engine"] > 0 and result["service_over_engine_rle"] > 0
