@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.models import (
     MobileNet_V3_Large_Weights,
@@ -37,9 +38,17 @@ from torchvision.models.segmentation import (
 from torchvision.models.segmentation.deeplabv3 import ASPP, DeepLabV3
 from torchvision.models.segmentation.fcn import FCNHead
 
-# torchvision's two DeepLabV3 models, and two built here for small CPUs and features a few
-# pixels wide (see _build_fine): MobileNetV3-Large at output stride 8, and a ResNet-18.
-BACKBONES = ("resnet50", "mobilenet_v3_large", "mobilenet_v3_large_os8", "resnet18_os8")
+# torchvision's two DeepLabV3 models, and three built here for small CPUs and features a few
+# pixels wide: MobileNetV3-Large and ResNet-18 dilated to output stride 8 (_build_fine), and
+# MobileNetV3-Large at stride 16 whose ASPP output is joined with stride-4 features before the
+# classifier, as DeepLabV3+ does (_build_decoder).
+BACKBONES = (
+    "resnet50",
+    "mobilenet_v3_large",
+    "mobilenet_v3_large_os8",
+    "resnet18_os8",
+    "mobilenet_v3_large_fine",
+)
 RGB_BANDS = ("red", "green", "blue")  # the input order of every pretrained torchvision model
 WEIGHTS = ("none", "coco_voc", "imagenet")
 
@@ -50,6 +59,7 @@ _TRUNKS = {
     "mobilenet_v3_large": "mobilenet_v3_large",
     "mobilenet_v3_large_os8": "mobilenet_v3_large",
     "resnet18_os8": "resnet18",
+    "mobilenet_v3_large_fine": "mobilenet_v3_large",
 }
 _COCO_WEIGHTS = {
     "resnet50": DeepLabV3_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1,
@@ -153,6 +163,8 @@ def build_model(
         model = _BUILDERS[backbone](
             weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=aux_loss
         )
+    elif backbone == "mobilenet_v3_large_fine":
+        model = _build_decoder(num_classes, aux_loss)
     else:
         model = _build_fine(backbone, num_classes, aux_loss)
     if weights == "imagenet":
@@ -207,6 +219,57 @@ def _build_fine(backbone: str, num_classes: int, aux_loss: bool) -> DeepLabV3:
     )
     aux = FCNHead(aux_channels, num_classes) if aux_loss else None
     return DeepLabV3(IntermediateLayerGetter(trunk, layers), head, aux)
+
+
+class _JoinedFeatures(nn.Module):
+    """A trunk whose ``"out"`` is DeepLabV3+'s decoder input: ASPP over the stride-16 features,
+    upsampled to the stride-4 features' grid and concatenated with their 1x1 projection."""
+
+    def __init__(
+        self, trunk: nn.Module, layers: dict[str, str], high: int, low: int, width: int
+    ) -> None:
+        super().__init__()
+        self.body = IntermediateLayerGetter(trunk, layers)
+        self.aspp = ASPP(high, list(_FINE_RATES), width)
+        self.low = nn.Sequential(
+            nn.Conv2d(low, _LOW_WIDTH, 1, bias=False), nn.BatchNorm2d(_LOW_WIDTH), nn.ReLU()
+        )
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = self.body(x)
+        low = self.low(features["low"])
+        high = F.interpolate(
+            self.aspp(features["high"]), size=low.shape[-2:], mode="bilinear", align_corners=False
+        )
+        out = {"out": torch.cat([high, low], dim=1)}
+        if "aux" in features:
+            out["aux"] = features["aux"]
+        return out
+
+
+# The stride-4 features' width after projection, and the decoder's: narrow, because at 64x64
+# cells per 256 px tile every channel of a 3x3 convolution costs 16x what it costs at stride 16.
+_LOW_WIDTH = 32
+_DECODER_WIDTH = 64
+
+
+def _build_decoder(num_classes: int, aux_loss: bool) -> DeepLabV3:
+    """MobileNetV3-Large at output stride 16 (torchvision's dilated trunk), a 128-wide ASPP, and
+    a DeepLabV3+ decoder at stride 4: lakes a few pixels across keep cells of their own while
+    the trunk, whose depthwise convolutions dominate the CPU time, runs at stride 16."""
+    features = mobilenet_v3_large(weights=None, dilated=True).features
+    # Block 3 ends the stride-4 stage (24 channels); block 4 is where torchvision taps its aux.
+    layers = {"3": "low", "16": "high"} | ({"4": "aux"} if aux_loss else {})
+    trunk = _JoinedFeatures(features, layers, 960, 24, _FINE_HEAD_WIDTH)
+    head = nn.Sequential(
+        nn.Conv2d(_FINE_HEAD_WIDTH + _LOW_WIDTH, _DECODER_WIDTH, 3, padding=1, bias=False),
+        nn.BatchNorm2d(_DECODER_WIDTH),
+        nn.ReLU(),
+        nn.Dropout(0.1),
+        nn.Conv2d(_DECODER_WIDTH, num_classes, 1),  # classifier.4, as in torchvision's head
+    )
+    aux = FCNHead(40, num_classes) if aux_loss else None
+    return DeepLabV3(trunk, head, aux)
 
 
 def _dilate(block: nn.Module, dilation: int) -> None:
@@ -420,6 +483,7 @@ def _file_in_channels(state: Mapping[str, torch.Tensor]) -> int | None:
     for key in (
         "backbone.conv1.weight",
         "backbone.0.0.weight",
+        "backbone.body.0.0.weight",
         "conv1.weight",
         "features.0.0.weight",
     ):
@@ -488,10 +552,11 @@ def _load_backbone(
         mapped = {k: v for k, v in state.items() if not k.startswith("fc.")}
     # A trunk may end early (mobilenet_v3_large_os8 stops at block 15): its later layers'
     # weights have no place in it; every layer it keeps must still load exactly.
-    kept = {name for name, _ in model.backbone.named_children()}
+    trunk = getattr(model.backbone, "body", model.backbone)  # _JoinedFeatures wraps its trunk
+    kept = {name for name, _ in trunk.named_children()}
     mapped = {k: v for k, v in mapped.items() if k.split(".", 1)[0] in kept}
     try:
-        model.backbone.load_state_dict(mapped, strict=True)
+        trunk.load_state_dict(mapped, strict=True)
     except RuntimeError as exc:
         raise ValueError(
             f"{source} weights do not fit the {backbone} backbone: {_compact(exc)}"

@@ -384,7 +384,17 @@ def test_fine_backbones_keep_output_stride_8(backbone: str) -> None:
         assert coarse.backbone(torch.zeros(1, 3, 64, 96))["out"].shape[-2:] == (4, 6)
 
 
-@pytest.mark.parametrize("backbone", ["mobilenet_v3_large_os8", "resnet18_os8"])
+def test_decoder_backbone_joins_stride_4_features() -> None:
+    model = build_model("mobilenet_v3_large_fine", num_classes=3).eval()
+    with torch.inference_mode():
+        joined = model.backbone(torch.zeros(1, 3, 64, 96))["out"]
+    # ASPP's 128 channels upsampled from stride 16 beside 32 projected from stride 4.
+    assert joined.shape == (1, 160, 16, 24)
+
+
+@pytest.mark.parametrize(
+    "backbone", ["mobilenet_v3_large_os8", "resnet18_os8", "mobilenet_v3_large_fine"]
+)
 def test_fine_backbones_refuse_coco_weights_naming_the_ones_that_exist(backbone: str) -> None:
     with pytest.raises(ValueError, match="coco_voc exists for resnet50, mobilenet_v3_large"):
         build_model(backbone, weights="coco_voc")

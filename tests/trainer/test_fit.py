@@ -75,6 +75,14 @@ def test_tiny_fit_writes_what_the_service_loads(
     assert isinstance(state["rng"][0]["numpy"]["keys"], torch.Tensor)
     assert last["metrics"]["val"]["miou"] is not None
 
+    # The closing line names the steps and speed beside the test scores (make demo's summary).
+    log_lines = (run / "train.log").read_text().splitlines()
+    done = next(line for line in log_lines if " done: " in line)
+    assert " 2 steps, " in done and " img/s" in done
+    scores = json.loads((run / "test_metrics.json").read_text())
+    ocean = next(c["iou"] for c in scores["per_class"] if c["name"] == "ocean")
+    assert f"test IoU ocean {ocean:.3f}, land " in done and f"(mIoU {scores['miou']:.3f})" in done
+
     # The resolved config is written beside the run and is the one in the checkpoint.
     resolved = load_config(run / "config.yaml")
     assert resolved.model.aux_loss is True and resolved.train.max_steps == 2
