@@ -275,3 +275,29 @@ def test_the_service_answers_255_on_the_collar_with_the_trained_model(
             transform=TILE_TRANSFORM,
         ).astype(bool)
         np.testing.assert_array_equal(drawn, footprint)
+
+
+@pytest.mark.parametrize(
+    ("rule", "collar_ignored"),
+    [("auto", True), ("none", False), (0, True), (65535, False)],
+)
+def test_data_nodata_decides_which_pixels_are_ignore_index(
+    s2: tuple[Path, dict], rule: object, collar_ignored: bool
+) -> None:
+    """``data.nodata`` as the trainer resolves it: ``none`` keeps the collar's labels, a value
+    marks the pixels holding it in every band (0: the collar; 65535: nothing here)."""
+    from trainer.build import resolve_data_bands
+    from trainer.config import load_config
+
+    root, footprints = s2
+    cfg = load_config(None, [f"data.root={root}", f"data.nodata={rule}"])
+    spec, _ = resolve_data_bands(cfg)
+    lm = LabelMap.load()
+    dataset = SegmentationDataset(
+        collect_pairs(root, "trainval", lm), lm, spec=spec, fill=[0.0] * 6
+    )
+    _, mask = dataset[0]
+    collar = ~footprints["trainval"][0]
+    expected = lm.ignore_index if collar_ignored else FILE_CLASS_ON_COLLAR
+    assert (mask[collar] == expected).all()
+    assert (mask[~collar] != lm.ignore_index).all()
