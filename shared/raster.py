@@ -67,6 +67,10 @@ from shared.imaging import (
 # GDAL's block cache would otherwise keep up to 5% of RAM of decoded blocks alive; the pipeline
 # reads each row band once, so a small cache loses nothing and keeps memory flat.
 READ_CACHE_BYTES = 64 * 1024 * 1024
+# Pixels per GDAL read of a window (columns a multiple of the alignment, usually a block side):
+# a band of 512 rows of a 40,000 px wide scene is read in chunks of 4096 columns.
+READ_CHUNK_PIXELS = 512 * 4096
+READ_CHUNK_ALIGN = 512
 
 
 class BandMismatchError(ImageError):
@@ -359,14 +363,38 @@ class GdalRaster:
         """Rows ``[row, row + height)`` of columns ``[col, col + width)`` (clipped), scaled
         with the whole raster's stretch, so that windows of a scene join seamlessly."""
         height, width = min(height, self.height - row), min(width, self.width - col)
-        window = Window(col, row, width, height)
+        # A wide window is read in column chunks: the temporaries of a read (the bands as read,
+        # nodata masks, scaling) then grow with the chunk, only the finished rows with the window.
+        step = READ_CHUNK_PIXELS // max(height, 1) // READ_CHUNK_ALIGN * READ_CHUNK_ALIGN
+        step = max(step, READ_CHUNK_ALIGN)
         try:
             with _small_cache():
-                return self._read(window)
+                if width <= step:
+                    return self._read(Window(col, row, width, height))
+                return self._read_chunked(row, col, height, width, step)
         except MemoryError:
             raise ImageTooLargeError("the raster window cannot be read within memory") from None
         except RasterioError as exc:
             raise CorruptImageError(f"cannot read {self._what}: {clean_error(exc)}") from None
+
+    def _read_chunked(self, row: int, col: int, height: int, width: int, step: int) -> Rows:
+        """:meth:`_read` of the window, ``step`` columns at a time, joined."""
+        rgb = np.empty((height, width, 3), dtype=np.uint8)
+        valid: np.ndarray | None = None
+        pixels: np.ndarray | None = None
+        for left in range(0, width, step):
+            part = self._read(Window(col + left, row, min(step, width - left), height))
+            cols = slice(left, left + part.rgb.shape[1])
+            rgb[:, cols] = part.rgb
+            if part.pixels is not None:
+                if pixels is None:
+                    pixels = np.empty((height, width, part.pixels.shape[2]), dtype=np.float32)
+                pixels[:, cols] = part.pixels
+            if part.valid is not None:
+                if valid is None:
+                    valid = np.ones((height, width), dtype=bool)
+                valid[:, cols] = part.valid
+        return Rows(rgb, valid, pixels)
 
     def _read(self, window: Window) -> Rows:
         unique = list(dict.fromkeys(self._read_bands + self.bands))

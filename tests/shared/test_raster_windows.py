@@ -96,3 +96,55 @@ def test_a_raster_opened_in_one_thread_is_read_and_closed_in_another(tmp_path, r
         raster = pool.submit(GdalRaster, path).result()
     np.testing.assert_array_equal(raster.read_rows(0, 30).rgb, bands.transpose(1, 2, 0))
     raster.close()
+
+
+@pytest.mark.parametrize("kind", ["rgb", "model"])
+def test_a_wide_window_is_read_in_column_chunks_that_join_to_one_read(
+    tmp_path, rng, monkeypatch, kind
+):
+    # Memory for a read grows with the chunk, not the scene's width; the joined rows (RGB,
+    # validity with the scene's collar and an inner hole, a model's band values) are those of
+    # one read of the whole window.
+    from rasterio.io import DatasetReader
+
+    from shared import raster as raster_module
+    from shared.raster import open_for_model
+    from tests.shared.test_raster import SPEC
+
+    count = 3 if kind == "rgb" else SPEC.count
+    bands = rng.integers(1, 4000, (count, 40, 1300), dtype=np.uint16)
+    bands[:, :, :30] = 0  # the fill collar on the left edge
+    bands[:, 5:9, 600:700] = 0  # an inner hole across a chunk boundary: valid (not the collar)
+    bands[:, 20:25, 1000:1100] = 0
+    path = tmp_path / "wide.tif"
+    path.write_bytes(geotiff_bytes(bands, compress="lzw"))
+
+    def read(chunk_pixels: int, widths: list[int]):
+        monkeypatch.setattr(raster_module, "READ_CHUNK_PIXELS", chunk_pixels)
+        real = DatasetReader.read
+
+        def spy(self, *args, **kwargs):
+            if kwargs.get("window") is not None:
+                widths.append(int(kwargs["window"].width))
+            return real(self, *args, **kwargs)
+
+        monkeypatch.setattr(DatasetReader, "read", spy)
+        opened = GdalRaster(path) if kind == "rgb" else open_for_model(path, SPEC)
+        with opened as source:
+            rows = source.read_rows(3, 30)
+        monkeypatch.setattr(DatasetReader, "read", real)
+        return rows
+
+    whole_widths: list[int] = []
+    whole = read(10**9, whole_widths)
+    assert whole_widths and max(whole_widths) == 1300
+    chunk_widths: list[int] = []
+    chunked = read(30 * 512, chunk_widths)  # 30 rows: 512 columns per read
+    assert chunk_widths and max(chunk_widths) <= 512 and sum(chunk_widths) >= 1300
+    np.testing.assert_array_equal(chunked.rgb, whole.rgb)
+    assert whole.valid is not None and chunked.valid is not None
+    np.testing.assert_array_equal(chunked.valid, whole.valid)
+    assert not chunked.valid[:, :30].any() and chunked.valid[2:6, 600:700].all()
+    if kind == "model":
+        assert whole.pixels is not None and chunked.pixels is not None
+        np.testing.assert_array_equal(chunked.pixels, whole.pixels)
