@@ -104,3 +104,34 @@ def varied_checkpoint(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFa
     path = tmp_path_factory.mktemp("varied") / "varied.pt"
     save_checkpoint(ckpt, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def calibrated_checkpoint(varied_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The varied checkpoint with BatchNorm statistics measured on images, as training leaves them.
+
+    A random-initialised MobileNetV3 with default BatchNorm statistics shrinks its activations
+    layer by layer: the varied model's logits are about 1e-9, below float16's smallest number,
+    so a half-precision forward returns zeros. Re-estimating the statistics on random images
+    (a cumulative average over a few batches) keeps every layer at unit scale, as in a trained
+    model, so half-precision paths can be compared with float32 on it.
+    """
+    from shared.checkpoint import load_checkpoint, save_checkpoint
+    from shared.model import build_model
+
+    ckpt = load_checkpoint(varied_checkpoint)
+    model = build_model("mobilenet_v3_large", num_classes=3, weights="none", aux_loss=False)
+    model.load_state_dict(ckpt["state_dict"])
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.reset_running_stats()
+            module.momentum = None  # cumulative average
+    generator = torch.Generator().manual_seed(0)
+    model.train()
+    with torch.no_grad():
+        for _ in range(4):
+            model(torch.randn((4, 3, 64, 64), generator=generator))
+    ckpt["state_dict"] = model.state_dict()
+    path = tmp_path_factory.mktemp("calibrated") / "calibrated.pt"
+    save_checkpoint(ckpt, path)
+    return path

@@ -237,12 +237,12 @@ def test_dense_view_detection() -> None:
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
-def test_cuda_agrees_with_cpu(varied_checkpoint: Path, rng, precision: str) -> None:
+def test_cuda_agrees_with_cpu(calibrated_checkpoint: Path, rng, precision: str) -> None:
     if precision == "bf16" and not torch.cuda.is_bf16_supported():
         pytest.skip("GPU without bf16")
-    cpu = Predictor.from_checkpoint(varied_checkpoint, fp32_options(tile=64, overlap=16))
+    cpu = Predictor.from_checkpoint(calibrated_checkpoint, fp32_options(tile=64, overlap=16))
     gpu = Predictor.from_checkpoint(
-        varied_checkpoint,
+        calibrated_checkpoint,
         InferenceOptions(device="cuda", precision=precision, tile=64, overlap=16),
     )
     assert gpu.device.type == "cuda" and gpu.precision == precision
