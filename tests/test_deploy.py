@@ -437,10 +437,11 @@ def test_dockerfile_installs_dependencies_before_the_code_and_runs_unprivileged(
     _, build, image = dockerfile_stages()
     kinds = [kind for kind, _ in build]
     copies = [(i, rest) for i, (kind, rest) in enumerate(build) if kind in ("COPY", "ADD")]
-    install = next(i for i, (kind, rest) in enumerate(build) if kind == "RUN" and "-e ." in rest)
+    install = next(i for i, (kind, rest) in enumerate(build) if kind == "RUN" and "-e " in rest)
     assert [rest for _, rest in copies] == ["pyproject.toml ./", "wheelhouse/ /wheelhouse/"]
     assert all(i < install for i, _ in copies)  # no code yet: the dependency layer is cached
     assert "--no-index --find-links /wheelhouse/" in build[install][1]
+    assert 'spec=".[$EXTRAS]"' in build[install][1]  # the extras (ray by default) offline too
     assert "ADD" not in kinds
 
     kinds = [kind for kind, _ in image]
