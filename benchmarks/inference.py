@@ -981,12 +981,15 @@ def _service_table(result: dict[str, Any]) -> str:
             r["p50_ms"],
             r["p95_ms"],
             r["errors"],
+            r.get("forward_busy"),
+            r.get("mean_batch_tiles"),
+            r.get("forward_s_per_tile"),
         ]
         for r in service["rows"]
     ]
-    table = markdown_table(
-        ["format", "clients", "requests", "images/s", "p50 ms", "p95 ms", "errors"], rows
-    )
+    headers = ["format", "clients", "requests", "images/s", "p50 ms", "p95 ms", "errors"]
+    headers += ["model busy", "tiles/batch", "forward s/tile"]
+    table = markdown_table(headers, rows)
     ratio = result.get("service_over_engine")
     text = (
         f"{table}\n\nservice ({service['precision']} on {service['device']}) start-up "
@@ -1175,12 +1178,14 @@ def _load(base: str, bodies: list[bytes], fmt: str, clients: int, requests: int)
                         server_ms.append(timing)
 
     threads = [threading.Thread(target=worker) for _ in range(clients)]
+    before = _forward_counters(base)
     start = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
+    after = _forward_counters(base)
     done = len(latencies)
     row: dict[str, Any] = {
         "format": fmt,
@@ -1195,7 +1200,39 @@ def _load(base: str, bodies: list[bytes], fmt: str, clients: int, requests: int)
         row["server_ms_median"] = {
             k: float(np.median([t[k] for t in server_ms if k in t])) for k in server_ms[0]
         }
+    if before and after:
+        # Where the service's time goes: the share of the wall time the model was computing,
+        # how full its batches were, and what one tile cost inside the service's forward passes
+        # (compare with the engine's s/batch / batch, measured alone).
+        forward_s = after["forward_sum"] - before["forward_sum"]
+        tiles = after["tiles_sum"] - before["tiles_sum"]
+        batches = after["tiles_count"] - before["tiles_count"]
+        row["forward_busy"] = forward_s / wall if wall > 0 else None
+        row["mean_batch_tiles"] = tiles / batches if batches else None
+        row["forward_s_per_tile"] = forward_s / tiles if tiles else None
     return row
+
+
+def _forward_counters(base: str) -> dict[str, float]:
+    """The service's forward-pass seconds and batch-size counters from ``/metrics`` ({} when
+    metrics are off)."""
+    import httpx
+
+    wanted = {
+        "satseg_forward_seconds_sum": "forward_sum",
+        "satseg_batch_tiles_sum": "tiles_sum",
+        "satseg_batch_tiles_count": "tiles_count",
+    }
+    try:
+        text = httpx.get(f"{base}/metrics", timeout=30).text
+    except httpx.HTTPError:
+        return {}
+    out = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in wanted:
+            out[wanted[name]] = float(value)
+    return out if len(out) == len(wanted) else {}
 
 
 def _server_timing(answer: Any, fmt: str) -> dict[str, float]:

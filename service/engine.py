@@ -42,7 +42,7 @@ from service.errors import (
 from service.memory import MemoryBudget, default_memory_budget
 from service.metrics import ServiceMetrics
 from service.settings import Settings
-from shared.acceleration import FX_TRACE_LOCK
+from shared.acceleration import FX_TRACE_LOCK, configure_threads
 from shared.checkpoint import CheckpointError, bands_from_checkpoint, gsd_from_checkpoint
 from shared.imaging import DecodedSize
 from shared.inference import InferenceOptions, Predictor
@@ -152,8 +152,18 @@ class Engine:
         self._loader: threading.Thread | None = None
         self._batcher: threading.Thread | None = None
         # Request threads mostly wait on the batcher; admission bounds them to max_queue.
-        self._request_pool = ThreadPoolExecutor(settings.max_queue, "satseg-request")
-        self._io_pool = ThreadPoolExecutor(settings.workers, "satseg-io")
+        # The forward's thread count: the setting, else torch's default here (OMP_NUM_THREADS,
+        # or the cores), read before any host thread sets its own to one.
+        self.torch_threads = settings.torch_threads or torch.get_num_threads()
+        # With OpenMP each thread that runs a parallel torch op gets its own team of worker
+        # threads. Request threads (blending logits, argmax) and I/O threads would each start
+        # one beside the batcher's and take the cores its forward pass is using, so they run
+        # their torch work on their own thread; only the batcher (and loading) uses
+        # SATSEG_TORCH_THREADS.
+        self._request_pool = ThreadPoolExecutor(
+            settings.max_queue, "satseg-request", initializer=_host_thread
+        )
+        self._io_pool = ThreadPoolExecutor(settings.workers, "satseg-io", initializer=_host_thread)
 
     # ----- life cycle -------------------------------------------------------------------
 
@@ -188,6 +198,7 @@ class Engine:
     def _read_model(self, path: Path) -> LoadedModel:
         """Hash, load and warm up the checkpoint at ``path`` (nothing current changes)."""
         start = time.perf_counter()
+        configure_threads(self.torch_threads)  # calibration and warm-up run in this thread
         digest = _sha256(path)
         # All of it runs while the current model keeps serving; only the moments the new model
         # is traced by torch.fx pause the batcher (see FX_TRACE_LOCK in _run).
@@ -528,6 +539,8 @@ class Engine:
     # ----- the batcher thread --------------------------------------------------------------
 
     def _batch_loop(self) -> None:
+        threads = configure_threads(self.torch_threads)
+        log.info("batcher: forward passes on %d torch thread(s)", threads)
         while not self._stop.is_set():
             jobs = self._collect()
             if jobs:
@@ -675,6 +688,12 @@ class Engine:
             "precision": model.predictor.precision,
             "device": str(model.predictor.device),
         }
+
+
+def _host_thread() -> None:
+    """Initialiser of the request and I/O threads: their torch work runs on this thread alone
+    (the intra-op thread count is per thread with OpenMP; the batcher sets its own)."""
+    torch.set_num_threads(1)
 
 
 def _sha256(path: Path) -> str:

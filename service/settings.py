@@ -114,6 +114,13 @@ class Settings(BaseSettings):
         description="Accepted API keys, comma-separated or a JSON list; empty leaves the API open.",
     )
     workers: int = Field(2, gt=0, description="Threads that decode and encode images.")
+    torch_threads: int | None = Field(
+        None,
+        gt=0,
+        description="Intra-op threads of the model's forward pass (and of loading); unset: the "
+        "CPUs this process may use. Request and decode/encode threads run their own torch work "
+        "on one thread each, so they never start a second thread team beside the forward's.",
+    )
     shutdown_grace_s: float = Field(
         30.0, gt=0, description="Total time allowed for a graceful shutdown after SIGTERM."
     )
