@@ -250,9 +250,11 @@ def test_cuda_agrees_with_cpu(calibrated_checkpoint: Path, rng, precision: str) 
     expected = cpu.run_batch(batch)
     got = gpu.run_batch(batch)
     assert got.device.type == "cuda" and got.dtype == torch.float32
-    # TF32 (allowed by default for cuDNN convolutions) and half precision change the last digits.
+    # TF32 (allowed by default for cuDNN convolutions) and half precision change the last digits;
+    # bf16 keeps 8 mantissa bits to fp16's 11, and over MobileNetV3's depth its logits drifted
+    # 5.8% from float32 on an H200 (fp16: under 5%). The masks below are the real check.
     relative = ((got.cpu() - expected).norm() / expected.norm()).item()
-    assert relative < (1e-2 if precision == "fp32" else 5e-2)
+    assert relative < {"fp32": 1e-2, "fp16": 5e-2, "bf16": 1e-1}[precision]
 
     image = scene(150, 90)
     mask, expected_mask = gpu.segment(image), cpu.segment(image)
