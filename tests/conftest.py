@@ -107,7 +107,9 @@ def varied_checkpoint(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFa
 
 
 @pytest.fixture(scope="session")
-def calibrated_checkpoint(varied_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def calibrated_checkpoint(
+    varied_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     """The varied checkpoint with BatchNorm statistics measured on images, as training leaves them.
 
     A random-initialised MobileNetV3 with default BatchNorm statistics shrinks its activations
