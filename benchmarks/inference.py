@@ -8,9 +8,11 @@ band, 100E..180E) and the same checkpoint:
 1. **baseline**: torchvision DeepLabV3 (the checkpoint's backbone) in eager fp32, batch 1,
    under ``torch.inference_mode()`` -- what a user gets by default;
 2. **candidates**: each optimisation of :mod:`shared.acceleration` on its own (batch 1) with
-   its pixel agreement against fp32;
+   its agreement against fp32: pixels, and each class's IoU, on the test band's tiles and one
+   tile from each of :data:`AGREEMENT_REGIONS`;
 3. **engine**: :class:`shared.inference.Predictor` built exactly as the service builds it
-   (its ``SATSEG_*`` settings), at batch 1, 4 and 8;
+   (its ``SATSEG_*`` settings), at batch 1, 4 and 8; then the **peers** of
+   :mod:`benchmarks.peers` (ONNX Runtime, OpenVINO, NNCF int8) beside it, when installed;
 4. **scaling**: ``Predictor.segment`` on 512x512 up to 5400x2700 scenes (time per megapixel),
    and the peak memory of a 5400x2700 scene in a fresh subprocess;
 5. **service**: ``python -m service`` as a subprocess, over HTTP on loopback, 1 and 4 concurrent
@@ -18,9 +20,10 @@ band, 100E..180E) and the same checkpoint:
 6. **cuda** (when a GPU is present): the engine on the GPU, batch 1..32, with and without
    ``torch.compile`` (CUDA graphs) at a static tile shape.
 
-The JSON holds ``engine_over_baseline`` (images/s at batch 1), ``service_over_engine`` (4
-clients, PNG, against the engine at the service's tile batch), ``pixel_agreement`` (engine
-argmax against fp32 argmax) and ``machine``.
+The JSON holds ``engine_over_baseline`` (images/s at batch 1), ``service_over_engine`` and
+``service_over_engine_rle`` (4 clients, PNG or RLE, against the engine at the service's tile
+batch), ``pixel_agreement``, ``class_iou`` and ``worst_class_iou`` (engine against fp32) and
+``machine``.
 """
 
 from __future__ import annotations
