@@ -9,7 +9,6 @@ listed in docs/checkpoint.md. Checkpoints written before bands existed read as 8
 from __future__ import annotations
 
 import pickle
-import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from enum import Enum
@@ -25,6 +24,7 @@ from torch import nn
 from shared.bands import BandError, BandSpec
 from shared.files import atomic_writer
 from shared.labels import LabelMap, LabelMapError
+from shared.messages import first_sentence, refused_global
 from shared.model import BACKBONES, build_model, head_out_channels, model_in_channels
 from shared.preprocess import Normalization
 
@@ -194,19 +194,20 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         if "weights only load failed" in str(exc).lower():
+            name = refused_global(exc)
+            culprit = f" ({name})" if name else ""
             raise CheckpointError(
                 f"refusing checkpoint {path}: unsafe pickle: it holds objects other than tensors "
-                f"and plain containers{_refused_global(exc)}; it was not loaded"
+                f"and plain containers{culprit}; it was not loaded"
             ) from None
-        raise CheckpointError(f"checkpoint {path} is corrupt: {_first_line(exc)}") from None
+        raise CheckpointError(f"checkpoint {path} is corrupt: {first_sentence(exc)}") from None
     except EOFError:
         raise CheckpointError(f"checkpoint {path} is empty or truncated") from None
     except OSError as exc:
         raise CheckpointError(f"checkpoint {path} cannot be read: {exc.strerror or exc}") from None
     except Exception as exc:  # torch reports torn zip archives as RuntimeError, text as KeyError...
-        raise CheckpointError(
-            f"checkpoint {path} is truncated or corrupt ({type(exc).__name__}: {_first_line(exc)})"
-        ) from None
+        detail = f"{type(exc).__name__}: {first_sentence(exc)}"
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({detail})") from None
     _validate(payload, path)
     return payload
 
@@ -376,14 +377,3 @@ def _satseg_version() -> str:
         return metadata.version("satseg")
     except metadata.PackageNotFoundError:
         return "unknown"
-
-
-def _refused_global(exc: BaseException) -> str:
-    match = re.search(r"GLOBAL ([\w.]+)", str(exc))
-    return f" ({match.group(1)})" if match else ""
-
-
-def _first_line(exc: BaseException) -> str:
-    # torch's messages run on with advice; the first sentence carries the fact.
-    text = str(exc).strip()
-    return text.splitlines()[0].split(". ")[0] if text else type(exc).__name__

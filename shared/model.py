@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import re
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -37,6 +36,8 @@ from torchvision.models.segmentation import (
 )
 from torchvision.models.segmentation.deeplabv3 import ASPP, DeepLabV3
 from torchvision.models.segmentation.fcn import FCNHead
+
+from shared.messages import first_sentence, refused_global
 
 # torchvision's two DeepLabV3 models, and three built here for small CPUs and features a few
 # pixels wide: MobileNetV3-Large and ResNet-18 dilated to output stride 8 (_build_fine), and
@@ -361,7 +362,7 @@ def _fetch(url: str) -> dict[str, torch.Tensor]:
     except (RuntimeError, EOFError, pickle.UnpicklingError, KeyError) as exc:
         # A partial or tampered file in the cache (or a failed hash check on download).
         raise WeightsUnavailableError(
-            f"pretrained weights file {target} is unreadable or corrupt ({_first_line(exc)}); "
+            f"pretrained weights file {target} is unreadable or corrupt ({first_sentence(exc)}); "
             f"delete it and {advice}"
         ) from exc
 
@@ -436,8 +437,8 @@ def _load_local(
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        match = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        culprit = f" ({match.group(1)})" if match else ""
+        name = refused_global(exc)
+        culprit = f" ({name})" if name else ""
         raise WeightsUnavailableError(
             f"refusing weights file {path}: it holds pickled objects{culprit} that "
             "weights_only loading does not allow"
@@ -445,7 +446,7 @@ def _load_local(
     except Exception as exc:  # torch raises EOFError, RuntimeError, KeyError... on corrupt files.
         raise WeightsUnavailableError(
             f"weights file {path} is unreadable or corrupt: {type(exc).__name__}: "
-            f"{_first_line(exc)}"
+            f"{first_sentence(exc)}"
         ) from exc
 
     state = payload.get("state_dict", payload) if isinstance(payload, Mapping) else None
@@ -561,12 +562,6 @@ def _load_backbone(
         raise ValueError(
             f"{source} weights do not fit the {backbone} backbone: {_compact(exc)}"
         ) from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    # torch's messages run on with advice; the first sentence carries the fact.
-    text = str(exc).strip()
-    return text.splitlines()[0].split(". ")[0] if text else type(exc).__name__
 
 
 def _compact(exc: BaseException, limit: int = 400) -> str:

@@ -45,6 +45,7 @@ from shared.geotiff import RasterOptionError, Scale, parse_bands, parse_scale
 from shared.imaging import DEFAULT_MAX_PIXELS, ImageError, encode_png
 from shared.inference import InferenceOptions, Predictor
 from shared.labels import LabelMap, overlay
+from shared.messages import first_line
 from shared.pipeline import Band, WholeScene, stream
 from shared.precision import INFERENCE_PRECISIONS
 from shared.raster import (
@@ -667,12 +668,6 @@ def bar_disabled(progress: bool | None) -> bool | None:
     """tqdm's ``disable`` for a ``progress`` choice: None hides the bar when stderr is not a
     terminal."""
     return None if progress is None else not progress
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of an error's message (its type's name when it has none)."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 if __name__ == "__main__":

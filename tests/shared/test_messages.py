@@ -1,0 +1,29 @@
+"""shared.messages: an error's message cut to one line, one sentence, or the class it names."""
+
+from __future__ import annotations
+
+from shared.messages import first_line, first_sentence, refused_global
+
+
+def test_first_line_keeps_the_whole_first_line() -> None:
+    err = RuntimeError("CUDA out of memory. Tried to allocate 2 GiB.\nSee the docs.")
+    assert first_line(err) == "CUDA out of memory. Tried to allocate 2 GiB."
+
+
+def test_first_sentence_drops_the_advice_after_it() -> None:
+    err = RuntimeError("PytorchStreamReader failed reading zip archive. Try again.\nmore")
+    assert first_sentence(err) == "PytorchStreamReader failed reading zip archive"
+
+
+def test_an_empty_message_gives_the_type_name() -> None:
+    assert first_line(KeyError()) == "KeyError"
+    assert first_sentence(EOFError("  \n")) == "EOFError"
+
+
+def test_refused_global_names_the_class_torch_refused() -> None:
+    err = RuntimeError(
+        "Weights only load failed.\nUnsupported global: GLOBAL argparse.Namespace was not an "
+        "allowed global by default."
+    )
+    assert refused_global(err) == "argparse.Namespace"
+    assert refused_global(RuntimeError("Weights only load failed.")) is None
