@@ -39,10 +39,12 @@ from tqdm import tqdm
 from shared.bands import Collar
 from shared.blocks import Block, plan_blocks, segment_block
 from shared.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from shared.files import atomic_writer
+from shared.datasets import PICTURE_EXTENSIONS
+from shared.files import atomic_path, atomic_writer
 from shared.imaging import ImageError
 from shared.inference import InferenceOptions, Predictor
 from shared.labels import LabelMap
+from shared.messages import first_line
 from shared.pipeline import Band, Tiling, predict
 from shared.raster import (
     ArrayRaster,
@@ -62,7 +64,6 @@ from trainer.predict import (
     Report,
     WriteOptions,
     bar_disabled,
-    first_line,
     print_report,
     write_outputs,
 )
@@ -72,8 +73,6 @@ STATE_DIR = ".satseg-ray"
 # Set to "0", Ray runs single-machine clusters on the loopback interface alone.
 LOOPBACK_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 MANIFEST_VERSION = 1
-# Decoded whole wherever they are read; only GDAL rasters are cut into blocks.
-PICTURE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 # Reading and writing are light beside the model: two of them share a CPU.
 IO_CPUS = 0.5
 # Rows of a scene assembled at a time from its part files.
@@ -171,6 +170,10 @@ class RunSummary:
     pixels: int = 0
     seconds: float = 0.0
 
+    def rate(self, seconds: float) -> str:
+        """The pixels computed so far over ``seconds``, as "N.NN Mpx/s"."""
+        return f"{self.pixels / 1e6 / max(seconds, 1e-9):.2f} Mpx/s"
+
 
 def main_on_ray(
     args: argparse.Namespace,
@@ -181,20 +184,9 @@ def main_on_ray(
     options: InferenceOptions,
 ) -> int:
     """``trainer.predict`` with ``--ray``: returns its exit code."""
-    if args.ray_actors is not None and args.ray_actors < 1:
-        print("error: --ray-actors must be at least 1", file=sys.stderr)
-        return EXIT_USAGE
-    if args.block_size < 1:
-        print("error: --block-size must be positive", file=sys.stderr)
-        return EXIT_USAGE
-    if args.ray == "local" and "ray" not in sys.modules:
-        # A one-machine cluster: Ray then advertises and binds 127.0.0.1 only (its switch for
-        # single-machine use); otherwise it listens on every interface of the host.
-        os.environ.setdefault(LOOPBACK_ONLY_ENV, "0")
-    try:
-        import ray  # noqa: F401
-    except ImportError:
-        print("error: --ray needs Ray: pip install 'satseg[ray]'", file=sys.stderr)
+    problem = _prepare_ray(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return EXIT_USAGE
     try:
         checkpoint = load_checkpoint(args.checkpoint)
@@ -225,14 +217,30 @@ def main_on_ray(
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)
         return 130
-    rate = summary.pixels / 1e6 / max(summary.seconds, 1e-9)
     print(
         f"ray: {summary.total} unit(s): {summary.computed} computed, {summary.reused} reused "
         f"from the manifest, {len(summary.failed)} failed; {summary.seconds:.1f} s, "
-        f"{rate:.2f} Mpx/s",
+        f"{summary.rate(summary.seconds)}",
         file=sys.stderr,
     )
     return print_report(jobs, report)
+
+
+def _prepare_ray(args: argparse.Namespace) -> str | None:
+    """Check the ``--ray`` arguments and import Ray; what is wrong, or None."""
+    if args.ray_actors is not None and args.ray_actors < 1:
+        return "--ray-actors must be at least 1"
+    if args.block_size < 1:
+        return "--block-size must be positive"
+    if args.ray == "local" and "ray" not in sys.modules:
+        # A one-machine cluster: Ray then advertises and binds 127.0.0.1 only (its switch for
+        # single-machine use); otherwise it listens on every interface of the host.
+        os.environ.setdefault(LOOPBACK_ONLY_ENV, "0")
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        return "--ray needs Ray: pip install 'satseg[ray]'"
+    return None
 
 
 def predict_on_ray(
@@ -255,24 +263,53 @@ def predict_on_ray(
 
     report = Report()
     summary = RunSummary()
-    todo_jobs = []
-    for job in jobs:
-        if skip_existing and any(p.exists() for p in job.possible_outputs(write.format, False)):
-            report.kept.append(job.source)
-        else:
-            todo_jobs.append(job)
+    if skip_existing:
+        jobs = _unwritten(jobs, write, report)
     tiling = Tiling(options.tile, options.overlap, options.tile_batch)
-    units, failures = plan_units(todo_jobs, read, tiling, ray_options.block_size)
+    units, failures = plan_units(jobs, read, tiling, ray_options.block_size)
     for source, reason in failures:
         _skip(report, summary, source, reason)
     state = out / STATE_DIR
     manifest = Manifest.load(state / "manifest.json", fingerprint)
-    parts = state / "parts"
+    todo = _not_done(units, manifest, report, summary)
+    summary.total = len(units)
 
-    scenes: dict[Path, list[Unit]] = defaultdict(list)
-    for unit in units:
-        if unit.block is not None:
-            scenes[unit.job.source].append(unit)
+    started = _connect(ray_options)
+    try:
+        assembly = Assembly(ray, units, manifest, state / "parts", label_map, write)
+        return _run(
+            ray,
+            checkpoint,
+            todo,
+            assembly,
+            options=options,
+            read=read,
+            ray_options=ray_options,
+            report=report,
+            summary=summary,
+            progress=progress,
+        )
+    finally:
+        manifest.save()
+        if started:
+            ray.shutdown()
+
+
+def _unwritten(jobs: Sequence[Job], write: WriteOptions, report: Report) -> list[Job]:
+    """``--skip-existing``: the jobs with no output yet; the others join ``report.kept``."""
+    todo: list[Job] = []
+    for job in jobs:
+        if any(p.exists() for p in job.possible_outputs(write.format, False)):
+            report.kept.append(job.source)
+        else:
+            todo.append(job)
+    return todo
+
+
+def _not_done(
+    units: Sequence[Unit], manifest: Manifest, report: Report, summary: RunSummary
+) -> list[Unit]:
+    """The units a stopped run left to do; the outputs it finished join ``report``."""
     todo: list[Unit] = []
     for unit in units:
         source = str(unit.job.source)
@@ -284,30 +321,7 @@ def predict_on_ray(
             summary.reused += 1
         else:
             todo.append(unit)
-    summary.total = len(units)
-
-    started = _connect(ray_options)
-    try:
-        return _run(
-            ray,
-            checkpoint,
-            label_map,
-            todo,
-            scenes,
-            manifest,
-            parts,
-            options=options,
-            read=read,
-            write=write,
-            ray_options=ray_options,
-            report=report,
-            summary=summary,
-            progress=progress,
-        )
-    finally:
-        manifest.save()
-        if started:
-            ray.shutdown()
+    return todo
 
 
 def plan_units(
@@ -321,7 +335,8 @@ def plan_units(
     units: list[Unit] = []
     failures: list[tuple[Path, str]] = []
     for job in jobs:
-        if job.source.suffix.lower() in PICTURE_SUFFIXES:
+        # Decoded whole wherever they are read; only GDAL rasters are cut into blocks.
+        if job.source.suffix.lower() in PICTURE_EXTENSIONS:
             units.append(Unit(job))
             continue
         try:
@@ -509,8 +524,6 @@ def write_part(
     if rgb is not None:
         planes.append(np.moveaxis(rgb, -1, 0))
     data = np.concatenate(planes)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     profile = {
         "driver": "GTiff",
         "width": data.shape[2],
@@ -520,14 +533,10 @@ def write_part(
         "compress": "deflate",
         "ZLEVEL": 1,
     }
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            with rasterio.open(tmp, "w", **profile) as dst:
-                dst.write(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with rasterio.open(tmp, "w", **profile) as dst:
+            dst.write(data)
     return path
 
 
@@ -637,18 +646,64 @@ class Manifest:
         self.save(force=False)
 
 
+class Assembly:
+    """The scenes cut into blocks, each assembled by a Ray task once all its blocks are done."""
+
+    def __init__(
+        self,
+        ray: Any,
+        units: Sequence[Unit],
+        manifest: Manifest,
+        parts: Path,
+        label_map: LabelMap,
+        write: WriteOptions,
+    ) -> None:
+        self.ray = ray
+        self.manifest = manifest
+        self.parts = parts
+        self.label_map = label_map
+        self.write = write
+        self.scenes: dict[Path, list[Unit]] = defaultdict(list)
+        for unit in units:
+            if unit.block is not None:
+                self.scenes[unit.job.source].append(unit)
+        self.failed: set[Path] = set()  # scenes with a failed block: never assembled
+        self._task = ray.remote(num_cpus=IO_CPUS, max_retries=3)(assemble_scene)
+        self._running: dict[Any, Path] = {}
+
+    def ready(self, source: Path) -> bool:
+        return source not in self.failed and all(
+            self.manifest.has(u.key) for u in self.scenes[source]
+        )
+
+    def start(self, source: Path) -> None:
+        units = self.scenes[source]
+        blocks = [(u.block, part_path(self.parts, u)) for u in units]
+        ref = self._task.remote(units[0].job, units[0].scene, blocks, self.label_map, self.write)
+        self._running[ref] = source
+
+    def start_resumed(self) -> None:
+        """Scenes whose blocks were all done before a stop need only their assembly."""
+        for source in self.scenes:
+            if not self.manifest.has(str(source)) and self.ready(source):
+                self.start(source)
+
+    def collect(self, report: Report, summary: RunSummary) -> None:
+        """Wait for every assembly started; book its outputs or its failure."""
+        for ref, source in self._running.items():
+            _collect_scene(
+                self.ray, ref, self.scenes[source], source, self.manifest, report, summary
+            )
+
+
 def _run(
     ray: Any,
     checkpoint: dict,
-    label_map: LabelMap,
     todo: list[Unit],
-    scenes: dict[Path, list[Unit]],
-    manifest: Manifest,
-    parts: Path,
+    assembly: Assembly,
     *,
     options: InferenceOptions,
     read: ReadOptions,
-    write: WriteOptions,
     ray_options: RayOptions,
     report: Report,
     summary: RunSummary,
@@ -661,25 +716,7 @@ def _run(
     context.enable_progress_bars = False  # the driver's own bar counts units
     context.print_on_execution_start = False
 
-    assemble = ray.remote(num_cpus=IO_CPUS, max_retries=3)(assemble_scene)
-    assembling: dict[Any, Path] = {}
-    failed_scenes: set[Path] = set()
-
-    def scene_done(source: Path) -> bool:
-        return all(manifest.has(u.key) for u in scenes[source])
-
-    def start_assembly(source: Path) -> None:
-        units = scenes[source]
-        blocks = [(u.block, part_path(parts, u)) for u in units]
-        scene = units[0].scene
-        ref = assemble.remote(units[0].job, scene, blocks, label_map, write)
-        assembling[ref] = source
-
-    # Scenes whose blocks were all done before a stop need only their assembly.
-    for source in scenes:
-        if not manifest.has(str(source)) and scene_done(source):
-            start_assembly(source)
-
+    assembly.start_resumed()
     bar = tqdm(
         total=summary.total,
         initial=summary.reused,
@@ -690,28 +727,23 @@ def _run(
     if todo:
         # Held for the whole run: a restarted actor reads the checkpoint from it again.
         checkpoint_ref = ray.put(checkpoint)
-        dataset = _dataset(
-            ray, todo, checkpoint_ref, label_map, parts, options, read, write, ray_options
-        )
+        dataset = _dataset(ray, todo, checkpoint_ref, assembly, options, read, ray_options)
         by_key = {u.key: u for u in todo}
         for row in dataset.iter_rows():
             unit = by_key[row["key"]]
-            source = unit.job.source
-            block_done = _record(row, unit, manifest, report, summary, failed_scenes)
-            if block_done and source not in failed_scenes and scene_done(source):
-                start_assembly(source)
+            block_done = _record(row, unit, assembly.manifest, report, summary, assembly.failed)
+            if block_done and assembly.ready(unit.job.source):
+                assembly.start(unit.job.source)
             bar.update(1)
-            elapsed = time.perf_counter() - started
-            bar.set_postfix_str(f"{summary.pixels / 1e6 / max(elapsed, 1e-9):.2f} Mpx/s")
+            bar.set_postfix_str(summary.rate(time.perf_counter() - started))
     bar.close()
-    for ref, source in assembling.items():
-        _collect_scene(ray, ref, scenes[source], source, manifest, report, summary)
+    assembly.collect(report, summary)
     summary.seconds = time.perf_counter() - started
     if not report.skipped:
         # Finished: a later run with the same arguments computes afresh, like trainer.predict.
-        manifest.remove()
+        assembly.manifest.remove()
         with contextlib.suppress(OSError):
-            _remove_empty(parts)
+            _remove_empty(assembly.parts)
     return report, summary
 
 
@@ -719,15 +751,14 @@ def _dataset(
     ray: Any,
     todo: list[Unit],
     checkpoint_ref: Any,
-    label_map: LabelMap,
-    parts: Path,
+    assembly: Assembly,
     options: InferenceOptions,
     read: ReadOptions,
-    write: WriteOptions,
     ray_options: RayOptions,
 ) -> Any:
     """The units through Ray Data: read (CPU tasks) -> Segmenter (actor pool) -> write."""
     actors, resources = _actor_pool(ray, options, ray_options)
+    write, label_map, parts = assembly.write, assembly.label_map, assembly.parts
     return (
         ray.data.from_items([{"unit": u} for u in todo], override_num_blocks=len(todo))
         .map(read_unit, fn_kwargs={"read": read}, num_cpus=IO_CPUS)
