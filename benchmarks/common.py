@@ -19,7 +19,7 @@ import torch
 import torchvision
 
 from benchmarks.stats import percentile
-from shared.cpu import cpu_flags
+from shared.cpu import cpu_flags, cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
 # CPU features that decide which kernels run (int8 dot products, bf16, AMX tiles).
@@ -115,7 +115,7 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": str(torch.__version__),
         "torchvision": str(torchvision.__version__),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "torch_threads": torch.get_num_threads(),
@@ -215,16 +215,6 @@ def _jsonable(value: object) -> object:
     if isinstance(value, Path | torch.device | torch.dtype):
         return str(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _memory_gib() -> float | None:

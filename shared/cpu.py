@@ -1,20 +1,20 @@
-"""What this CPU computes in hardware, from the feature flags of ``/proc/cpuinfo``."""
+"""What this CPU is and computes in hardware, from its model name and feature flags in
+``/proc/cpuinfo``."""
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 
 
 def cpu_flags() -> frozenset[str]:
     """The CPU feature flags of ``/proc/cpuinfo`` (empty where it does not exist)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
+    return frozenset((_cpuinfo_field("flags") or "").split())
+
+
+def cpu_model() -> str:
+    """The CPU's model name, as ``/proc/cpuinfo`` or else the platform names it."""
+    return _cpuinfo_field("model name") or platform.processor() or "unknown CPU"
 
 
 def has_int8_matmul() -> bool:
@@ -29,3 +29,15 @@ def cpu_has_native_bf16() -> bool:
     Without it, oneDNN emulates bf16 and autocast is slower than fp32.
     """
     return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def _cpuinfo_field(name: str) -> str | None:
+    """The value of the first ``name`` line of ``/proc/cpuinfo`` (None where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith(name):
+            return line.split(":", 1)[1].strip()
+    return None

@@ -36,6 +36,21 @@ def test_bf16_units(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, flag: str) 
     assert cpu.cpu_has_native_bf16() is True and cpu.has_int8_matmul() is False
 
 
+def test_model_name_comes_from_proc_cpuinfo(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    fake_cpuinfo(monkeypatch, tmp_path, "avx2")
+    assert cpu.cpu_model() == "test"
+
+
+def test_no_cpuinfo_names_the_platform_processor(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(cpu, "Path", lambda name: tmp_path / "missing")
+    monkeypatch.setattr(cpu.platform, "processor", lambda: "x86_64")
+    assert cpu.cpu_model() == "x86_64"
+
+
 def test_no_cpuinfo_means_no_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(cpu, "Path", lambda name: tmp_path / "missing")
     assert cpu.cpu_flags() == frozenset() and cpu.cpu_has_native_bf16() is False
