@@ -51,6 +51,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
+# Standard library only, like this module: it runs before the wheels are installed.
+from shared.files import atomic_write_bytes
+
 REPO = Path(__file__).resolve().parents[1]
 RESULT_MARK = "GPU_CHECK_RESULT "
 # Distributions that come with a CUDA build of PyTorch: the machine's own are kept.
@@ -709,9 +712,8 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def write_report(path: Path, report: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    tmp.replace(path)
+    # Rewritten after every stage: a reader (or a killed check) sees one whole report or another.
+    atomic_write_bytes(path, (json.dumps(report, indent=2, default=str) + "\n").encode())
 
 
 def check(args: argparse.Namespace) -> int:

@@ -43,6 +43,7 @@ from rasterio.transform import from_bounds
 from rasterio.windows import Window
 
 from benchmarks.common import REPO, describe, machine, markdown_table, write_json
+from shared.files import atomic_path
 
 MOSAIC_W, MOSAIC_H = 5400, 2700
 BAND_ROWS = 1024
@@ -84,14 +85,12 @@ def build_scene(path: Path, width: int, height: int, source: np.ndarray) -> None
         "BIGTIFF": "IF_SAFER",
     }
     # Written under another name and renamed when complete, so an interrupted build is not
-    # taken for a scene by the next run.
-    partial = path.with_name(path.name + ".part")
-    with rasterio.open(partial, "w", **profile) as dst:
+    # taken for a scene by the next run (durable: which also removes a killed build's leftovers).
+    with atomic_path(path, durable=True) as partial, rasterio.open(partial, "w", **profile) as dst:
         for top in range(0, height, BAND_ROWS):
             rows = np.arange(top, min(top + BAND_ROWS, height)) * MOSAIC_H // height
             band = source[rows][:, cols]
             dst.write(band.transpose(2, 0, 1), window=Window(0, top, width, len(rows)))
-    partial.replace(path)
 
 
 def run_predict(checkpoint: Path, scene: Path, out: Path, threads: int | None) -> dict[str, Any]:
