@@ -6,7 +6,7 @@ import base64
 import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, TypeVar
 
 import numpy as np
@@ -401,34 +401,28 @@ async def segment(
     async with AsyncExitStack() as held:  # admission, then the image's memory
         ticket = held.enter_context(engine.admit())
         upload = await _decode_image(engine, image, name, raster, ticket, held)
-        array, geo = upload.rgb, upload.geo
+        geo = upload.geo
         await _check_placeable(image, name, geo, format, crs)
         decoded = time.perf_counter()
         prediction = await engine.predict(
-            array,
+            upload.rgb,
             ticket,
             valid=None if geo is None else geo.valid,
             probabilities=format is SegmentFormat.probabilities,
             pixels=upload.pixels,
         )
-        mask = prediction.mask
         inferred = time.perf_counter()
-        label_map = _label_map(ticket)
-        if format is SegmentFormat.rle:
-            classes = await engine.run_io(mask_to_classes, mask, label_map)
-            preview_url = await engine.run_io(_data_url, array) if preview else None
-        elif format is SegmentFormat.geojson:
-            body = await engine.run_io(
-                mask_to_geojson,
-                mask,
-                georef_of(geo),
-                label_map,
-                crs=crs,
-                min_area=min_area,
-                simplify=simplify,
-            )
-        else:
-            body = await engine.run_io(_encode_image, prediction, geo, label_map, format)
+        body = await _encode(
+            engine,
+            prediction,
+            upload,
+            _label_map(ticket),
+            format,
+            crs=crs,
+            min_area=min_area,
+            simplify=simplify,
+            preview=preview,
+        )
         end = time.perf_counter()
     timing = {
         "decode": _ms(decoded - start),
@@ -440,13 +434,41 @@ async def segment(
         return _answer(format, body, timing, ticket.model.sha256, upload.warnings)
     response.headers[MODEL_VERSION] = ticket.model.sha256
     response.headers.update(_warning_headers(upload.warnings))
+    return {**body, "timing_ms": timing, "warnings": list(upload.warnings)}
+
+
+async def _encode(
+    engine: Engine,
+    prediction: Prediction,
+    upload: Decoded,
+    label_map: LabelMap,
+    format: SegmentFormat,
+    *,
+    crs: str,
+    min_area: float,
+    simplify: float,
+    preview: bool,
+) -> Any:
+    """The answer's content, encoded on the I/O pool: for ``rle`` its JSON fields but timing
+    and warnings, for ``geojson`` the feature collection, else the file's bytes."""
+    mask = prediction.mask
+    if format is SegmentFormat.geojson:
+        return await engine.run_io(
+            mask_to_geojson,
+            mask,
+            georef_of(upload.geo),
+            label_map,
+            crs=crs,
+            min_area=min_area,
+            simplify=simplify,
+        )
+    if format is not SegmentFormat.rle:
+        return await engine.run_io(_encode_image, prediction, upload.geo, label_map, format)
     return {
         "height": int(mask.shape[0]),
         "width": int(mask.shape[1]),
-        "classes": classes,
-        "timing_ms": timing,
-        "warnings": list(upload.warnings),
-        "preview": preview_url,
+        "classes": await engine.run_io(mask_to_classes, mask, label_map),
+        "preview": await engine.run_io(_data_url, upload.rgb) if preview else None,
     }
 
 
@@ -509,6 +531,35 @@ def _warning_headers(warnings: tuple[str, ...] | list[str]) -> dict[str, str]:
     return {WARNING_HEADER: text.encode("ascii", "replace").decode().replace("\n", " ")}
 
 
+ImageUploads = Annotated[
+    list[UploadFile],
+    File(min_length=1, description="Images; repeat the field for several pairs."),
+]
+MaskUploads = Annotated[
+    list[UploadFile],
+    File(
+        min_length=1,
+        description="Ground-truth masks (index or colour PNG), paired with images in order.",
+    ),
+]
+EvaluateFormatQuery = Annotated[
+    EvaluateFormat,
+    Query(
+        description="`rle` adds each prediction and ground truth as COCO RLE; `png` "
+        "leaves them out."
+    ),
+]
+
+
+@dataclass
+class _Tally:
+    """What an ``/evaluate`` request gathers over its pairs besides their scores."""
+
+    decode_s: float = 0.0
+    infer_s: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+
 @router.post(
     "/evaluate",
     dependencies=PROTECTED,
@@ -518,26 +569,11 @@ def _warning_headers(warnings: tuple[str, ...] | list[str]) -> dict[str, str]:
 )
 async def evaluate(
     engine: EngineDep,
-    image: Annotated[
-        list[UploadFile],
-        File(min_length=1, description="Images; repeat the field for several pairs."),
-    ],
-    mask: Annotated[
-        list[UploadFile],
-        File(
-            min_length=1,
-            description="Ground-truth masks (index or colour PNG), paired with images in order.",
-        ),
-    ],
+    image: ImageUploads,
+    mask: MaskUploads,
     raster: RasterDep,
     response: Response,
-    format: Annotated[
-        EvaluateFormat,
-        Query(
-            description="`rle` adds each prediction and ground truth as COCO RLE; `png` "
-            "leaves them out."
-        ),
-    ] = EvaluateFormat.png,
+    format: EvaluateFormatQuery = EvaluateFormat.png,
     preview: PreviewQuery = False,
 ) -> Any:
     """Segment each image and compare it with its mask: confusion matrix, IoU, Dice,
@@ -547,60 +583,70 @@ async def evaluate(
     left out of the scores."""
     _check_pair_count(len(image), len(mask), engine.settings.max_pairs)
     start = time.perf_counter()
-    decode_s = infer_s = 0.0
-    warnings: list[str] = []
+    tally = _Tally()
+    with_masks = format is EvaluateFormat.rle
     with engine.admit() as ticket:
         label_map = _label_map(ticket)
         total = ConfusionMatrix(label_map.num_classes, label_map.ignore_index)
-        pairs = []
-        for index, (image_file, mask_file) in enumerate(zip(image, mask, strict=True)):
-            async with AsyncExitStack() as held:  # one pair's memory at a time
-                t0 = time.perf_counter()
-                decoded, truth = await _decode_pair(
-                    engine, ticket, held, label_map, index, image_file, mask_file, raster
-                )
-                geo = decoded.geo
-                warnings.extend(decoded.warnings)
-                t1 = time.perf_counter()
-                prediction = await engine.segment(
-                    decoded.rgb,
-                    ticket,
-                    valid=None if geo is None else geo.valid,
-                    pixels=decoded.pixels,
-                )
-            t2 = time.perf_counter()
-            decode_s, infer_s = decode_s + t1 - t0, infer_s + t2 - t1
-            names = (image_file.filename, mask_file.filename)
-            pair = await engine.run_io(
-                _score_pair,
-                label_map,
-                total,
-                index,
-                names,
-                prediction,
-                truth,
-                geo,
-                with_masks=format is EvaluateFormat.rle,
+        pairs = [
+            await _evaluate_pair(
+                engine, ticket, total, tally, index, files, raster, with_masks, preview
             )
-            if preview and format is EvaluateFormat.rle:
-                pair["preview"] = await engine.run_io(_data_url, decoded.rgb)
-            pairs.append(pair)
+            for index, files in enumerate(zip(image, mask, strict=True))
+        ]
         aggregate = _scores(total, label_map)
     end = time.perf_counter()
     response.headers[MODEL_VERSION] = ticket.model.sha256
-    response.headers.update(_warning_headers(warnings))
+    response.headers.update(_warning_headers(tally.warnings))
     return {
-        "warnings": warnings,
+        "warnings": tally.warnings,
         "num_pairs": len(pairs),
         "pairs": pairs,
         "aggregate": aggregate,
         "timing_ms": {
-            "decode": _ms(decode_s),
-            "inference": _ms(infer_s),
-            "encode": _ms(end - start - decode_s - infer_s),
+            "decode": _ms(tally.decode_s),
+            "inference": _ms(tally.infer_s),
+            "encode": _ms(end - start - tally.decode_s - tally.infer_s),
             "total": _ms(end - start),
         },
     }
+
+
+async def _evaluate_pair(
+    engine: Engine,
+    ticket: Ticket,
+    total: ConfusionMatrix,
+    tally: _Tally,
+    index: int,
+    files: tuple[UploadFile, UploadFile],
+    raster: RasterOptions,
+    with_masks: bool,
+    preview: bool,
+) -> dict[str, Any]:
+    """Pair ``index`` decoded, segmented and scored (its confusion matrix joins ``total``, its
+    times and warnings ``tally``); with ``with_masks`` and ``preview``, its image as a PNG."""
+    image_file, mask_file = files
+    label_map = _label_map(ticket)
+    async with AsyncExitStack() as held:  # one pair's memory at a time
+        t0 = time.perf_counter()
+        decoded, truth = await _decode_pair(
+            engine, ticket, held, label_map, index, image_file, mask_file, raster
+        )
+        geo = decoded.geo
+        tally.warnings.extend(decoded.warnings)
+        t1 = time.perf_counter()
+        prediction = await engine.segment(
+            decoded.rgb, ticket, valid=None if geo is None else geo.valid, pixels=decoded.pixels
+        )
+    t2 = time.perf_counter()
+    tally.decode_s, tally.infer_s = tally.decode_s + t1 - t0, tally.infer_s + t2 - t1
+    names = (image_file.filename, mask_file.filename)
+    pair = await engine.run_io(
+        _score_pair, label_map, total, index, names, prediction, truth, geo, with_masks=with_masks
+    )
+    if preview and with_masks:
+        pair["preview"] = await engine.run_io(_data_url, decoded.rgb)
+    return pair
 
 
 def _check_pair_count(images: int, masks: int, max_pairs: int) -> None:

@@ -302,20 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code (0 ok, 1 files skipped, 2 usage/checkpoint errors)."""
     args = build_parser().parse_args(argv)
     try:
-        read = ReadOptions(
-            bands=parse_band_list(args.bands),
-            scale=parse_scale(args.scale),
-            max_pixels=args.max_pixels,
-            nodata=parse_nodata(args.nodata),
-        )
-        write = WriteOptions(
-            format=args.format,
-            overlays=args.overlay,
-            alpha=args.alpha,
-            crs=args.crs,
-            min_area=args.min_area,
-            simplify=args.simplify,
-        )
+        read, write = _read_write_options(args)
         jobs = collect_jobs(args.inputs, args.out)
         options = InferenceOptions(
             device=args.device,
@@ -325,16 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             tile_batch=args.batch,
         )
         if args.ray:
-            from trainer.ray_predict import main_on_ray
-
-            spec = bands_from_checkpoint(load_checkpoint(args.checkpoint))
-            if not spec.reads_pictures():
-                raise PredictError(
-                    f"--ray runs 8-bit RGB models; {args.checkpoint} reads {spec.count} bands "
-                    f"({', '.join(spec.names)}, {spec.dtype}): run without --ray"
-                )
-            read = replace(read, bands=parse_bands(read.bands))
-            return main_on_ray(args, jobs, read=read, write=write, options=options)
+            return _main_on_ray(args, jobs, read=read, write=write, options=options)
         predictor = Predictor.from_checkpoint(args.checkpoint, options)
         read = for_model(read, predictor)
     except (PredictError, RasterOptionError, CheckpointError, ValueError) as err:
@@ -361,6 +339,46 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted; continue with --skip-existing", file=sys.stderr)
         return 130
     return print_report(jobs, report)
+
+
+def _read_write_options(args: argparse.Namespace) -> tuple[ReadOptions, WriteOptions]:
+    """How inputs are read and outputs written, from the command line."""
+    read = ReadOptions(
+        bands=parse_band_list(args.bands),
+        scale=parse_scale(args.scale),
+        max_pixels=args.max_pixels,
+        nodata=parse_nodata(args.nodata),
+    )
+    write = WriteOptions(
+        format=args.format,
+        overlays=args.overlay,
+        alpha=args.alpha,
+        crs=args.crs,
+        min_area=args.min_area,
+        simplify=args.simplify,
+    )
+    return read, write
+
+
+def _main_on_ray(
+    args: argparse.Namespace,
+    jobs: Sequence[Job],
+    *,
+    read: ReadOptions,
+    write: WriteOptions,
+    options: InferenceOptions,
+) -> int:
+    """``--ray``: for 8-bit RGB models, the run handed to :mod:`trainer.ray_predict`."""
+    from trainer.ray_predict import main_on_ray
+
+    spec = bands_from_checkpoint(load_checkpoint(args.checkpoint))
+    if not spec.reads_pictures():
+        raise PredictError(
+            f"--ray runs 8-bit RGB models; {args.checkpoint} reads {spec.count} bands "
+            f"({', '.join(spec.names)}, {spec.dtype}): run without --ray"
+        )
+    read = replace(read, bands=parse_bands(read.bands))
+    return main_on_ray(args, jobs, read=read, write=write, options=options)
 
 
 def print_report(jobs: Sequence[Job], report: Report) -> int:
