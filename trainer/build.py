@@ -431,12 +431,17 @@ def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
 def make_schedule(
     optimizer: torch.optim.Optimizer, cfg: Config, batches_per_epoch: int
 ) -> LRSchedule:
-    """Warm-up, then decay over the planned steps or the time budget, whichever runs out first."""
+    """Warm-up, then decay over the planned steps or the time budget, whichever runs out first.
+    The planned steps are the epochs' steps, or ``train.max_steps`` when that ends the run first:
+    a run that stops at max_steps has decayed to min_lr by then."""
     steps_per_epoch = max(1, batches_per_epoch // cfg.train.accumulate)
+    planned = cfg.train.epochs * steps_per_epoch
+    if cfg.train.max_steps is not None:
+        planned = min(planned, cfg.train.max_steps)
     return LRSchedule(
         optimizer,
         base_lr=cfg.train.lr,
-        total_steps=cfg.train.epochs * steps_per_epoch,
+        total_steps=planned,
         warmup_steps=cfg.train.warmup_steps,
         kind=cfg.train.schedule,
         power=cfg.train.poly_power,
