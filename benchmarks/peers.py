@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from shared.model import MainLogits
 from shared.preprocess import Normalization, normalize
 
 Run = Callable[[torch.Tensor], torch.Tensor]
@@ -46,22 +47,11 @@ def missing(runtime: str) -> str | None:
     return f'not installed: {", ".join(absent)} (pip install -e ".[bench]")'
 
 
-class _MainHead(nn.Module):
-    """DeepLabV3 -> its ``out`` logits only, without the auxiliary head."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)["out"]
-
-
 def export_onnx(model: nn.Module, path: Path, size: int) -> Path:
     """Write ``model`` (fp32 eval DeepLabV3) as ONNX with dynamic batch, height and width."""
     if not _installed("onnx"):
         raise PeerUnavailable('not installed: onnx (pip install -e ".[bench]")')
-    net = _MainHead(model).eval()
+    net = MainLogits(model).eval()
     aux = getattr(model, "aux_classifier", None)
     model.aux_classifier = None
     try:

@@ -38,6 +38,7 @@ from shared.datasets import (
     lon_columns,
 )
 from shared.metrics import ConfusionMatrix
+from shared.model import MainLogits
 from shared.precision import AUTOCAST_DTYPES, FLOAT_PRECISIONS
 from shared.preprocess import Normalization, image_to_tensor, normalize
 
@@ -212,17 +213,6 @@ class Forward(nn.Module):
         return self.description
 
 
-class _Logits(nn.Module):
-    """DeepLabV3 without its dict output: ``(N, 3, H, W) -> (N, C, H, W)`` main logits."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)["out"]
-
-
 def optimize(
     model: nn.Module,
     *,
@@ -279,7 +269,7 @@ def optimize(
         raise ValueError(f"unknown quantize mode {quantize!r}; allowed: {', '.join(QUANTIZE)}")
 
     # One copy of the model, which every step below transforms in place.
-    net = _Logits(_without_aux(model)).eval()
+    net = MainLogits(_without_aux(model)).eval()
     checks: list[torch.Tensor] = []
     expected: list[torch.Tensor] = []
     num_classes = 0
@@ -381,7 +371,7 @@ def quantize_int8(
     VNNI computes without overflow). Conv+BN+ReLU are fused, and with oneDNN so is a residual
     block's last Conv+BN with its add and ReLU (oneDNN's backend config; the default one leaves
     the add as a separate int8 pass over the block's output: 6% of ResNet-50's CPU time). The
-    head's final 1x1 convolution (``model.classifier.4`` of a :class:`_Logits`-wrapped
+    head's final 1x1 convolution (``model.classifier.4`` of a :class:`MainLogits`-wrapped
     DeepLabV3) stays float32.
 
     Returns a new module; ``net`` is copied first unless ``inplace`` (then it is consumed).

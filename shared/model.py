@@ -324,6 +324,19 @@ def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model(x)["out"]
 
 
+class MainLogits(nn.Module):
+    """A DeepLabV3 without its dict output, for tracers and exporters that want one tensor out:
+    normalised ``(N, B, H, W)`` -> main ``(N, C, H, W)`` logits. Its layers keep their names
+    under ``model.`` (``model.classifier.4`` is the head's last convolution)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return logits(self.model, x)
+
+
 def head_out_channels(model: nn.Module) -> int:
     """C of the main head's final 1x1 convolution."""
     return int(model.classifier[4].out_channels)
