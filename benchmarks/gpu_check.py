@@ -875,18 +875,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def print_rendered(argv: Sequence[str], render: Callable[[dict[str, Any]], str], usage: str) -> int:
+    """``OPTION report.json``: print ``render`` of the JSON report (exit code 0), or say what
+    is wrong (2)."""
+    if len(argv) != 2:
+        print(f"usage: {usage}", file=sys.stderr)
+        return 2
+    try:
+        print(render(json.loads(Path(argv[1]).read_text())), end="")
+    except (OSError, ValueError) as err:
+        print(f"error: {argv[1]}: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--markdown"]:  # --markdown gpu_check.json: print a RESULTS.md section
-        if len(argv) != 2:
-            print("usage: benchmarks/gpu_check.sh --markdown gpu_check.json", file=sys.stderr)
-            return 2
-        try:
-            print(markdown(json.loads(Path(argv[1]).read_text())), end="")
-        except (OSError, ValueError) as err:
-            print(f"error: {argv[1]}: {err}", file=sys.stderr)
-            return 2
-        return 0
+        usage = "benchmarks/gpu_check.sh --markdown gpu_check.json"
+        return print_rendered(argv, markdown, usage)
     return check(parse_args(argv))
 
 

@@ -39,6 +39,7 @@ from benchmarks.gpu_check import (
     REPO,
     child_env,
     install_wheels,
+    print_rendered,
     run_logged,
     training_summary,
     write_report,
@@ -378,15 +379,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--table"]:  # --table gpu_sweep.json: print the per-candidate table
-        if len(argv) != 2:
-            print("usage: python -m benchmarks.gpu_sweep --table gpu_sweep.json", file=sys.stderr)
-            return 2
-        try:
-            print(table(json.loads(Path(argv[1]).read_text())), end="")
-        except (OSError, ValueError) as err:
-            print(f"error: {argv[1]}: {err}", file=sys.stderr)
-            return 2
-        return 0
+        return print_rendered(argv, table, "python -m benchmarks.gpu_sweep --table gpu_sweep.json")
     args = parse_args(argv)
     try:
         candidates = load_candidates(args.candidates, args.base_config)
