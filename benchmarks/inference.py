@@ -169,12 +169,16 @@ def load_or_make_checkpoint(path: Path | None, backbone: str, workdir: Path) -> 
 
 
 def torchvision_baseline(ckpt: dict) -> nn.Module:
-    """The checkpoint's weights in a plain torchvision DeepLabV3, eval mode, fp32, NCHW."""
+    """The checkpoint's weights in a plain eager DeepLabV3 (torchvision's builder where it ships the
+    backbone, else shared.model's), eval mode, fp32, NCHW."""
     from torchvision.models import segmentation
 
     arch = ckpt["arch"]
-    builder = getattr(segmentation, f"deeplabv3_{arch['backbone']}")
-    model = builder(weights=None, weights_backbone=None, num_classes=arch["num_classes"])
+    builder = getattr(segmentation, f"deeplabv3_{arch['backbone']}", None)
+    if builder is None:  # a backbone of shared.model that torchvision does not ship
+        model = build_model(arch["backbone"], num_classes=arch["num_classes"])
+    else:
+        model = builder(weights=None, weights_backbone=None, num_classes=arch["num_classes"])
     state = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith("aux_classifier.")}
     model.load_state_dict(state, strict=True)
     return model.eval()
