@@ -127,3 +127,18 @@ def test_quick_full_path_with_service_and_scene(tmp_path: Path, tiny_checkpoint:
     assert all(r["errors"] == 0 and r["p95_ms"] >= r["p50_ms"] for r in service["rows"])
     assert service["precision"] == "fp32"
     assert result["service_over_engine"] > 0 and result["service_over_engine_rle"] > 0
+
+
+def test_eager_baseline_builds_backbones_torchvision_does_not_ship() -> None:
+    from shared.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model("mobilenet_v3_large_fine", num_classes=3).eval()
+    ckpt = {
+        "arch": {"backbone": "mobilenet_v3_large_fine", "num_classes": 3},
+        "state_dict": model.state_dict(),
+    }
+    baseline = inference.torchvision_baseline(ckpt)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(baseline(x)["out"], model(x)["out"])
