@@ -24,7 +24,7 @@ from torch import nn
 from shared.bands import BandError, BandSpec
 from shared.files import atomic_writer
 from shared.labels import LabelMap, LabelMapError
-from shared.messages import first_sentence, refused_global
+from shared.messages import first_sentence, one_line, refused_global
 from shared.model import BACKBONES, build_model, head_out_channels, model_in_channels
 from shared.preprocess import Normalization
 
@@ -237,10 +237,9 @@ def model_from_checkpoint(
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        detail = " ".join(str(exc).split())
         raise CheckpointError(
             f"checkpoint state_dict does not fit deeplabv3/{arch['backbone']} with "
-            f"{arch['num_classes']} classes: {detail[:500]}"
+            f"{arch['num_classes']} classes: {one_line(exc, 500)}"
         ) from None
     model.to(device).eval()
     return model, label_map, normalization

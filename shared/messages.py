@@ -11,6 +11,13 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def one_line(exc: BaseException, limit: int | None = None) -> str:
+    """An error's whole message on one line, white space folded (its type's name when it has
+    none), cut to ``limit`` characters and "..." where longer."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if limit is None or len(text) <= limit else text[:limit] + "..."
+
+
 def first_sentence(exc: BaseException) -> str:
     """The first sentence of an error's first line: torch's messages run on with advice, and
     the first sentence carries the fact."""

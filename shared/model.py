@@ -37,7 +37,7 @@ from torchvision.models.segmentation import (
 from torchvision.models.segmentation.deeplabv3 import ASPP, DeepLabV3
 from torchvision.models.segmentation.fcn import FCNHead
 
-from shared.messages import first_sentence, refused_global
+from shared.messages import first_sentence, one_line, refused_global
 
 # torchvision's two DeepLabV3 models, and three built here for small CPUs and features a few
 # pixels wide: MobileNetV3-Large and ResNet-18 dilated to output stride 8 (_build_fine), and
@@ -151,7 +151,7 @@ def build_model(
         except RuntimeError as exc:
             raise WeightsUnavailableError(
                 f"{cache_path(url)} does not hold the DeepLabV3-{backbone} COCO weights "
-                f"({_compact(exc)}); delete it and place the file from {url} there"
+                f"({one_line(exc, 400)}); delete it and place the file from {url} there"
             ) from exc
         _replace_heads(model, num_classes)
         if not aux_loss:
@@ -532,7 +532,9 @@ def _load_full(model: nn.Module, state: Mapping[str, torch.Tensor], source: str)
     try:
         result = model.load_state_dict(filtered, strict=False)
     except RuntimeError as exc:  # shape mismatches outside the head
-        raise ValueError(f"weights file {source} does not fit this model: {_compact(exc)}") from exc
+        raise ValueError(
+            f"weights file {source} does not fit this model: {one_line(exc, 400)}"
+        ) from exc
     missing = [k for k in result.missing_keys if k not in skipped]
     missing_aux = [k for k in missing if k.startswith("aux_classifier.")]
     missing = [k for k in missing if k not in missing_aux]
@@ -573,13 +575,8 @@ def _load_backbone(
         trunk.load_state_dict(mapped, strict=True)
     except RuntimeError as exc:
         raise ValueError(
-            f"{source} weights do not fit the {backbone} backbone: {_compact(exc)}"
+            f"{source} weights do not fit the {backbone} backbone: {one_line(exc, 400)}"
         ) from exc
-
-
-def _compact(exc: BaseException, limit: int = 400) -> str:
-    text = " ".join(str(exc).split())
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _few(keys: list[str], limit: int = 5) -> str:

@@ -27,6 +27,7 @@ from shared.bands import BandSpec
 from shared.checkpoint import CheckpointError, bands_from_checkpoint
 from shared.inference import InferenceOptions, Predictor
 from shared.labels import LabelMapError
+from shared.messages import one_line
 from shared.metrics import BoundaryIoU, ConfusionMatrix, scores
 from shared.precision import INFERENCE_PRECISIONS
 from shared.raster import ArrayRaster
@@ -203,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ValueError,
         OSError,
     ) as err:
-        print(f"error: {_one_line(err)}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return EXIT_ERROR
     print(
         f"{result['checkpoint']} on {result['data']} [{result['split']}]: "
@@ -214,10 +215,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         print(f"wrote {args.json}")
     return EXIT_OK
-
-
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split()) or type(err).__name__
 
 
 if __name__ == "__main__":

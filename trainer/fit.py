@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from shared.bands import BandSpec
 from shared.inference import InferenceOptions, resolve_device
+from shared.messages import one_line
 from shared.metrics import ConfusionMatrix, scores
 from shared.preprocess import normalize
 from trainer import distributed
@@ -49,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         summary = train(cfg)
     except (*USER_ERRORS, RemoteRankError) as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("interrupted; resume with train.resume=<run folder>/last.pt", file=sys.stderr)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shared.messages import first_line, first_sentence, refused_global
+from shared.messages import first_line, first_sentence, one_line, refused_global
 
 
 def test_first_line_keeps_the_whole_first_line() -> None:
@@ -27,3 +27,10 @@ def test_refused_global_names_the_class_torch_refused() -> None:
     )
     assert refused_global(err) == "argparse.Namespace"
     assert refused_global(RuntimeError("Weights only load failed.")) is None
+
+
+def test_one_line_folds_the_whole_message_and_cuts_it_at_the_limit() -> None:
+    err = RuntimeError("Error(s) in loading state_dict:\n\tMissing key(s): a.weight,\n\tb.bias")
+    assert one_line(err) == "Error(s) in loading state_dict: Missing key(s): a.weight, b.bias"
+    assert one_line(err, 14) == "Error(s) in lo..."
+    assert one_line(ValueError(" \n ")) == "ValueError"
