@@ -28,6 +28,7 @@ import statistics
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -79,18 +80,28 @@ class Reload:
     status: int | None = None
     old_version: str | None = None  # from the reload's answer
     new_version: str | None = None
+    # The clients keep sending until this long after the reload answered, however long the
+    # reload took (the run's seconds are a minimum), so the new model always gets requests.
+    load_after_s: float = 0.0
+    # ... and it is sent no sooner than this many answers came back (a slow start still has
+    # answers of the old model before the swap).
+    after_answers: int = 0
+
+    def pending(self, now: float) -> bool:
+        """Whether clients should keep sending for this reload at ``now``."""
+        return self.answered is None or now < self.answered + self.load_after_s
 
 
 async def _client(
     http: httpx.AsyncClient,
     url: str,
     body: bytes,
-    deadline: float,
+    running: Callable[[float], bool],
     max_requests: int,
     counter: list[int],
     answers: list[Answer],
 ) -> None:
-    while time.monotonic() < deadline and counter[0] < max_requests:
+    while running(time.monotonic()) and counter[0] < max_requests:
         counter[0] += 1
         sent = time.monotonic()
         try:
@@ -103,14 +114,20 @@ async def _client(
         answers.append(Answer(sent, time.monotonic(), str(response.status_code), version, digest))
 
 
-async def _reload(http: httpx.AsyncClient, base_url: str, start: float, reload: Reload) -> None:
+async def _reload(
+    http: httpx.AsyncClient, base_url: str, start: float, reload: Reload, answers: list[Answer]
+) -> None:
     await asyncio.sleep(max(0.0, start + reload.at_s - time.monotonic()))
+    while len(answers) < reload.after_answers:
+        await asyncio.sleep(0.05)
     body = {"checkpoint": reload.checkpoint} if reload.checkpoint else None
     reload.sent = time.monotonic()
-    response = await http.post(
-        f"{base_url.rstrip('/')}/admin/reload", json=body, headers={"X-API-Key": reload.key}
-    )
-    reload.answered = time.monotonic()
+    try:
+        response = await http.post(
+            f"{base_url.rstrip('/')}/admin/reload", json=body, headers={"X-API-Key": reload.key}
+        )
+    finally:
+        reload.answered = time.monotonic()
     reload.status = response.status_code
     if response.is_success:
         swap = response.json()
@@ -153,12 +170,16 @@ async def run_load(
     async with httpx.AsyncClient(timeout=120, limits=limits) as http:
         start = time.monotonic()
         deadline = start + seconds
+
+        def running(now: float) -> bool:
+            return now < deadline or (reload is not None and reload.pending(now))
+
         tasks = [
-            _client(http, url, image, deadline, max_requests, counter, answers)
+            _client(http, url, image, running, max_requests, counter, answers)
             for _ in range(clients)
         ]
         if reload is not None:
-            tasks.append(_reload(http, base_url, start, reload))
+            tasks.append(_reload(http, base_url, start, reload, answers))
         await asyncio.gather(*tasks)
         elapsed = time.monotonic() - start
     statuses = Counter(a.status for a in answers)

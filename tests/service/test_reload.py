@@ -242,7 +242,8 @@ def _mask_classes(png: bytes) -> set[int]:
 
 
 def test_a_reload_under_load_fails_no_request(models: Path, tmp_path: Path) -> None:
-    """The load generator runs 4 clients for 6 s with a reload at 2 s: every answer is a 200,
+    """The load generator runs 4 clients for 6 s with a reload at 2 s (once 4 answers are in),
+    and on for 2 s after the reload answered however long it took: every answer is a 200,
     answers before the reload come from the old model and those after it from the new one."""
     base, proc = _service(models / "zero.pt", tmp_path, checkpoint_dir=models)
     try:
@@ -252,7 +253,7 @@ def test_a_reload_under_load_fails_no_request(models: Path, tmp_path: Path) -> N
             for name in ("zero",)
         }
         answers: list[Answer] = []
-        reload = Reload(at_s=2.0, checkpoint="one.pt", key=ADMIN)
+        reload = Reload(at_s=2.0, checkpoint="one.pt", key=ADMIN, load_after_s=2.0, after_answers=4)
         summary = asyncio.run(
             run_load(
                 base,
