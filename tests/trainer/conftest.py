@@ -100,7 +100,7 @@ def _yaml(value: object) -> str:
 
 
 def train_in_process(
-    cfg: Config, seconds_per_step: float
+    cfg: Config, seconds_per_step: float, *, planned_steps: int | None = None
 ) -> tuple[Run, list[tuple[int, float, int | None]]]:
     """Build and train the run for ``cfg`` on the CPU with a clock that advances
     ``seconds_per_step`` per optimiser step: the time budget and the thread tuner then see the
@@ -110,6 +110,10 @@ def train_in_process(
     count stays as it is: two threads on a machine shared with other work are slow, and the
     decisions are what a test compares.
 
+    ``planned_steps`` replaces the steps the learning rate decays over: a run cut short by
+    ``train.max_steps`` plans its decay to end there, where a run killed part-way (what a resume
+    test stands for) had planned the whole run's.
+
     Returns the run and, for every optimiser step it took, (step, learning rate, the thread
     count the tuner had chosen or None).
     """
@@ -117,6 +121,8 @@ def train_in_process(
     with mock.patch.object(trainer.build, "ThreadTuner", quiet_tuner):
         run = build_run(cfg, distributed.setup(torch.device("cpu")))
     run.clock = lambda: run.state.step * seconds_per_step
+    if planned_steps is not None:
+        run.schedule.total_steps = planned_steps
     applied: list[tuple[int, float, int | None]] = []
     apply = run.schedule.apply
 

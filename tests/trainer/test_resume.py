@@ -50,6 +50,7 @@ QUICK_RECIPE = {
     "eval__enabled": False,
 }
 STRAIGHT_STEPS = 10
+PLANNED_STEPS = 16  # 4 epochs x 4 steps: the learning rate's plan in the straight run
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -88,7 +89,7 @@ def resumed_runs(straight: dict, tmp_path_factory: pytest.TempPathFactory) -> di
         out = tmp_path_factory.mktemp(f"stop{stop_at}")
         overrides = tiny_overrides(straight["data"], out, **QUICK_RECIPE)
         stopped = load_config(None, [*overrides, f"train.max_steps={stop_at}"])
-        train_in_process(stopped, SECONDS_PER_STEP)
+        train_in_process(stopped, SECONDS_PER_STEP, planned_steps=PLANNED_STEPS)
         last = out / "run" / "last.pt"
         interrupted = load_checkpoint(last)
         resume = load_config(None, [*overrides, f"train.resume={last}"])
