@@ -144,8 +144,9 @@ def peer_runs(
     try:
         onnx_path = export_onnx(model, workdir / "model.onnx", size)
     except Exception as exc:  # noqa: BLE001 - the export's own error is the reason to report
-        reason = str(exc) if isinstance(exc, PeerUnavailable) else f"ONNX export failed: {exc!r}"
-        return dict.fromkeys(REQUIRED_BY_RUNTIME, reason)
+        if isinstance(exc, PeerUnavailable):  # each runtime names every package it lacks
+            return {name: missing(name) or str(exc) for name in REQUIRED_BY_RUNTIME}
+        return dict.fromkeys(REQUIRED_BY_RUNTIME, f"ONNX export failed: {exc!r}")
     builders: dict[str, Callable[[], Run]] = {
         "onnx runtime fp32": lambda: onnxruntime_run(onnx_path, norm, threads),
         "openvino fp32": lambda: openvino_run(openvino_model(onnx_path), norm, threads, "f32"),
