@@ -120,19 +120,13 @@ def calibrated_checkpoint(
     """
     from shared.checkpoint import load_checkpoint, save_checkpoint
     from shared.model import build_model
+    from tests.toy_models import measure_batchnorm
 
     ckpt = load_checkpoint(varied_checkpoint)
     model = build_model("mobilenet_v3_large", num_classes=3, weights="none", aux_loss=False)
     model.load_state_dict(ckpt["state_dict"])
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.reset_running_stats()
-            module.momentum = None  # cumulative average
     generator = torch.Generator().manual_seed(0)
-    model.train()
-    with torch.no_grad():
-        for _ in range(4):
-            model(torch.randn((4, 3, 64, 64), generator=generator))
+    measure_batchnorm(model, (torch.randn((4, 3, 64, 64), generator=generator) for _ in range(4)))
     ckpt["state_dict"] = model.state_dict()
     path = tmp_path_factory.mktemp("calibrated") / "calibrated.pt"
     save_checkpoint(ckpt, path)

@@ -1,8 +1,10 @@
 """DeepLabV3-shaped toy models whose right answers are known, for the optimised forward and its
 int8 agreement gate: one whose int8 version keeps every class, inputs on which int8 costs one
-class (lake) and nothing else."""
+class (lake) and nothing else; and BatchNorm statistics measured on images for random models."""
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -67,3 +69,22 @@ def lake_fragile_inputs(
             y, col = (3 + 7 * k) % size, (5 + 11 * k + i) % size
             x[i, :, y, col] = torch.tensor([0.0, 0.500, 0.501])
     return calibration, [x]
+
+
+def measure_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> nn.Module:
+    """Re-estimate every BatchNorm's statistics on ``batches`` (a plain average), as training
+    leaves them, and return the model in eval mode.
+
+    Straight from initialisation, DeepLabV3's default statistics shrink or flatten its feature
+    maps (a random MobileNetV3's logits are about 1e-9): masks come out one class everywhere
+    and half precision underflows. Measured statistics keep each layer at unit scale.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.reset_running_stats()
+            module.momentum = None  # cumulative average
+    model.train()
+    with torch.no_grad():
+        for batch in batches:
+            model(batch)
+    return model.eval()

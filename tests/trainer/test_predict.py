@@ -26,6 +26,7 @@ from shared.labels import LabelMap, overlay
 from shared.model import build_model
 from shared.preprocess import Normalization, image_to_tensor, normalize
 from tests.geodata import geotiff_bytes
+from tests.toy_models import measure_batchnorm
 from trainer.predict import EXIT_OK, EXIT_SKIPPED, EXIT_USAGE, PredictError, collect_jobs, main
 
 # Blue Marble mosaic: 15 pixels a degree from lon -180, lat 90. Tiles of 64x96 pixels.
@@ -61,14 +62,8 @@ def checkpoint(tmp_path_factory, tiles) -> Path:
     torch.manual_seed(0)
     model = build_model("mobilenet_v3_large", num_classes=3, weights="none", aux_loss=False)
     x = normalize(torch.stack([image_to_tensor(t) for t in tiles.values()]), Normalization())
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.momentum = None  # a plain average over the passes below
+    measure_batchnorm(model, [x, x])
     with torch.no_grad():
-        model.train()
-        for _ in range(2):
-            model(x)
-        model.eval()
         model.classifier[4].bias -= model(x)["out"].mean(dim=(0, 2, 3))
     payload = build_checkpoint(
         model,
