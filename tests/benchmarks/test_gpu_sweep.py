@@ -17,6 +17,9 @@ from benchmarks.gpu_sweep import (
     parse_line,
     plan,
 )
+from trainer.config import load_config
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_parse_line_reads_name_config_and_overrides() -> None:
@@ -82,7 +85,8 @@ def test_check_resolves_each_run_and_names_a_bad_key(tmp_path: Path, capsys) -> 
     args = ["--candidates", str(tmp_path), "--seeds", "1,2", "--check", "--wheelhouse", ""]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "fixed-s1: mobilenet_v3_large, 600 steps, max_minutes None, seed 1" in out
+    backbone = load_config(REPO / "trainer/configs/quickstart.yaml", []).model.backbone
+    assert f"fixed-s1: {backbone}, 600 steps, max_minutes None, seed 1" in out
     assert "fixed-s2:" in out and "2 runs" in out
     (tmp_path / "c.txt").write_text("typo train.max_step=600\n")
     assert main(args) == 2

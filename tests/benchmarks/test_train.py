@@ -11,6 +11,9 @@ import torch
 
 from benchmarks import train
 from tests.trainer.conftest import make_dataset
+from trainer.config import load_config
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_quick_train_benchmark_writes_its_fields(tmp_path: Path) -> None:
@@ -38,7 +41,8 @@ def test_quick_train_benchmark_writes_its_fields(tmp_path: Path) -> None:
         assert result[loop]["images_per_s"] > 0
         assert 0.0 <= result[loop]["data_wait_share"] <= 1.0
     assert result["trainer_over_plain"] > 0
-    assert result["backbone"] == "mobilenet_v3_large" and result["batch_size"] == 2
+    quick = load_config(REPO / "trainer/configs/quickstart.yaml", [])
+    assert result["backbone"] == quick.model.backbone and result["batch_size"] == 2
     assert "machine" in result and "targets" in result
     # The trainer's run folder was a temporary one: no handler may still write to it, or the
     # next log line anywhere in this process fails on the deleted file.
