@@ -222,11 +222,13 @@ def test_a_killed_driver_resumes_without_recomputing_finished_blocks(
 ):
     out = tmp_path / "ray"
     process = driver(inputs, varied_checkpoint, out, cluster)
-    wait_for(lambda: len(manifest_units(out)) >= 3, "three finished units", process)
+    # The first finished unit is saved at once, later ones at most once a second: waiting for
+    # more lets a fast run (11 units in 10 s on an idle machine) end before the kill.
+    wait_for(lambda: len(manifest_units(out)) >= 1, "a finished unit", process)
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=WAIT_S)
     finished = manifest_units(out)
-    assert 3 <= len(finished) < UNITS, "the run ended before the driver was killed"
+    assert 1 <= len(finished) < UNITS, "the run ended before the driver was killed"
     # Nothing half-written under a final name: every file in --out is whole.
     for path in out.rglob("*.tif"):
         if not path.name.startswith("."):
