@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import ctypes
 import os
 import threading
 import warnings
@@ -37,6 +36,7 @@ from shared.datasets import (
     lat_rows,
     lon_columns,
 )
+from shared.memory import release_free_memory
 from shared.metrics import ConfusionMatrix
 from shared.model import MainLogits
 from shared.precision import AUTOCAST_DTYPES, FLOAT_PRECISIONS
@@ -445,13 +445,6 @@ def configure_threads(num_threads: int | None = None) -> int:
     with contextlib.suppress(RuntimeError):
         torch.set_num_interop_threads(1)
     return torch.get_num_threads()
-
-
-def release_free_memory() -> None:
-    """Hand freed heap memory back to the operating system (glibc keeps it otherwise, and a
-    long-running server's resident size would stay at its start-up peak)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def pixel_agreement(reference: torch.Tensor, candidate: torch.Tensor) -> float:

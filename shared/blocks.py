@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shared.pipeline import Prediction, RunFn, Tiling, predict
+from shared.pipeline import Prediction, RunFn, TileOrigins, Tiling, predict
 from shared.raster import ArrayRaster, Rows
 from shared.tiling import tile_origins
 
@@ -51,11 +51,13 @@ class Block:
         index: position in :func:`plan_blocks`' row-major order.
         core: the pixels this block finishes.
         read: the pixels it reads (the core and its halo).
+        origins: the scene's tile row and column starts within ``read`` (the tiles it runs).
     """
 
     index: int
     core: Window
     read: Window
+    origins: TileOrigins
 
 
 def plan_blocks(height: int, width: int, tiling: Tiling, block_size: int) -> list[Block]:
@@ -71,15 +73,18 @@ def plan_blocks(height: int, width: int, tiling: Tiling, block_size: int) -> lis
     if block_size < 1:
         raise ValueError(f"block size must be positive, got {block_size}")
     if height <= block_size and width <= block_size:
-        return [Block(0, Window(0, 0, height, width), Window(0, 0, height, width))]
+        whole = Window(0, 0, height, width)
+        return [Block(0, whole, whole, (_grid(height, tiling), _grid(width, tiling)))]
     rows = _axis(height, tiling, block_size)
     cols = _axis(width, tiling, block_size)
+    row_grid, col_grid = _grid(height, tiling), _grid(width, tiling)
     blocks = []
     for core_r, read_r in rows:
         for core_c, read_c in cols:
             core = Window(core_r[0], core_c[0], core_r[1] - core_r[0], core_c[1] - core_c[0])
             read = Window(read_r[0], read_c[0], read_r[1] - read_r[0], read_c[1] - read_c[0])
-            blocks.append(Block(len(blocks), core, read))
+            origins = (_within(row_grid, read_r, tiling), _within(col_grid, read_c, tiling))
+            blocks.append(Block(len(blocks), core, read, origins))
     return blocks
 
 
@@ -112,6 +117,7 @@ def segment_block(
         tiling=tiling,
         probabilities=probabilities,
         ignore_index=ignore_index,
+        origins=block.origins,
     )
     r, c = core.row - read.row, core.col - read.col
     mask = np.ascontiguousarray(whole.mask[r : r + core.height, c : c + core.width])
@@ -121,6 +127,19 @@ def segment_block(
             whole.probabilities[:, r : r + core.height, c : c + core.width]
         )
     return Prediction(mask, probs)
+
+
+def _grid(length: int, tiling: Tiling) -> list[int]:
+    """The scene's tile starts along an axis (one tile, mirror-padded, when it is short)."""
+    return tile_origins(max(length, tiling.tile), tiling.tile, tiling.overlap)
+
+
+def _within(grid: list[int], span: tuple[int, int], tiling: Tiling) -> tuple[int, ...]:
+    """The starts of ``grid``'s tiles inside ``[start, stop)``, relative to ``start``."""
+    start, stop = span
+    return tuple(
+        o - start for o in grid if o >= start and o + tiling.tile <= max(stop, tiling.tile)
+    )
 
 
 def _axis(

@@ -17,10 +17,13 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from shared.memory import release_free_memory
 from shared.raster import ArrayRaster, RasterSource, Rows
 from shared.tiling import blend_window, check_tile_overlap, pad_reflect, round_up, tile_origins
 
 RunFn = Callable[[torch.Tensor], torch.Tensor]
+# Row starts and column starts of a scene's tiles.
+TileOrigins = tuple[Sequence[int], Sequence[int]]
 
 
 @dataclass(frozen=True)
@@ -101,8 +104,13 @@ def stream(
     tiling: Tiling | None = None,
     probabilities: bool = False,
     ignore_index: int = 255,
+    origins: TileOrigins | None = None,
 ) -> Iterator[Band]:
     """Segment ``source`` a band of rows at a time; bands come top to bottom, full width.
+
+    ``origins``: the tiles' row and column starts, when ``source`` is a window of a larger
+    scene whose own tile grid must be kept (:mod:`shared.blocks`); by default the scene's
+    :func:`shared.tiling.tile_origins`.
 
     Raises:
         ValueError: ``run`` returned logits of the wrong shape, or bad arguments.
@@ -123,8 +131,13 @@ def stream(
 
     # A side shorter than a tile (a 100 x 3000 strip) is mirror-padded to one tile.
     padded_h, padded_w = max(height, tile), max(width, tile)
-    ys = tile_origins(padded_h, tile, tiling.overlap)
-    xs = tile_origins(padded_w, tile, tiling.overlap)
+    if origins is None:
+        ys, xs = (
+            tile_origins(padded_h, tile, tiling.overlap),
+            tile_origins(padded_w, tile, tiling.overlap),
+        )
+    else:
+        ys, xs = list(origins[0]), list(origins[1])
     window = blend_window(tile, tiling.overlap)
     # Logits of every tile in row-major order; a batch may span two bands of rows.
     rows_of: dict[int, Rows] = {}
@@ -172,13 +185,21 @@ def stream(
         assert band_mask is not None
         rows = rows_of.pop(band_index)
         kept = min(done_rows, height - y)
-        yield finish.band(
+        band = finish.band(
             y,
             band_mask[:kept, :width],
             None if band_probs is None else band_probs[:, :kept, :width],
             None if rows.valid is None else rows.valid[:kept],
             rows.rgb[:kept],
         )
+        # Only the consumer holds this band's rows from here; the next band is not read
+        # until it asks (see _tile_logits), so one band of input rows is alive at a time.
+        del rows, band_mask, band_probs, logits
+        yield band
+        del band
+        # Full-width rows are freed band after band; glibc would keep them in its heap, and
+        # the resident size would grow with the width of the scene (Dask trims for the same).
+        release_free_memory()
 
 
 def predict(
@@ -189,6 +210,7 @@ def predict(
     tiling: Tiling | None = None,
     probabilities: bool = False,
     ignore_index: int = 255,
+    origins: TileOrigins | None = None,
 ) -> Prediction:
     """:func:`stream`, gathered into whole-scene arrays (for scenes that fit in memory).
 
@@ -205,6 +227,7 @@ def predict(
         tiling=tiling,
         probabilities=probabilities,
         ignore_index=ignore_index,
+        origins=origins,
     )
     return Prediction(whole.mask, whole.probabilities)
 
@@ -218,6 +241,7 @@ def write(
     tiling: Tiling | None = None,
     probabilities: bool = False,
     ignore_index: int = 255,
+    origins: TileOrigins | None = None,
 ) -> None:
     """Stream ``source`` into ``writers``, each band to every writer in turn."""
     for band in stream(
@@ -227,9 +251,11 @@ def write(
         tiling=tiling,
         probabilities=probabilities,
         ignore_index=ignore_index,
+        origins=origins,
     ):
         for writer in writers:
             writer.write(band)
+        del band  # not held while the next band is computed
 
 
 @dataclass(frozen=True)
@@ -355,24 +381,29 @@ def _tile_logits(
     padded_w: int,
     rows_of: dict[int, Rows],
 ) -> Iterator[torch.Tensor]:
-    """``(C, tile, tile)`` logits of every tile in row-major order, ``batch_size`` tiles per
-    ``run`` call. A band's rows are read when its first tile joins a batch and left in
-    ``rows_of`` for the caller."""
-    tile = tiling.tile
+    """``(C, tile, tile)`` logits of every tile in row-major order, up to ``batch_size`` tiles
+    per ``run`` call. A band's rows are read when its first tile joins a batch and left in
+    ``rows_of`` for the caller.
 
-    def crops() -> Iterator[torch.Tensor]:
-        for band_index, y in enumerate(ys):
-            rows = rows_of[band_index] = source.read_rows(y, tile)
-            image = pad_reflect(_chw(rows.model_input), tile, padded_w)
-            for x in xs:
-                yield image[:, :, x : x + tile]
-
+    A batch spans two bands only for a scene in memory, whose rows are views: read from a
+    file, the next band's rows are read after this band has been handed on, so one band of
+    full-width rows is alive at a time (a short batch at each band's end costs less than a
+    second band's memory on a wide scene).
+    """
+    tile, size = tiling.tile, tiling.batch_size
+    spans_bands = isinstance(source, ArrayRaster)
     pending: list[torch.Tensor] = []
-    for crop in crops():
-        pending.append(crop)
-        if len(pending) == tiling.batch_size:
-            yield from _checked(run, torch.stack(pending), num_classes)
-            pending = []
+    for band_index, y in enumerate(ys):
+        rows = rows_of[band_index] = source.read_rows(y, tile)
+        image = pad_reflect(_chw(rows.model_input), tile, padded_w)
+        del rows
+        for k, x in enumerate(xs):
+            pending.append(image[:, :, x : x + tile])
+            if len(pending) == size or (k == len(xs) - 1 and not spans_bands):
+                batch = torch.stack(pending)
+                pending = []
+                yield from _checked(run, batch, num_classes)
+        del image
     if pending:
         yield from _checked(run, torch.stack(pending), num_classes)
 

@@ -242,6 +242,22 @@ MUTANTS: tuple[Mutant, ...] = (
         "colour masks paint classes in each other's colours",
     ),
     Mutant(
+        "file-bands-batched-across",
+        "shared/pipeline.py",
+        "spans_bands = isinstance(source, ArrayRaster)",
+        "spans_bands = True",
+        ("tests/shared/test_pipeline.py", "-k", "file_is_read"),
+        "a scene read from a file holds two bands of full-width rows at once",
+    ),
+    Mutant(
+        "block-own-grid",
+        "shared/blocks.py",
+        "origins=block.origins,",
+        "origins=None,",
+        ("tests/shared/test_blocks.py",),
+        "a Ray block tiles its window on a grid of its own: its core differs from one process's",
+    ),
+    Mutant(
         "tile-blending-weights",
         "shared/tiling.py",
         "ramp = ((distance + 0.5) / overlap).clamp(max=1.0)",

@@ -310,6 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             tile=args.tile,
             overlap=args.overlap,
             tile_batch=args.batch,
+            flips=args.flips,
         )
         if args.ray:
             return _main_on_ray(args, jobs, read=read, write=write, options=options)
@@ -429,6 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=defaults.tile_batch,
         help="images (same size, up to one tile) or tiles per forward pass",
+    )
+    parser.add_argument(
+        "--flips", action="store_true", help="average each tile over its flips (4x the time)"
     )
     parser.add_argument(
         "--bands",
@@ -653,6 +657,7 @@ def write_outputs(
             writer.write(band)
             if picture is not None:
                 picture.write(band)
+            del band  # not held while the next band is computed
     except BaseException:
         if isinstance(writer, CogWriter):
             writer.abort()

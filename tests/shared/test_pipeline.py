@@ -43,10 +43,11 @@ def numpy_window(tile: int, overlap: int) -> np.ndarray:
 
 
 def numpy_origins(length: int, tile: int, overlap: int) -> list[int]:
+    """The fewest tiles with steps of at most ``tile - overlap``, spread evenly to the end."""
     if length <= tile:
         return [0]
-    out = list(range(0, length - tile, tile - overlap))
-    return [*out, length - tile]
+    steps = int(np.ceil((length - tile) / (tile - overlap)))
+    return [int(v) for v in np.floor(np.arange(steps + 1) * (length - tile) / steps + 0.5)]
 
 
 def reflect(image: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -108,13 +109,45 @@ def test_scene_is_read_one_band_of_rows_at_a_time(rng):
     first = next(bands)
     # The first band is out before the reader went past the first tile's rows.
     assert source.reads == [(0, 128)]
-    assert first.row == 0 and first.mask.shape == (96, 200)  # rows up to the next band's top
+    # Rows up to the next band's top: the 572 rows past the first tile in 6 even steps.
+    assert first.row == 0 and first.mask.shape == (95, 200)
     rest = list(bands)
     assert all(count == 128 for _, count in source.reads)
     rows = [first.row] + [b.row for b in rest]
     heights = [first.mask.shape[0]] + [b.mask.shape[0] for b in rest]
     assert rows == [r for r, _ in source.reads]
     assert sum(heights) == 700 and rows == sorted(rows)
+
+
+class FileLikeRaster:
+    """A scene read from storage (not an in-memory ArrayRaster): records reads, and when each
+    band of output was handed on."""
+
+    def __init__(self, rgb: np.ndarray) -> None:
+        self.inner = ArrayRaster(rgb)
+        self.height, self.width = self.inner.height, self.inner.width
+        self.georef, self.has_nodata = self.inner.georef, self.inner.has_nodata
+        self.events: list[str] = []
+
+    def read_rows(self, row: int, count: int) -> Rows:
+        self.events.append(f"read {row}")
+        return self.inner.read_rows(row, count)
+
+
+def test_a_file_is_read_a_band_after_the_last_band_was_handed_on(rng):
+    image = rng.integers(0, 256, (300, 250, 3), dtype=np.uint8)
+    source, model = FileLikeRaster(image), TileModel()
+    tiling = Tiling(64, 16, 4)
+    for band in stream(source, model, num_classes=NUM_CLASSES, tiling=tiling):
+        source.events.append(f"band {band.row}")
+    # Read, hand on, read the next: never two bands of rows at once.
+    assert source.events[0::2] == [f"read {y}" for y in tile_origins(300, 64, 16)]
+    assert source.events[1::2] == [f"band {y}" for y in tile_origins(300, 64, 16)]
+    # So no batch holds tiles of two bands: 5 tiles a band, batches of 4 and 1.
+    assert len(tile_origins(250, 64, 16)) == 5 and model.calls == [4, 1] * 6
+    expected = whole_scene(image, TileModel(), 64, 16).argmax(axis=0)
+    got = predict(source, TileModel(), num_classes=NUM_CLASSES, tiling=tiling).mask
+    np.testing.assert_array_equal(got, expected)
 
 
 def test_small_image_is_one_padded_pass(rng):

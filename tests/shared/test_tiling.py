@@ -15,10 +15,12 @@ from shared.tiling import blend_window, check_tile_overlap, pad_reflect, tile_or
         (4, 4, 1, [0]),
         (5, 4, 1, [0, 1]),
         (10, 4, 1, [0, 3, 6]),
-        (11, 4, 1, [0, 3, 6, 7]),
+        (11, 4, 1, [0, 2, 5, 7]),
         (8, 4, 0, [0, 4]),
-        (1030, 512, 64, [0, 448, 518]),
-        (5400, 512, 64, [0, 448, 896, 1344, 1792, 2240, 2688, 3136, 3584, 4032, 4480, 4888]),
+        (1030, 512, 64, [0, 259, 518]),
+        (5400, 512, 64, [0, 444, 889, 1333, 1777, 2222, 2666, 3111, 3555, 3999, 4444, 4888]),
+        # 10 full steps of 448 reach 4480; a tile snapped to 4488 would overlap it by 504 rows.
+        (5000, 512, 64, [0, 408, 816, 1224, 1632, 2040, 2448, 2856, 3264, 3672, 4080, 4488]),
     ],
 )
 def test_tile_origins(length: int, tile: int, overlap: int, expected: list[int]) -> None:
@@ -36,8 +38,13 @@ def test_tile_origins_cover_with_overlap_and_stay_inside(length: int) -> None:
     assert origins[0] == 0
     if length >= tile:
         assert origins[-1] == length - tile  # flush with the edge, never past it
-    # Neighbours share at least `overlap` pixels.
-    assert all(b - a <= tile - overlap for a, b in zip(origins, origins[1:], strict=False))
+    # Neighbours share at least `overlap` pixels; steps are even (within rounding), and no
+    # tile could be dropped.
+    steps = [b - a for a, b in zip(origins, origins[1:], strict=False)]
+    assert all(step <= tile - overlap for step in steps)
+    if steps:
+        assert max(steps) - min(steps) <= 1
+        assert (len(origins) - 2) * (tile - overlap) + tile < length
 
 
 @pytest.mark.parametrize(("tile", "overlap"), [(0, 0), (4, 4), (4, -1)])
