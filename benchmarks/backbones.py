@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import describe, machine, markdown_table, time_interleaved, write_json
-from shared.cpu import cpu_has_native_bf16
+from shared.cpu import cpu_bf16_is_fast
 from shared.model import BACKBONES, build_model
 
 DEFAULT = ("mobilenet_v3_large", "mobilenet_v3_large_fine", "mobilenet_v3_large_os8")
@@ -36,7 +36,7 @@ def training_step(backbone: str, batch: int, size: int) -> Callable[[], None]:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     images = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
     masks = torch.randint(0, 3, (batch, size, size))
-    bf16 = cpu_has_native_bf16()
+    bf16 = cpu_bf16_is_fast()
 
     def step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):

@@ -127,6 +127,7 @@ class Engine:
             tile=settings.tile,
             overlap=settings.overlap,
             tile_batch=settings.batch_max_tiles,
+            flips=settings.flips,
             optimize=settings.optimize,
             calibration=str(settings.calibration_dir) if settings.calibration_dir else None,
         )
@@ -675,6 +676,7 @@ class Engine:
             ),
             "tile": self.options.tile,
             "overlap": self.options.overlap,
+            "flips": self.options.flips,
         }
 
     @staticmethod

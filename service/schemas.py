@@ -201,6 +201,7 @@ class ModelInfo(BaseModel):
     )
     tile: int
     overlap: int
+    flips: bool = Field(description="Whether each tile is averaged over its flips (SATSEG_FLIPS).")
 
 
 class Health(BaseModel):

@@ -40,7 +40,7 @@ class Settings(BaseSettings):
         "and optimize on, int8 when on held-out check crops holding every class the quantised "
         "model's argmax agrees with float32 on at least 99.5% of the pixels and every class's "
         "IoU between the two predictions is at least 0.9; otherwise bf16 where the "
-        "hardware computes it natively (CUDA GPUs with bf16, CPUs with AVX512-BF16 or AMX), "
+        "hardware runs it faster than fp32 (CUDA GPUs with bf16, CPUs with AMX), "
         "else fp32. fp16 needs CUDA, int8 the CPU; a refused choice is reported by /readyz.",
     )
     optimize: bool = Field(
@@ -108,6 +108,11 @@ class Settings(BaseSettings):
     # Tiling of large images.
     tile: int = Field(512, ge=32, description="Tile side in pixels (a multiple of 32).")
     overlap: int = Field(64, ge=0, description="Overlap between neighbouring tiles in pixels.")
+    flips: bool = Field(
+        False,
+        description="Test-time augmentation: each tile's logits are averaged over the tile and "
+        "its three flips (4 forward passes per tile, 4x the inference time).",
+    )
 
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list,

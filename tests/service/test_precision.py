@@ -25,7 +25,7 @@ def test_model_reports_the_bf16_fallback_when_int8_costs_the_lakes(
     calibration, checks = lake_fragile_inputs()
     monkeypatch.setattr(acceleration, "calibration_set", lambda *a, **k: (calibration, checks))
     monkeypatch.setattr(precision, "has_int8_matmul", lambda: True)
-    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(precision, "cpu_bf16_is_fast", lambda: True)
     settings = settings_for(tiny_checkpoint, precision="auto", optimize=True, tile=32, overlap=0)
 
     def load(options: InferenceOptions) -> Predictor:

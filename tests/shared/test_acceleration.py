@@ -265,7 +265,7 @@ def test_resolve_precision_int8_rules(monkeypatch: pytest.MonkeyPatch) -> None:
     assert inference.resolve_precision("int8", cpu) == "int8"
     with pytest.raises(ValueError, match="int8 inference runs on the CPU"):
         inference.resolve_precision("int8", torch.device("cuda", 0))
-    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(precision, "cpu_bf16_is_fast", lambda: True)
     monkeypatch.setattr(precision, "has_int8_matmul", lambda: True)
     assert inference.resolve_precision("auto", cpu, optimize=True) == "int8"
     assert inference.resolve_precision("auto", cpu) == "bf16"  # eager models are never int8
@@ -292,7 +292,7 @@ def test_predictor_auto_falls_back_when_int8_disagrees(
     tiny_checkpoint: Path, small_calibration: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(precision, "has_int8_matmul", lambda: True)
-    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(precision, "cpu_bf16_is_fast", lambda: False)
     nothing_passes = AgreementGate(min_pixel=1.01, min_class_iou=0.0)
     monkeypatch.setattr(inference, "INT8_GATE", nothing_passes)
     options = InferenceOptions(device="cpu", precision="auto", optimize=True, tile=64, overlap=16)
@@ -312,7 +312,7 @@ def test_predictor_auto_serves_bf16_when_int8_costs_one_class_and_says_why(
     calibration, checks = lake_fragile_inputs()
     monkeypatch.setattr(acceleration, "calibration_set", lambda *a, **k: (calibration, checks))
     monkeypatch.setattr(precision, "has_int8_matmul", lambda: True)
-    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: bf16)
+    monkeypatch.setattr(precision, "cpu_bf16_is_fast", lambda: bf16)
     options = InferenceOptions(device="cpu", precision="auto", optimize=True, tile=32, overlap=0)
     predictor = Predictor(Toy(), LabelMap.load(), Normalization(), options)
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +57,7 @@ def test_cuda_without_cuda_is_a_clear_error() -> None:
 def test_auto_precision_on_cpu_follows_native_bf16(
     monkeypatch: pytest.MonkeyPatch, native: bool, expected: str
 ) -> None:
-    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(precision, "cpu_bf16_is_fast", lambda: native)
     assert resolve_precision("auto", CPU) == expected
 
 
@@ -116,6 +117,23 @@ def test_segment_equals_argmax_of_run_batch_for_one_tile(predictor: Predictor) -
     expected = logits[0].argmax(0).numpy().astype(np.uint8)
     assert len(np.unique(expected)) > 1  # a constant mask would compare nothing
     assert np.array_equal(predictor.segment(image), expected)
+
+
+def test_flips_average_each_tile_over_its_four_views(varied_checkpoint: Path) -> None:
+    options = fp32_options(tile=64, overlap=16)
+    plain = Predictor.from_checkpoint(varied_checkpoint, options)
+    flipped = Predictor.from_checkpoint(varied_checkpoint, replace(options, flips=True))
+    batch = torch.randint(
+        0, 256, (2, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(3)
+    )
+    views = [plain.run_batch(batch)]
+    views += [plain.run_batch(batch.flip(dims)).flip(dims) for dims in ((3,), (2,), (2, 3))]
+    averaged = flipped.run_batch(batch)
+    torch.testing.assert_close(averaged, torch.stack(views).mean(dim=0))
+    # The model is not flip-equivariant, so the average is not the plain answer.
+    assert not torch.allclose(averaged, views[0], rtol=1e-2, atol=0)
+    mask = flipped.segment(np.zeros((70, 150, 3), np.uint8))
+    assert mask.shape == (70, 150)
 
 
 def test_forward_can_be_replaced(predictor: Predictor) -> None:

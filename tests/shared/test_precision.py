@@ -14,14 +14,14 @@ CPU = torch.device("cpu")
 def test_auto_on_the_cpu_is_bf16_only_where_the_cpu_multiplies_it(
     monkeypatch: pytest.MonkeyPatch, training: bool, native: bool, expected: str
 ) -> None:
-    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(precision, "cpu_bf16_is_fast", lambda: native)
     monkeypatch.setattr(precision, "has_int8_matmul", lambda: True)
     assert resolve_precision("auto", CPU, training=training) == expected
 
 
 def test_training_never_picks_or_accepts_int8(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(precision, "has_int8_matmul", lambda: True)
-    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(precision, "cpu_bf16_is_fast", lambda: False)
     assert resolve_precision("auto", CPU, training=True, optimize=True) == "fp32"
     with pytest.raises(ValueError, match="allowed: auto, fp32, bf16, fp16$"):
         resolve_precision("int8", CPU, training=True)
