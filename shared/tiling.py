@@ -19,24 +19,33 @@ ALIGN = 32
 def tile_origins(length: int, tile: int, overlap: int) -> list[int]:
     """Start offsets of tiles covering ``[0, length)`` with at least ``overlap`` shared pixels.
 
-    The fewest tiles that keep steps of at most ``tile - overlap``, spread evenly from 0 to
-    flush with the end, so no tile runs past the edge (when ``length <= tile`` there is one
-    tile at 0, which the caller pads). Even steps rather than full steps and a last tile
-    snapped to the end: a snapped tile a few pixels past its neighbour would make the rows
-    still being summed (``shared.pipeline``) nearly a whole tile tall, for no extra coverage.
+    The fewest tiles whose steps are at most ``tile - overlap``, spread evenly from 0 to flush
+    with the end, so no tile runs past the edge (when ``length <= tile`` there is one tile at
+    0, which the caller pads). Where the full step is a multiple of :data:`ALIGN`, every origin
+    but the last is rounded to a multiple of it, so the tiles' feature maps sit on the grid of
+    a whole-image pass (an unaligned tile sees shifted stride-32 cells and answers
+    differently). Even steps rather than full steps and a last tile snapped to the end: a
+    snapped tile a few pixels past its neighbour would make the rows still being summed
+    (``shared.pipeline``) nearly a whole tile tall, for no extra coverage.
 
     >>> tile_origins(1030, 512, 64)
-    [0, 259, 518]
+    [0, 256, 518]
     """
     check_tile_overlap(tile, overlap)
     if length < 1:
         raise ValueError(f"length must be positive, got {length}")
     if length <= tile:
         return [0]
-    span = length - tile
-    steps = -(-span // (tile - overlap))  # ceil: the fewest steps that fit
-    # i * span / steps rounded half up, in integers.
-    return [(2 * i * span + steps) // (2 * steps) for i in range(steps + 1)]
+    span, stride = length - tile, tile - overlap
+    unit = ALIGN if stride % ALIGN == 0 else 1
+    steps = -(-span // stride)  # ceil: the fewest steps that fit
+    while True:
+        # i * span / steps rounded half up to a multiple of unit, in integers.
+        origins = [(2 * i * span + steps * unit) // (2 * steps * unit) * unit for i in range(steps)]
+        origins.append(span)
+        if all(b - a <= stride for a, b in zip(origins, origins[1:], strict=False)):
+            return origins
+        steps += 1  # rounding stretched a step past the full one: one more tile
 
 
 def blend_window(tile: int, overlap: int) -> torch.Tensor:

@@ -258,6 +258,14 @@ MUTANTS: tuple[Mutant, ...] = (
         "a Ray block tiles its window on a grid of its own: its core differs from one process's",
     ),
     Mutant(
+        "tile-grid-unaligned",
+        "shared/tiling.py",
+        "unit = ALIGN if stride % ALIGN == 0 else 1",
+        "unit = 1",
+        ("tests/shared/test_tiling.py",),
+        "tiles off the 32 px grid see shifted feature cells: more disagreement with one pass",
+    ),
+    Mutant(
         "tile-blending-weights",
         "shared/tiling.py",
         "ramp = ((distance + 0.5) / overlap).clamp(max=1.0)",

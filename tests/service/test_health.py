@@ -39,6 +39,20 @@ def test_model_describes_architecture_classes_and_checkpoint(
     assert checkpoint["schema_version"] == 1
     assert (body["device"], body["precision"]) == ("cpu", "fp32")
     assert (body["tile"], body["overlap"]) == (64, 16)
+    assert body["flips"] is False
+
+
+def test_flips_setting_reaches_the_model_and_is_reported(varied_checkpoint: Path) -> None:
+    image = encode(scene(100, 90, seed=4))
+    with running_app(settings_for(varied_checkpoint)) as plain:
+        plain_logits = plain.post("/segment?format=probabilities", files={"image": image})
+    with running_app(settings_for(varied_checkpoint, flips=True)) as flipped:
+        assert flipped.get("/model").json()["flips"] is True
+        engine = flipped.app.state.engine
+        assert engine.model.predictor.options.flips is True
+        flipped_logits = flipped.post("/segment?format=probabilities", files={"image": image})
+    assert plain_logits.status_code == flipped_logits.status_code == 200
+    assert plain_logits.content != flipped_logits.content  # the average of four views differs
 
 
 def test_readyz_reports_the_queue_when_ready(client: TestClient) -> None:

@@ -17,10 +17,11 @@ from shared.tiling import blend_window, check_tile_overlap, pad_reflect, tile_or
         (10, 4, 1, [0, 3, 6]),
         (11, 4, 1, [0, 2, 5, 7]),
         (8, 4, 0, [0, 4]),
-        (1030, 512, 64, [0, 259, 518]),
-        (5400, 512, 64, [0, 444, 889, 1333, 1777, 2222, 2666, 3111, 3555, 3999, 4444, 4888]),
+        # The step (448) is a multiple of 32: all origins but the flush last one are too.
+        (1030, 512, 64, [0, 256, 518]),
+        (5400, 512, 64, [0, 448, 896, 1344, 1792, 2208, 2656, 3104, 3552, 4000, 4448, 4888]),
         # 10 full steps of 448 reach 4480; a tile snapped to 4488 would overlap it by 504 rows.
-        (5000, 512, 64, [0, 408, 816, 1224, 1632, 2040, 2448, 2856, 3264, 3672, 4080, 4488]),
+        (5000, 512, 64, [0, 416, 832, 1216, 1632, 2048, 2464, 2848, 3264, 3680, 4096, 4488]),
     ],
 )
 def test_tile_origins(length: int, tile: int, overlap: int, expected: list[int]) -> None:
@@ -45,6 +46,21 @@ def test_tile_origins_cover_with_overlap_and_stay_inside(length: int) -> None:
     if steps:
         assert max(steps) - min(steps) <= 1
         assert (len(origins) - 2) * (tile - overlap) + tile < length
+
+
+@pytest.mark.parametrize("length", [513, 1030, 2700, 4982, 5000, 5400, 20000, 40000])
+def test_aligned_tile_origins_sit_on_the_32_pixel_grid(length: int) -> None:
+    tile, overlap = 512, 64
+    origins = tile_origins(length, tile, overlap)
+    assert origins[0] == 0 and origins[-1] == length - tile
+    assert all(o % 32 == 0 for o in origins[:-1])
+    steps = [b - a for a, b in zip(origins, origins[1:], strict=False)]
+    assert all(step <= tile - overlap for step in steps)
+    # Never a step so short that nearly a whole tile of rows stays open (at most 32 short of
+    # an even share, and at most one tile more than the fewest).
+    fewest = -(-(length - tile) // (tile - overlap))
+    assert len(steps) <= fewest + 1
+    assert min(steps) >= (length - tile) / len(steps) - 32
 
 
 @pytest.mark.parametrize(("tile", "overlap"), [(0, 0), (4, 4), (4, -1)])
