@@ -139,7 +139,7 @@ def stream(
     else:
         ys, xs = list(origins[0]), list(origins[1])
     window = blend_window(tile, tiling.overlap)
-    # Logits of every tile in row-major order; a batch may span two bands of rows.
+    # Logits of every tile in row-major order (a batch spans two bands only in memory).
     rows_of: dict[int, Rows] = {}
     logits_of = _tile_logits(source, run, num_classes, tiling, ys, xs, padded_w, rows_of)
     # Rows of the previous bands' sums that overlap this band: (C [+1 weight], rows, padded_w).
