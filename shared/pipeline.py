@@ -141,7 +141,12 @@ def stream(
     window = blend_window(tile, tiling.overlap)
     # Logits of every tile in row-major order (a batch spans two bands only in memory).
     rows_of: dict[int, Rows] = {}
-    logits_of = _tile_logits(source, run, num_classes, tiling, ys, xs, padded_w, rows_of)
+    # An in-memory scene's rows are views: nothing is freed band by band, and its batches may
+    # span bands. A file's rows are read band by band and must not pile up.
+    in_memory = isinstance(source, ArrayRaster)
+    logits_of = _tile_logits(
+        source, run, num_classes, tiling, ys, xs, padded_w, rows_of, spans_bands=in_memory
+    )
     # Rows of the previous bands' sums that overlap this band: (C [+1 weight], rows, padded_w).
     carry: torch.Tensor | None = None
     for band_index, y in enumerate(ys):
@@ -197,9 +202,10 @@ def stream(
         del rows, band_mask, band_probs, logits
         yield band
         del band
-        # Full-width rows are freed band after band; glibc would keep them in its heap, and
-        # the resident size would grow with the width of the scene (Dask trims for the same).
-        release_free_memory()
+        if not in_memory:
+            # Full-width rows are freed band after band; glibc would keep them in its heap, and
+            # the resident size would grow with the width of the scene (Dask trims the same way).
+            release_free_memory()
 
 
 def predict(
@@ -380,18 +386,19 @@ def _tile_logits(
     xs: list[int],
     padded_w: int,
     rows_of: dict[int, Rows],
+    *,
+    spans_bands: bool,
 ) -> Iterator[torch.Tensor]:
     """``(C, tile, tile)`` logits of every tile in row-major order, up to ``batch_size`` tiles
     per ``run`` call. A band's rows are read when its first tile joins a batch and left in
     ``rows_of`` for the caller.
 
-    A batch spans two bands only for a scene in memory, whose rows are views: read from a
-    file, the next band's rows are read after this band has been handed on, so one band of
-    full-width rows is alive at a time (a short batch at each band's end costs less than a
-    second band's memory on a wide scene).
+    A batch spans two bands only if ``spans_bands`` (a scene in memory, whose rows are views):
+    read from a file, the next band's rows are read after this band has been handed on, so one
+    band of full-width rows is alive at a time (a short batch at each band's end costs less
+    than a second band's memory on a wide scene).
     """
     tile, size = tiling.tile, tiling.batch_size
-    spans_bands = isinstance(source, ArrayRaster)
     pending: list[torch.Tensor] = []
     for band_index, y in enumerate(ys):
         rows = rows_of[band_index] = source.read_rows(y, tile)

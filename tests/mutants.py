@@ -244,8 +244,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "file-bands-batched-across",
         "shared/pipeline.py",
-        "spans_bands = isinstance(source, ArrayRaster)",
-        "spans_bands = True",
+        "in_memory = isinstance(source, ArrayRaster)",
+        "in_memory = True",
         ("tests/shared/test_pipeline.py", "-k", "file_is_read"),
         "a scene read from a file holds two bands of full-width rows at once",
     ),
