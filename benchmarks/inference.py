@@ -74,7 +74,12 @@ from shared.acceleration import (
     configure_threads,
     optimize,
 )
-from shared.checkpoint import build_checkpoint, load_checkpoint, save_checkpoint
+from shared.checkpoint import (
+    build_checkpoint,
+    load_checkpoint,
+    logit_offsets_from_checkpoint,
+    save_checkpoint,
+)
 from shared.inference import INT8_GATE, InferenceOptions, Predictor
 from shared.labels import LabelMap
 from shared.model import build_model
@@ -170,7 +175,8 @@ def load_or_make_checkpoint(path: Path | None, backbone: str, workdir: Path) -> 
 
 def torchvision_baseline(ckpt: dict) -> nn.Module:
     """The checkpoint's weights in a plain eager DeepLabV3 (torchvision's builder where it ships the
-    backbone, else shared.model's), eval mode, fp32, NCHW."""
+    backbone, else shared.model's), eval mode, fp32, NCHW. The checkpoint's logit offsets, if
+    any, go into the head's bias, so the baseline decides as the Predictor does."""
     from torchvision.models import segmentation
 
     arch = ckpt["arch"]
@@ -181,6 +187,10 @@ def torchvision_baseline(ckpt: dict) -> nn.Module:
         model = builder(weights=None, weights_backbone=None, num_classes=arch["num_classes"])
     state = {k: v for k, v in ckpt["state_dict"].items() if not k.startswith("aux_classifier.")}
     model.load_state_dict(state, strict=True)
+    offsets = logit_offsets_from_checkpoint(ckpt)
+    if offsets is not None:
+        with torch.no_grad():
+            model.classifier[4].bias += torch.tensor(offsets)
     return model.eval()
 
 

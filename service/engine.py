@@ -656,6 +656,11 @@ class Engine:
             "normalization": predictor.normalization.to_dict(),
             "bands": bands_from_checkpoint(meta).to_dict(),
             "gsd_m": gsd_from_checkpoint(meta),
+            "logit_offsets": (
+                None
+                if predictor.logit_offsets is None
+                else dict(zip(label_map.names, predictor.logit_offsets, strict=True))
+            ),
             "checkpoint": {
                 "path": str(loaded.path),
                 "sha256": loaded.sha256,

@@ -186,6 +186,11 @@ class ModelInfo(BaseModel):
     gsd_m: float | None = Field(
         None, description="Ground sample distance of the training data in metres per pixel."
     )
+    logit_offsets: dict[str, float] | None = Field(
+        None,
+        description="Added to each class's logit before the class is chosen (the checkpoint's "
+        "logit adjustment, minus log of the class weight it was trained with); null: none.",
+    )
     checkpoint: CheckpointInfo
     device: str
     precision: str = Field(description="Resolved precision: fp32, bf16, fp16 or int8.")

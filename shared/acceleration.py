@@ -227,6 +227,7 @@ def optimize(
     gate: AgreementGate | None = None,
     validation: Iterable[torch.Tensor] | None = None,
     class_names: Sequence[str] | None = None,
+    logit_offsets: Sequence[float] | None = None,
 ) -> Forward:
     """Build the fast inference forward of a torchvision DeepLabV3.
 
@@ -254,6 +255,8 @@ def optimize(
             :class:`Agreement` is kept as the result's ``agreement``.
         validation: normalised batches for that check (default: the calibration batches).
         class_names: names for the gate's messages (default ``class 0``, ``class 1``...).
+        logit_offsets: per-class offsets the caller adds to the logits before deciding
+            (:class:`shared.inference.Predictor`); the gate compares the decisions so made.
 
     Raises:
         ValueError: unknown precision or quantize mode, int8 without calibration data or on
@@ -273,6 +276,11 @@ def optimize(
     checks: list[torch.Tensor] = []
     expected: list[torch.Tensor] = []
     num_classes = 0
+    offsets = (
+        torch.zeros(())
+        if logit_offsets is None
+        else torch.tensor([float(v) for v in logit_offsets]).view(1, -1, 1, 1).to(device)
+    )
     if quantize == "int8":
         if device.type != "cpu":
             raise ValueError(f"int8 quantisation runs on the CPU only, not on {device}")
@@ -286,7 +294,7 @@ def optimize(
             for b in checks:  # float32's answers
                 logits = _run(net, b)
                 num_classes = int(logits.shape[1])
-                expected.append(logits.argmax(dim=1))
+                expected.append((logits + offsets).argmax(dim=1))
         graph = quantize_int8(net, batches, channels_last=channels_last, inplace=True)
         del net
         autocast_dtype = input_dtype = None
@@ -323,7 +331,7 @@ def optimize(
     )
     if gate is not None and checks:
         agreement = Agreement.measure(
-            expected, (forward(b).argmax(dim=1) for b in checks), num_classes
+            expected, ((forward(b) + offsets).argmax(dim=1) for b in checks), num_classes
         )
         forward.agreement = agreement
         failures = gate.failures(agreement, class_names)

@@ -8,8 +8,9 @@ listed in docs/checkpoint.md. Checkpoints written before bands existed read as 8
 
 from __future__ import annotations
 
+import math
 import pickle
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from enum import Enum
 from importlib import metadata
@@ -73,6 +74,7 @@ def build_checkpoint(
     training_state: dict | None = None,
     bands: BandSpec | None = None,
     gsd_m: float | None = None,
+    logit_offsets: Sequence[float] | None = None,
 ) -> dict:
     """Assemble the checkpoint dict for ``model`` (layout: docs/checkpoint.md).
 
@@ -81,6 +83,10 @@ def build_checkpoint(
 
     ``bands`` describes the model's input bands; it may be left out for a 3-band model, which
     then records 8-bit red, green, blue.
+
+    ``logit_offsets`` (one float per class) are added to the logits wherever the checkpoint
+    predicts (:class:`shared.inference.Predictor`), e.g. the logit adjustment that undoes the
+    shift class weights give the decision boundary.
 
     Raises:
         ValueError: unknown backbone, the model's head does not have one output per class, or
@@ -135,6 +141,10 @@ def build_checkpoint(
     }
     if gsd_m is not None:
         payload["gsd_m"] = _checked_gsd(gsd_m, "gsd_m", ValueError)
+    if logit_offsets is not None:
+        payload["logit_offsets"] = _checked_offsets(
+            logit_offsets, label_map.num_classes, "logit_offsets", ValueError
+        )
     if training_state is not None:
         payload["training_state"] = _plain(training_state, "training_state")
     return payload
@@ -144,6 +154,34 @@ def gsd_from_checkpoint(ckpt: Mapping[str, Any]) -> float | None:
     """The training data's ground sample distance in metres, or None when not recorded."""
     value = ckpt.get("gsd_m")
     return None if value is None else _checked_gsd(value, "checkpoint gsd_m", CheckpointError)
+
+
+def logit_offsets_from_checkpoint(ckpt: Mapping[str, Any]) -> list[float] | None:
+    """The per-class logit offsets a checkpoint predicts with, or None (none recorded).
+
+    Raises:
+        CheckpointError: the recorded offsets are not one finite number per class.
+    """
+    offsets = ckpt.get("logit_offsets")
+    if offsets is None:
+        return None
+    classes = int(ckpt["arch"]["num_classes"])
+    return _checked_offsets(offsets, classes, "checkpoint logit_offsets", CheckpointError)
+
+
+def _checked_offsets(offsets: Any, classes: int, what: str, error: type[Exception]) -> list[float]:
+    if isinstance(offsets, (str, bytes)) or not isinstance(offsets, Sequence):
+        raise error(f"{what} must be a list of {classes} numbers, got {type(offsets).__name__}")
+    if len(offsets) != classes:
+        raise error(f"{what} must have one number per class ({classes}), got {len(offsets)}")
+    values = []
+    for value in offsets:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise error(f"{what} must hold numbers, got {value!r}")
+        if not math.isfinite(value):
+            raise error(f"{what} must be finite, got {value!r}")
+        values.append(float(value))
+    return values
 
 
 def _checked_gsd(value: Any, what: str, error: type[Exception]) -> float:

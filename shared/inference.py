@@ -9,7 +9,7 @@ back to the host. Only uint8 crosses the host/device boundary in either directio
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from shared.checkpoint import (
     CheckpointError,
     bands_from_checkpoint,
     load_checkpoint,
+    logit_offsets_from_checkpoint,
     model_from_checkpoint,
 )
 from shared.labels import LabelMap
@@ -116,6 +117,9 @@ class Predictor:
     when enabled) to ``(N, C, h, w)`` logits; it can be replaced (e.g. by a compiled or quantised
     version of the model) without changing callers, which use :meth:`run_batch` and
     :meth:`segment`.
+
+    ``logit_offsets`` (one float per class) are added to every logit the model gives before
+    anything decides on a class: the trainer's logit adjustment, recorded in the checkpoint.
     """
 
     def __init__(
@@ -124,6 +128,7 @@ class Predictor:
         label_map: LabelMap,
         normalization: Normalization,
         options: InferenceOptions | None = None,
+        logit_offsets: Sequence[float] | None = None,
     ) -> None:
         self.options = options or InferenceOptions()
         self.device = resolve_device(self.options.device)
@@ -142,6 +147,17 @@ class Predictor:
             raise ValueError(
                 f"model head has {head} outputs but the label map has {self.num_classes} classes"
             )
+        if logit_offsets is not None and len(logit_offsets) != self.num_classes:
+            raise ValueError(
+                f"logit_offsets has {len(logit_offsets)} values but the label map has "
+                f"{self.num_classes} classes"
+            )
+        self.logit_offsets = None if logit_offsets is None else [float(v) for v in logit_offsets]
+        self._offsets = (
+            None
+            if logit_offsets is None
+            else torch.tensor(self.logit_offsets, device=self.device).view(1, -1, 1, 1)
+        )
         model.eval().to(self.device)
         if self.options.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -179,7 +195,11 @@ class Predictor:
             model, label_map, normalization = model_from_checkpoint(ckpt, device="cpu")
         except CheckpointError as exc:
             raise CheckpointError(f"{source}: {exc}") from exc
-        predictor = cls(model, label_map, normalization, options)
+        try:
+            offsets = logit_offsets_from_checkpoint(ckpt)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{source}: {exc}") from exc
+        predictor = cls(model, label_map, normalization, options, offsets)
         predictor.metadata = {
             k: v for k, v in ckpt.items() if k not in ("state_dict", "training_state")
         }
@@ -213,9 +233,12 @@ class Predictor:
             x = normalize(batch, self.normalization)
             dtype = self.autocast_dtype if self._autocast else None
             with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
-                if not self.options.flips:
-                    return self.forward(x).float()
-                return self._flipped_mean(x)
+                flipped = self.options.flips
+                logits = self._flipped_mean(x) if flipped else self.forward(x).float()
+            if self._offsets is not None:
+                # Not in place: a compiled graph may own its output tensor.
+                logits = logits + self._offsets
+            return logits
 
     def _flipped_mean(self, x: torch.Tensor) -> torch.Tensor:
         """Mean float32 logits of ``x`` and its three flips, each flipped back. Imagery has no
@@ -310,6 +333,7 @@ class Predictor:
                     validation=validation,
                     gate=gate,
                     class_names=names,
+                    logit_offsets=self.logit_offsets,
                 )
             except QuantizationError as exc:
                 self.int8_agreement = exc.agreement

@@ -297,6 +297,22 @@ MUTANTS: tuple[Mutant, ...] = (
         ("tests/service/test_reload.py", "-k", "in_flight"),
         "a request in flight during a model swap is finished by the new model",
     ),
+    Mutant(
+        "logit-offsets-ignored",
+        "shared/inference.py",
+        "                logits = logits + self._offsets",
+        "                pass",
+        ("tests/shared/test_inference.py", "-k", "logit_offsets"),
+        "a model trained with class weights serves swollen rare classes: lakes widen",
+    ),
+    Mutant(
+        "gate-blind-to-logit-offsets",
+        "shared/acceleration.py",
+        "expected.append((logits + offsets).argmax(dim=1))",
+        "expected.append(logits.argmax(dim=1))",
+        ("tests/shared/test_acceleration.py", "-k", "gate"),
+        "the int8 gate judges decisions the service never makes: int8 refused or passed wrongly",
+    ),
 )
 
 

@@ -40,7 +40,7 @@ from trainer.dataset_layout import DatasetLayoutError, dataset_band_spec, image_
 from trainer.distributed import DistInfo
 from trainer.ema import ModelEma
 from trainer.logging_utils import Board, setup_logging
-from trainer.losses import SegmentationLoss, class_weight_tensor
+from trainer.losses import SegmentationLoss, class_weight_tensor, logit_adjustment
 from trainer.outputs import (
     OutputDirError,
     check_free_space,
@@ -458,7 +458,12 @@ def make_predictor(
     precision: str,
     device: torch.device,
 ) -> Predictor:
-    """Validation runs through the service's inference path, at full tile resolution."""
+    """Validation runs through the service's inference path, at full tile resolution, with the
+    logit adjustment the checkpoints record (``train.logit_adjustment``), so the best epoch is
+    chosen on what will be served."""
+    offsets = None
+    if cfg.train.logit_adjustment:
+        offsets = logit_adjustment(cfg.train.class_weights, label_map.names)
     return Predictor(
         model,
         label_map,
@@ -471,4 +476,5 @@ def make_predictor(
             overlap=cfg.eval.overlap,
             tile_batch=cfg.eval.tile_batch,
         ),
+        offsets,
     )

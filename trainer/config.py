@@ -109,6 +109,9 @@ class TrainConfig(Section):
     resume: str | None = None  # a last.pt to continue from
     loss: Literal[LOSSES] = "dice+ce"  # trainer.losses.LOSSES
     class_weights: ClassFactors = {}
+    # Subtract log(class weight) from each logit wherever the checkpoint predicts: the weights
+    # still make training attend to a rare class, without fattening its predictions.
+    logit_adjustment: bool = False
     dice_smooth: NonNegative = 1.0
     aux_weight: NonNegative = 0.4
     optimizer: Literal["adam", "adamw"] = "adam"

@@ -6,6 +6,7 @@ pixels that carry no label (padding, unlabelled areas).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -168,3 +169,18 @@ def class_weight_tensor(weights: Mapping[str, float], names: list[str]) -> torch
     if not weights:
         return None
     return torch.tensor([float(weights.get(n, 1.0)) for n in names], dtype=torch.float32)
+
+
+def logit_adjustment(weights: Mapping[str, float], names: list[str]) -> list[float] | None:
+    """{"lake": 6.0} + ["ocean", "land", "lake"] -> [0, 0, -log 6]; None when no class is weighted.
+
+    Weighting a class w times in cross-entropy moves the loss's optimum from p(c|x) to
+    w * p(c|x) (normalised): the model learns to call a pixel lake where lake is only about
+    1/(1+w) likely, which fattens every lake by its uncertain border. Subtracting log w from
+    the class's logit at inference undoes that shift (Menon et al., "Long-tail learning via
+    logit adjustment", ICLR 2021), keeping what the weight was for, a class the loss does
+    not ignore while training.
+    """
+    if not weights:
+        return None
+    return [-math.log(float(weights.get(n, 1.0))) for n in names]

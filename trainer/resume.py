@@ -69,6 +69,7 @@ def save_checkpoints(run: Run, *, best: bool) -> None:
         "metrics": metrics,
         "bands": run.bands,
         "gsd_m": run.gsd_m,
+        "logit_offsets": run.predictor.logit_offsets,
     }
     save_checkpoint(
         build_checkpoint(run.eval_model, training_state=state, **common),

@@ -40,6 +40,27 @@ def test_model_describes_architecture_classes_and_checkpoint(
     assert (body["device"], body["precision"]) == ("cpu", "fp32")
     assert (body["tile"], body["overlap"]) == (64, 16)
     assert body["flips"] is False
+    assert body["logit_offsets"] is None  # the checkpoint records none
+
+
+def test_model_reports_the_checkpoint_logit_offsets_and_segment_applies_them(
+    varied_checkpoint: Path, tmp_path: Path
+) -> None:
+    from shared.checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(varied_checkpoint)
+    ckpt["logit_offsets"] = [0.0, 0.0, -1000.0]  # class 2 is never chosen
+    save_checkpoint(ckpt, tmp_path / "adjusted.pt")
+    image = encode(scene(100, 90, seed=4))
+    with running_app(settings_for(varied_checkpoint)) as plain:
+        plain_mask = plain.post("/segment?format=rle", files={"image": image}).json()
+    with running_app(settings_for(tmp_path / "adjusted.pt")) as adjusted:
+        body = adjusted.get("/model").json()
+        assert body["logit_offsets"] == {"ocean": 0.0, "land": 0.0, "lake": -1000.0}
+        adjusted_mask = adjusted.post("/segment?format=rle", files={"image": image}).json()
+    area = {c["name"]: c["area"] for c in plain_mask["classes"]}
+    assert area["lake"] > 0  # without the offsets the scene has class 2
+    assert {c["name"]: c["area"] for c in adjusted_mask["classes"]}["lake"] == 0
 
 
 def test_flips_setting_reaches_the_model_and_is_reported(varied_checkpoint: Path) -> None:

@@ -159,6 +159,22 @@ def test_the_gate_refuses_int8_that_loses_a_rare_class_the_pixel_share_misses() 
     assert "lake IoU 0.000 < 0.9" in message and "pixel agreement" not in message.split("(")[0]
 
 
+def test_the_gate_judges_the_decisions_after_the_logit_offsets() -> None:
+    # The same fragile lakes, under offsets that never let lake win: what would be served
+    # has no lake to lose, so the gate passes and counts no lake pixel.
+    calibration, checks = lake_fragile_inputs()
+    forward = optimize(
+        Toy().eval(),
+        quantize="int8",
+        calibration=calibration,
+        validation=checks,
+        gate=AgreementGate(min_pixel=0.995, min_class_iou=0.9),
+        logit_offsets=[0.0, 0.0, -1000.0],
+    )
+    assert forward.agreement is not None and forward.agreement.class_pixels[LAKE] == 0
+    assert forward.agreement.pixel >= 0.995
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

@@ -18,6 +18,7 @@ from shared.checkpoint import (
     bands_from_checkpoint,
     build_checkpoint,
     load_checkpoint,
+    logit_offsets_from_checkpoint,
     model_from_checkpoint,
     save_checkpoint,
 )
@@ -222,6 +223,32 @@ def test_build_refuses_head_label_mismatch(label_map: LabelMap) -> None:
             normalization=Normalization(),
             config={},
         )
+
+
+def test_logit_offsets_round_trip_and_are_absent_unless_given(
+    tmp_path: Path, label_map: LabelMap
+) -> None:
+    save_checkpoint(_payload(label_map, logit_offsets=(0, 0, -1.5)), tmp_path / "adjusted.pt")
+    loaded = load_checkpoint(tmp_path / "adjusted.pt")
+    assert logit_offsets_from_checkpoint(loaded) == [0.0, 0.0, -1.5]
+    assert "logit_offsets" not in _payload(label_map)
+    assert logit_offsets_from_checkpoint(_payload(label_map)) is None
+
+
+@pytest.mark.parametrize(
+    ("offsets", "message"),
+    [
+        ([0.0, -1.0], "one number per class \\(3\\), got 2"),
+        ([0.0, float("inf"), 0.0], "finite"),
+        ([0.0, True, 0.0], "numbers"),
+        ("0 0 0", "a list of 3 numbers"),
+    ],
+)
+def test_build_refuses_logit_offsets_that_are_not_a_number_per_class(
+    label_map: LabelMap, offsets: object, message: str
+) -> None:
+    with pytest.raises(ValueError, match=f"logit_offsets must .*{message}"):
+        _payload(label_map, logit_offsets=offsets)
 
 
 def test_state_dict_that_does_not_fit_the_architecture(label_map: LabelMap) -> None:

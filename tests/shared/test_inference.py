@@ -9,7 +9,12 @@ import torch
 
 import shared.inference as inference
 import shared.precision as precision
-from shared.checkpoint import CheckpointError, load_checkpoint
+from shared.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+)
 from shared.inference import (
     InferenceOptions,
     Predictor,
@@ -134,6 +139,57 @@ def test_flips_average_each_tile_over_its_four_views(varied_checkpoint: Path) ->
     assert not torch.allclose(averaged, views[0], rtol=1e-2, atol=0)
     mask = flipped.segment(np.zeros((70, 150, 3), np.uint8))
     assert mask.shape == (70, 150)
+
+
+def test_logit_offsets_from_the_checkpoint_shift_every_logit_before_the_class_is_chosen(
+    calibrated_checkpoint: Path, tmp_path: Path
+) -> None:
+    options = fp32_options(tile=64, overlap=16)
+    plain = Predictor.from_checkpoint(calibrated_checkpoint, options)
+    image = scene(64, 64)
+    raw = plain.run_batch(torch.from_numpy(image).permute(2, 0, 1)[None])
+    # An offset that moves about half of the class-2 pixels: half their median margin.
+    top2, others = raw[0, 2], raw[0, :2].amax(dim=0)
+    margin = (top2 - others)[top2 > others].median().item()
+    offsets = [0.0, 0.0, -margin]
+    ckpt = load_checkpoint(calibrated_checkpoint)
+    ckpt["logit_offsets"] = offsets
+    save_checkpoint(ckpt, tmp_path / "adjusted.pt")
+    adjusted = Predictor.from_checkpoint(tmp_path / "adjusted.pt", options)
+    assert adjusted.logit_offsets == offsets
+
+    shifted = adjusted.run_batch(torch.from_numpy(image).permute(2, 0, 1)[None])
+    torch.testing.assert_close(shifted, raw + torch.tensor(offsets).view(1, 3, 1, 1))
+    # The shift moves decisions: fewer class-2 pixels, each one lost to another class.
+    before, after = plain.segment(image), adjusted.segment(image)
+    assert 0 < (after == 2).sum() < (before == 2).sum()
+    assert np.array_equal(after == 2, (before == 2) & (after == 2))
+
+
+def test_logit_offsets_apply_after_the_flip_average(varied_checkpoint: Path) -> None:
+    options = fp32_options(tile=64, overlap=16, flips=True)
+    model, label_map, normalization = model_from_checkpoint(load_checkpoint(varied_checkpoint))
+    plain = Predictor(model, label_map, normalization, options)
+    adjusted = Predictor(model, label_map, normalization, options, [1.0, -2.0, 0.25])
+    batch = torch.randint(
+        0, 256, (1, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(5)
+    )
+    offsets = torch.tensor([1.0, -2.0, 0.25]).view(1, 3, 1, 1)
+    torch.testing.assert_close(adjusted.run_batch(batch), plain.run_batch(batch) + offsets)
+
+
+def test_logit_offsets_need_one_number_per_class(varied_checkpoint: Path, tmp_path: Path) -> None:
+
+    model, label_map, normalization = model_from_checkpoint(load_checkpoint(varied_checkpoint))
+    with pytest.raises(ValueError, match="logit_offsets has 2 values .* 3 classes"):
+        Predictor(model, label_map, normalization, fp32_options(), [0.0, 1.0])
+    for bad, message in (([0.0, "x", 1.0], "numbers"), ([0.0, float("nan"), 0.0], "finite")):
+        ckpt = load_checkpoint(varied_checkpoint)
+        ckpt["logit_offsets"] = bad
+        path = tmp_path / "bad.pt"
+        save_checkpoint(ckpt, path)
+        with pytest.raises(CheckpointError, match=f"bad.pt: checkpoint logit_offsets .*{message}"):
+            Predictor.from_checkpoint(path, fp32_options())
 
 
 def test_forward_can_be_replaced(predictor: Predictor) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +102,32 @@ def test_tiny_fit_writes_what_the_service_loads(
     for tag in ("train/total", "train/lr", "train/images_per_s", "val/miou", "val/iou/land"):
         assert tag in tags["scalars"], tag
     assert "val/input_truth_prediction" in tags["images"]
+
+
+def test_logit_adjustment_is_recorded_and_validation_and_test_predict_with_it(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    # Ocean weighted 10,000x: its logit loses log(1e4) = 9.2 wherever the run predicts, more
+    # than a two-step model's logits differ, so no pixel may be called ocean, in validation
+    # (which picks best.pt) or in the test evaluation.
+    out = tmp_path / "runs"
+    rc, err = fit(
+        capsys, dataset, out, train__class_weights="{ocean: 10000}", train__logit_adjustment=True
+    )
+    assert rc == 0, err
+    run = out / "run"
+    for name in ("best.pt", "last.pt"):
+        offsets = load_checkpoint(run / name)["logit_offsets"]
+        assert offsets == pytest.approx([-math.log(1e4), 0.0, 0.0]), name
+    val = load_checkpoint(run / "best.pt")["metrics"]["val"]
+    test = json.loads((run / "test_metrics.json").read_text())
+    for scores in (val, test):
+        ocean = next(c for c in scores["per_class"] if c["name"] == "ocean")
+        assert ocean["support_pixels"] > 0 and ocean["predicted_pixels"] == 0
+
+    rc, err = fit(capsys, dataset, tmp_path / "plain", train__class_weights="{ocean: 10000}")
+    assert rc == 0, err
+    assert "logit_offsets" not in load_checkpoint(tmp_path / "plain" / "run" / "best.pt")
 
 
 def test_corrupt_image_stops_before_training_and_names_it(

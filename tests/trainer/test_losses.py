@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from trainer.losses import (
     SegmentationLoss,
     class_weight_tensor,
+    logit_adjustment,
     lovasz_softmax_loss,
     soft_dice_loss,
 )
@@ -119,6 +120,35 @@ def test_combined_loss_adds_its_parts_and_the_aux_head() -> None:
 def test_class_weight_tensor_fills_unlisted_classes_with_one() -> None:
     assert class_weight_tensor({}, ["a", "b"]) is None
     assert class_weight_tensor({"lake": 5}, ["ocean", "land", "lake"]).tolist() == [1, 1, 5]
+
+
+def test_logit_adjustment_recovers_the_class_frequencies_weighted_cross_entropy_distorts() -> None:
+    # One pixel seen 10 times: 7 times ocean, 3 times lake. Cross-entropy with lake weighted 6x
+    # is minimised by p(lake) = 3*6 / (7 + 3*6) = 0.72, not 0.3; after the adjustment the
+    # softmax gives back 0.3, and the argmax goes back from lake to ocean.
+    names = ["ocean", "land", "lake"]
+    weights = {"lake": 6.0}
+    offsets = logit_adjustment(weights, names)
+    assert offsets == pytest.approx([0.0, 0.0, -1.791759], abs=1e-6)
+    target = torch.tensor([0] * 7 + [2] * 3)
+    logits = torch.zeros(3, requires_grad=True)
+    optimizer = torch.optim.LBFGS([logits], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(
+            logits.expand(10, 3), target, weight=class_weight_tensor(weights, names)
+        )
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    learnt = logits.detach()
+    assert learnt.softmax(0)[2].item() == pytest.approx(18 / 25, abs=1e-3)
+    adjusted = learnt + torch.tensor(offsets)
+    assert adjusted.softmax(0)[[0, 2]].tolist() == pytest.approx([0.7, 0.3], abs=1e-3)
+    assert learnt.argmax().item() == 2 and adjusted.argmax().item() == 0
+    assert logit_adjustment({}, names) is None
 
 
 def test_bf16_logits_are_scored_in_float32() -> None:
