@@ -142,7 +142,7 @@ def build_checkpoint(
     if gsd_m is not None:
         payload["gsd_m"] = _checked_gsd(gsd_m, "gsd_m", ValueError)
     if logit_offsets is not None:
-        payload["logit_offsets"] = _checked_offsets(
+        payload["logit_offsets"] = checked_logit_offsets(
             logit_offsets, label_map.num_classes, "logit_offsets", ValueError
         )
     if training_state is not None:
@@ -166,10 +166,13 @@ def logit_offsets_from_checkpoint(ckpt: Mapping[str, Any]) -> list[float] | None
     if offsets is None:
         return None
     classes = int(ckpt["arch"]["num_classes"])
-    return _checked_offsets(offsets, classes, "checkpoint logit_offsets", CheckpointError)
+    return checked_logit_offsets(offsets, classes, "checkpoint logit_offsets", CheckpointError)
 
 
-def _checked_offsets(offsets: Any, classes: int, what: str, error: type[Exception]) -> list[float]:
+def checked_logit_offsets(
+    offsets: Any, classes: int, what: str = "logit_offsets", error: type[Exception] = ValueError
+) -> list[float]:
+    """``offsets`` as floats, one per class, or ``error`` naming ``what`` and the problem."""
     if isinstance(offsets, (str, bytes)) or not isinstance(offsets, Sequence):
         raise error(f"{what} must be a list of {classes} numbers, got {type(offsets).__name__}")
     if len(offsets) != classes:

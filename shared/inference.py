@@ -23,6 +23,7 @@ from shared.acceleration import Agreement, AgreementGate
 from shared.checkpoint import (
     CheckpointError,
     bands_from_checkpoint,
+    checked_logit_offsets,
     load_checkpoint,
     logit_offsets_from_checkpoint,
     model_from_checkpoint,
@@ -147,15 +148,14 @@ class Predictor:
             raise ValueError(
                 f"model head has {head} outputs but the label map has {self.num_classes} classes"
             )
-        if logit_offsets is not None and len(logit_offsets) != self.num_classes:
-            raise ValueError(
-                f"logit_offsets has {len(logit_offsets)} values but the label map has "
-                f"{self.num_classes} classes"
-            )
-        self.logit_offsets = None if logit_offsets is None else [float(v) for v in logit_offsets]
-        self._offsets = (
+        self.logit_offsets = (
             None
             if logit_offsets is None
+            else checked_logit_offsets(logit_offsets, self.num_classes)
+        )
+        self._offsets = (
+            None
+            if self.logit_offsets is None
             else torch.tensor(self.logit_offsets, device=self.device).view(1, -1, 1, 1)
         )
         model.eval().to(self.device)

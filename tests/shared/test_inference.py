@@ -181,7 +181,9 @@ def test_logit_offsets_apply_after_the_flip_average(varied_checkpoint: Path) -> 
 def test_logit_offsets_need_one_number_per_class(varied_checkpoint: Path, tmp_path: Path) -> None:
 
     model, label_map, normalization = model_from_checkpoint(load_checkpoint(varied_checkpoint))
-    with pytest.raises(ValueError, match="logit_offsets has 2 values .* 3 classes"):
+    with pytest.raises(
+        ValueError, match=r"logit_offsets must have one number per class \(3\), got 2"
+    ):
         Predictor(model, label_map, normalization, fp32_options(), [0.0, 1.0])
     for bad, message in (([0.0, "x", 1.0], "numbers"), ([0.0, float("nan"), 0.0], "finite")):
         ckpt = load_checkpoint(varied_checkpoint)
