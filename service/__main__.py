@@ -1,5 +1,10 @@
 """``python -m service``: serve the app with uvicorn, using ``SATSEG_*`` settings.
 
+    python -m service [--checkpoint PATH] [--host HOST] [--port PORT]
+
+The three options override ``SATSEG_CHECKPOINT``, ``SATSEG_HOST`` and ``SATSEG_PORT``; every
+other setting is an environment variable (``service/settings.py``, docs/deployment.md).
+
 SIGTERM drains (``/readyz`` 503 for ``SATSEG_SHUTDOWN_DRAIN_S`` while requests are served), then
 stops within ``SATSEG_SHUTDOWN_GRACE_S``; SIGINT or a second SIGTERM skips the drain; SIGHUP
 reloads the checkpoint as ``POST /admin/reload`` does. docs/deployment.md ("Signals") has the
@@ -8,14 +13,16 @@ details.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import FrameType
 
 import uvicorn
+from pydantic import ValidationError
 
 from service.app import create_app
 from service.engine import Engine
@@ -96,8 +103,36 @@ def reload_on_sighup(engine: Engine) -> None:
     signal.signal(signal.SIGHUP, handle)
 
 
-def main() -> None:
-    settings = Settings()
+def settings_from_args(argv: Sequence[str] | None = None) -> Settings:
+    """``SATSEG_*`` settings with the command line's overrides; an unknown argument exits 2
+    naming it, rather than being ignored by a server that then starts anyway."""
+    parser = argparse.ArgumentParser(
+        prog="python -m service",
+        description="Serve a SatSeg checkpoint over HTTP. Every other setting is a SATSEG_* "
+        "environment variable (service/settings.py, docs/deployment.md).",
+    )
+    parser.add_argument("--checkpoint", help="checkpoint to serve (SATSEG_CHECKPOINT)")
+    parser.add_argument("--host", help="bind address (SATSEG_HOST)")
+    parser.add_argument("--port", type=int, help="port (SATSEG_PORT)")
+    args = parser.parse_args(argv)
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{_setting_name(error['loc'])}: {error['msg']} (got {error['input']!r})"
+            for error in exc.errors()
+        )
+        parser.exit(2, f"python -m service: error: invalid settings: {problems}\n")
+
+
+def _setting_name(loc: tuple[int | str, ...]) -> str:
+    """A validation error's location as the environment variable that sets it."""
+    return "SATSEG_" + "_".join(str(part) for part in loc).upper() if loc else "settings"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    settings = settings_from_args(argv)
     configure_logging(settings.log_level, settings.log_format)
     app = create_app(settings)
     config = uvicorn.Config(
