@@ -183,4 +183,5 @@ def logit_adjustment(weights: Mapping[str, float], names: list[str]) -> list[flo
     """
     if not weights:
         return None
-    return [-math.log(float(weights.get(n, 1.0))) for n in names]
+    # 0.0 - log(1) is 0.0, where -log(1) would be -0.0 (printed so in /model).
+    return [0.0 - math.log(float(weights.get(n, 1.0))) for n in names]

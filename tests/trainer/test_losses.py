@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -130,6 +132,7 @@ def test_logit_adjustment_recovers_the_class_frequencies_weighted_cross_entropy_
     weights = {"lake": 6.0}
     offsets = logit_adjustment(weights, names)
     assert offsets == pytest.approx([0.0, 0.0, -1.791759], abs=1e-6)
+    assert json.dumps(offsets[:2]) == "[0.0, 0.0]"  # not -0.0, which /model would print
     target = torch.tensor([0] * 7 + [2] * 3)
     logits = torch.zeros(3, requires_grad=True)
     optimizer = torch.optim.LBFGS([logits], max_iter=200, line_search_fn="strong_wolfe")
