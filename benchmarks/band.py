@@ -25,7 +25,7 @@ from scipy import ndimage
 
 from benchmarks.common import describe, machine, markdown_table, write_json
 from benchmarks.inference import service_options
-from shared.datasets import BLUEMARBLE_SHAPE, MAX_ABS_LAT, TEST_BAND_LON, lat_rows
+from shared.datasets import BLUEMARBLE_SHAPE, MAX_ABS_LAT, TEST_BAND_LON, lat_rows, lon_columns
 from shared.inference import Predictor
 from shared.metrics import ConfusionMatrix, scores
 
@@ -37,7 +37,7 @@ def band_window() -> tuple[slice, slice]:
     """Rows and columns of the test band in the 5400 x 2700 mosaic."""
     height, width = BLUEMARBLE_SHAPE
     first, stop = lat_rows(height, MAX_ABS_LAT)
-    west, east = (round((lon + 180) * width / 360) for lon in TEST_BAND_LON)
+    west, east = lon_columns(width, *TEST_BAND_LON)
     return slice(first, stop), slice(west, east)
 
 
