@@ -528,7 +528,9 @@ def stage_inference(ctx: Context) -> dict[str, Any]:
     out = ctx.work / "inference.json"
     out.unlink(missing_ok=True)
     cmd = [ctx.python, "-m", "benchmarks.inference", "--quick", "--skip-candidates"]
-    cmd += ["--skip-scaling", "--skip-service", "--json", str(out)]
+    # The CPU peer runtimes (ONNX Runtime, OpenVINO) are not what a GPU check measures, and on a
+    # machine that has them installed they would spend the CUDA section's time.
+    cmd += ["--skip-scaling", "--skip-service", "--skip-peers", "--json", str(out)]
     if ctx.checkpoint is not None:
         cmd += ["--checkpoint", str(ctx.checkpoint)]
     if ctx.cuda:
@@ -659,11 +661,15 @@ def markdown(report: dict[str, Any]) -> str:
     summary = report.get("summary", {})
     if train.get("test"):
         iou = train["test"]["iou"]
+        overrides = report.get("train_overrides") or []
+        compiled = "train.compile=false" not in overrides
         lines += [
             "",
-            f"Training (`trainer/config.yaml`, {_num(report.get('train_minutes'))} min budget, "
-            "torch.compile time inside it): "
-            f"{_num(train.get('steps'))} steps, {_num(train.get('epochs'))} epochs, "
+            f"Training (`trainer/config.yaml`"
+            + "".join(f" `{o}`" for o in overrides)
+            + f", {_num(report.get('train_minutes'))} min budget"
+            + (", torch.compile time inside it): " if compiled else ", not compiled): ")
+            + f"{_num(train.get('steps'))} steps, {_num(train.get('epochs'))} epochs, "
             f"{_num(train.get('images_per_s'))} images/s; test split "
             + ", ".join(f"{k} {_num(v)}" for k, v in iou.items())
             + f", mIoU {_num(train['test'].get('miou'))} "
@@ -728,6 +734,7 @@ def check(args: argparse.Namespace) -> int:
         "host": platform.node(),
         "budget_s": args.budget_s,
         "train_minutes": args.train_minutes,
+        "train_overrides": list(args.train_override),
         "mode": None,
         "stages": {},
     }

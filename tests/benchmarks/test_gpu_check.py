@@ -196,7 +196,15 @@ def test_markdown_renders_the_cuda_numbers(tmp_path, capsys) -> None:
     assert "400 steps" in text and "lake 0.41" in text and "7 passed" in text
     assert "| cuda eager (bf16) | 1 | 120 |" in text
     assert "| cuda compiled (bf16) | 8 | 900 |" in text
+    assert "torch.compile time inside it" in text
     assert gpu_check.main(["--markdown", str(tmp_path / "missing.json")]) == 2
+
+    # A run trained with overrides says so: its steps are not the recipe's.
+    report["train_overrides"] = ["train.compile=false"]
+    path.write_text(json.dumps(report))
+    assert gpu_check.main(["--markdown", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "`train.compile=false`" in text and "not compiled" in text
 
 
 def _running(pid: int) -> bool:

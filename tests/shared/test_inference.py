@@ -336,7 +336,11 @@ def test_cuda_agrees_with_cpu(calibrated_checkpoint: Path, rng, precision: str) 
     mask, expected_mask = gpu.segment(image), cpu.segment(image)
     assert isinstance(mask, np.ndarray) and mask.dtype == np.uint8 and mask.shape == (150, 90)
     assert len(np.unique(expected_mask)) > 1  # the masks compared are not constant
-    assert (mask == expected_mask).mean() > 0.95
+    # This model is untrained: its random weights amplify rounding, so bf16 flips decisions that
+    # a trained model keeps (masks agreed on 0.926 of pixels with bf16 on the CPU and 0.923 on an
+    # H200; fp16 and fp32 above 0.95). A broken device path (channel order, normalisation,
+    # tiling) falls to the share of the commonest class, 0.73.
+    assert (mask == expected_mask).mean() > {"fp32": 0.95, "fp16": 0.95, "bf16": 0.9}[precision]
 
 
 @pytest.mark.gpu
