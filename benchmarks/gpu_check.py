@@ -665,7 +665,7 @@ def markdown(report: dict[str, Any]) -> str:
         compiled = "train.compile=false" not in overrides
         lines += [
             "",
-            f"Training (`trainer/config.yaml`"
+            "Training (`trainer/config.yaml`"
             + "".join(f" `{o}`" for o in overrides)
             + f", {_num(report.get('train_minutes'))} min budget"
             + (", torch.compile time inside it): " if compiled else ", not compiled): ")

@@ -313,6 +313,14 @@ MUTANTS: tuple[Mutant, ...] = (
         ("tests/shared/test_acceleration.py", "-k", "gate"),
         "the int8 gate judges decisions the service never makes: int8 refused or passed wrongly",
     ),
+    Mutant(
+        "best-by-ignored",
+        "trainer/fit.py",
+        'if run.cfg.train.best_by == "last_epoch":',
+        "if False:",
+        ("tests/trainer/test_fit.py", "-k", "best_by"),
+        "best.pt keeps a noisy validation pick where the recipe asked for its final weights",
+    ),
 )
 
 

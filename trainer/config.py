@@ -126,6 +126,10 @@ class TrainConfig(Section):
     channels_last: bool = True
     compile: bool = False
     ema_decay: Float | None = Field(None, gt=0.0, lt=1.0)  # validate and save a weight EMA
+    # What best.pt holds: the weights of the epoch with the highest validation mIoU, or the last
+    # epoch's (for a fixed schedule whose validation split is too small to choose between the
+    # last epochs: their differences there are noise, and the pick carries it to the test set).
+    best_by: Literal["val_miou", "last_epoch"] = "val_miou"
     patience: Positive | None = None  # epochs without a val mIoU gain above min_delta
     min_delta: NonNegative = 0.0
     deterministic: bool = False  # deterministic kernels and one thread count
@@ -137,6 +141,15 @@ class TrainConfig(Section):
     adapt_threads: bool = False
     checkpoint_every: Positive | None = None  # also write last.pt every N steps
     log_every: Positive = 10
+
+    @model_validator(mode="after")
+    def _early_stopping(self) -> TrainConfig:
+        if self.patience is not None and self.best_by != "val_miou":
+            raise ValueError(
+                "patience stops on validation mIoU and needs best_by=val_miou, "
+                f"got best_by={self.best_by}"
+            )
+        return self
 
 
 class EvalConfig(Section):

@@ -367,6 +367,9 @@ def record(run: Run, val: dict[str, Any] | None, epoch: int) -> bool:
     if grid:
         run.board.image("val/input_truth_prediction", overlay_grid(grid, run.label_map), state.step)
     miou = val["miou"]
+    if run.cfg.train.best_by == "last_epoch":
+        state.best_miou, state.best_epoch = miou, epoch + 1
+        return True
     if miou is not None and (
         state.best_miou is None or miou > state.best_miou + run.cfg.train.min_delta
     ):

@@ -71,6 +71,8 @@ def test_dict_keys_can_be_set_one_by_one() -> None:
         ("", ["eval.overlap=512"], "eval.overlap"),
         ("", ["model.bn_momentum=0"], "model.bn_momentum"),
         ("", ["augment.focus_crop=1.5"], "augment.focus_crop"),
+        ("", ["train.best_by=final"], "train.best_by"),
+        ("", ["train.best_by=last_epoch", "train.patience=3"], "train.patience"),
     ],
 )
 def test_bad_keys_and_values_name_the_key(

@@ -242,3 +242,21 @@ def test_early_stopping_and_accumulation(
     state = load_checkpoint(tmp_path / "runs" / "run" / "last.pt")["training_state"]
     # 4 batches per epoch, 2 per optimiser step: 2 steps per epoch, 2 epochs.
     assert (state["epoch"], state["step"], state["bad_epochs"]) == (2, 4, 1)
+
+
+@pytest.mark.parametrize(("best_by", "best_epoch"), [("val_miou", 1), ("last_epoch", 3)])
+def test_best_checkpoint_follows_train_best_by(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture, best_by: str, best_epoch: int
+) -> None:
+    # min_delta 1.0: by validation mIoU no epoch can beat the first; by last epoch, each does.
+    rc, err = fit(
+        capsys, dataset, tmp_path / "runs",
+        train__epochs=3, train__max_steps=None, train__min_delta=1.0, train__best_by=best_by,
+        eval__enabled=False,
+    )  # fmt: skip
+    assert rc == 0, err
+    run = tmp_path / "runs" / "run"
+    assert load_checkpoint(run / "best.pt")["metrics"]["epoch"] == best_epoch
+    assert load_checkpoint(run / "last.pt")["metrics"]["epoch"] == 3
+    state = load_checkpoint(run / "last.pt")["training_state"]
+    assert state["best_epoch"] == best_epoch
