@@ -662,7 +662,7 @@ def markdown(report: dict[str, Any]) -> str:
     if train.get("test"):
         iou = train["test"]["iou"]
         overrides = report.get("train_overrides") or []
-        compiled = "train.compile=false" not in overrides
+        compiled = _compiles(overrides)
         lines += [
             "",
             "Training (`trainer/config.yaml`"
@@ -715,6 +715,17 @@ def markdown(report: dict[str, Any]) -> str:
                 + (f" Compilation failed: {compiled['error']}" if "error" in compiled else ""),
             ]
     return "\n".join(lines) + "\n"
+
+
+def _compiles(overrides: Sequence[str]) -> bool:
+    """Whether the full recipe (``train.compile: true``) still compiles under these overrides;
+    the last ``train.compile`` override wins, as in ``trainer.fit``."""
+    value = "true"
+    for override in overrides:
+        key, _, text = override.partition("=")
+        if key.strip() == "train.compile":
+            value = text.strip().lower()
+    return value not in ("false", "no", "off", "0")
 
 
 def write_report(path: Path, report: dict[str, Any]) -> None:

@@ -200,11 +200,15 @@ def test_markdown_renders_the_cuda_numbers(tmp_path, capsys) -> None:
     assert gpu_check.main(["--markdown", str(tmp_path / "missing.json")]) == 2
 
     # A run trained with overrides says so: its steps are not the recipe's.
-    report["train_overrides"] = ["train.compile=false"]
+    report["train_overrides"] = ["train.compile=False"]
     path.write_text(json.dumps(report))
     assert gpu_check.main(["--markdown", str(path)]) == 0
     text = capsys.readouterr().out
-    assert "`train.compile=false`" in text and "not compiled" in text
+    assert "`train.compile=False`" in text and "not compiled" in text
+    report["train_overrides"] = ["train.compile=false", "train.compile=true"]
+    path.write_text(json.dumps(report))
+    assert gpu_check.main(["--markdown", str(path)]) == 0
+    assert "torch.compile time inside it" in capsys.readouterr().out
 
 
 def _running(pid: int) -> bool:
