@@ -128,7 +128,8 @@ def settings_from_args(argv: Sequence[str] | None = None) -> Settings:
 
 def _setting_name(loc: tuple[int | str, ...]) -> str:
     """A validation error's location as the environment variable that sets it."""
-    return "SATSEG_" + "_".join(str(part) for part in loc).upper() if loc else "settings"
+    prefix = Settings.model_config["env_prefix"]
+    return prefix + "_".join(str(part) for part in loc).upper() if loc else "settings"
 
 
 def main(argv: Sequence[str] | None = None) -> None:
