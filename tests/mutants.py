@@ -321,6 +321,22 @@ MUTANTS: tuple[Mutant, ...] = (
         ("tests/trainer/test_fit.py", "-k", "best_by"),
         "best.pt keeps a noisy validation pick where the recipe asked for its final weights",
     ),
+    Mutant(
+        "precise-bn-skipped",
+        "trainer/fit.py",
+        "        recompute_batchnorm(run, epoch)\n",
+        "",
+        ("tests/trainer/test_fit.py", "-k", "precise_bn"),
+        "the saved average keeps BatchNorm statistics of other weights; some runs call seas lake",
+    ),
+    Mutant(
+        "precise-bn-draws-training-rng",
+        "trainer/batchnorm.py",
+        "with torch.random.fork_rng(devices=cuda):",
+        "with torch.random.fork_rng(devices=cuda, enabled=False):",
+        ("tests/trainer/test_fit.py", "-k", "precise_bn"),
+        "turning precise BN on changes the training that follows it",
+    ),
 )
 
 

@@ -126,6 +126,9 @@ class TrainConfig(Section):
     channels_last: bool = True
     compile: bool = False
     ema_decay: Float | None = Field(None, gt=0.0, lt=1.0)  # validate and save a weight EMA
+    # Before each validation, recompute the BatchNorm statistics of the weights validated and
+    # saved over this many batches of the epoch's training crops (trainer/batchnorm.py).
+    precise_bn_batches: Positive | None = None
     # What best.pt holds: the weights of the epoch with the highest validation mIoU, or the last
     # epoch's (for a fixed schedule whose validation split is too small to choose between the
     # last epochs: their differences there are noise, and the pick carries it to the test set).

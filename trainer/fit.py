@@ -18,7 +18,7 @@ import contextlib
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +31,7 @@ from shared.messages import one_line
 from shared.metrics import ConfusionMatrix, scores
 from shared.preprocess import normalize
 from trainer import distributed
+from trainer.batchnorm import recompute_statistics
 from trainer.build import USER_ERRORS, RemoteRankError, build_run
 from trainer.config import Config, ConfigError, load_config, to_yaml
 from trainer.data import iterate_batches, preview_rgb
@@ -108,6 +109,7 @@ def train_epochs(run: Run) -> None:
         result = train_one_epoch(run)
         run.images_trained += result.images
         run.train_seconds += result.seconds
+        recompute_batchnorm(run, epoch)
         val = evaluate(run)
         improved = record(run, val, epoch)
         save_checkpoints(run, best=improved)
@@ -280,6 +282,39 @@ class EpochMeter:
 
 
 # --- validation --------------------------------------------------------------------------------
+
+
+def recompute_batchnorm(run: Run, epoch: int) -> None:
+    """Precise BN (:mod:`trainer.batchnorm`): the evaluated weights' BatchNorm statistics
+    recomputed over ``train.precise_bn_batches`` batches of ``epoch``'s training crops, the
+    crops those weights were trained on, so that validation and every checkpoint see them."""
+    limit = run.cfg.train.precise_bn_batches
+    if not limit:
+        return
+    device = run.info.device
+    layout = torch.channels_last if run.cfg.train.channels_last else torch.contiguous_format
+    # The epoch's order from its first sample; train_one_epoch sets both again before training.
+    run.loaders.sampler.set_epoch(epoch)
+    run.loaders.sampler.set_start(0)
+
+    def inputs() -> Iterator[torch.Tensor]:
+        for images, _ in run.loaders.train:
+            x = normalize(images.to(device, non_blocking=True), run.normalization)
+            yield x.contiguous(memory_format=layout)
+
+    start = time.perf_counter()
+    used = recompute_statistics(
+        run.eval_model,
+        inputs(),
+        limit=limit,
+        seed=run.cfg.train.seed + epoch,
+        autocast=run.autocast_dtype,
+    )
+    log.info(
+        "BatchNorm statistics recomputed over %d batch(es) of epoch %d's crops in %.1f s",
+        used, epoch + 1, time.perf_counter() - start,
+    )  # fmt: skip
+
 
 
 @torch.inference_mode()

@@ -260,3 +260,54 @@ def test_best_checkpoint_follows_train_best_by(
     assert load_checkpoint(run / "last.pt")["metrics"]["epoch"] == 3
     state = load_checkpoint(run / "last.pt")["training_state"]
     assert state["best_epoch"] == best_epoch
+
+
+def test_precise_bn_recomputes_the_saved_statistics_and_leaves_training_alone(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from shared.preprocess import normalize
+    from trainer import distributed
+    from trainer.batchnorm import recompute_statistics
+    from trainer.build import load_data
+
+    runs = {}
+    for batches in (None, 2):
+        out = tmp_path / f"runs-{batches}"
+        extra = {"train__ema_decay": 0.9, "train__precise_bn_batches": batches}
+        rc, err = fit(
+            capsys, dataset, out, train__epochs=2, train__max_steps=None, eval__enabled=False,
+            **extra,
+        )  # fmt: skip
+        assert rc == 0, err
+        runs[batches] = load_checkpoint(out / "run" / "last.pt"), out / "run"
+    (plain, _), (precise, run_dir) = runs[None], runs[2]
+    assert "BatchNorm statistics recomputed over 2 batch(es)" in (run_dir / "train.log").read_text()
+
+    # Two epochs: the pass after the first did not change the second's training. The same
+    # weights, the same average of them; only the average's BatchNorm statistics differ.
+    trained = plain["training_state"]["model"]
+    assert all(torch.equal(v, precise["training_state"]["model"][k]) for k, v in trained.items())
+    statistics = {k for k in plain["state_dict"] if k.endswith(("running_mean", "running_var"))}
+    assert statistics
+    for key, value in plain["state_dict"].items():
+        if key not in statistics and not key.endswith("num_batches_tracked"):
+            assert torch.equal(value, precise["state_dict"][key]), key
+    changed = [
+        k for k in statistics if not torch.equal(plain["state_dict"][k], precise["state_dict"][k])
+    ]
+    assert changed
+
+    # They are the averaged weights' statistics over the first 2 batches of the last epoch's
+    # crops (dropout on, from the seed the run gives that epoch's pass).
+    predictor = Predictor.from_checkpoint(runs[None][1] / "last.pt")
+    cfg = load_config(run_dir / "config.yaml")
+    loaders = load_data(
+        cfg, predictor.label_map, distributed.setup(torch.device("cpu")), None,
+        predictor.normalization,
+    )  # fmt: skip
+    loaders.sampler.set_epoch(1)
+    inputs = (normalize(images, predictor.normalization) for images, _ in loaders.train)
+    recompute_statistics(predictor.model, inputs, limit=2, seed=cfg.train.seed + 1)
+    for key in statistics:
+        expected = predictor.model.state_dict()[key]
+        assert torch.allclose(expected, precise["state_dict"][key], atol=1e-5), key

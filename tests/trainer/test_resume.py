@@ -2,7 +2,8 @@
 bit for bit where a straight run ends, with the quick recipe's features on.
 
 The features that draw random numbers or read the clock are all on: weighted oversampling,
-random crops and flips, an EMA of the weights, bf16 autocast, a time budget that both decays
+random crops and flips, an EMA of the weights and its recomputed BatchNorm statistics (a pass
+over the epoch's crops with dropout on), bf16 autocast, a time budget that both decays
 the learning rate and ends the run, and the thread tuner. Time is a :func:`step_clock`, so the
 budget and the tuner see the same times in every run.
 """
@@ -38,6 +39,7 @@ QUICK_RECIPE = {
     "train__max_steps": None,
     "train__max_minutes": 0.5,
     "train__ema_decay": 0.9,
+    "train__precise_bn_batches": 2,
     "train__precision": "bf16",
     "train__threads": None,
     "train__adapt_threads": True,
