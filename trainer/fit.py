@@ -316,7 +316,6 @@ def recompute_batchnorm(run: Run, epoch: int) -> None:
     )  # fmt: skip
 
 
-
 @torch.inference_mode()
 def evaluate(run: Run) -> dict[str, Any] | None:
     """Score this rank's share of the validation set; matrices are summed over ranks."""
