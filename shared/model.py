@@ -39,16 +39,17 @@ from torchvision.models.segmentation.fcn import FCNHead
 
 from shared.messages import first_sentence, one_line, refused_global
 
-# torchvision's two DeepLabV3 models, and three built here for small CPUs and features a few
+# torchvision's two DeepLabV3 models, and four built here for small CPUs and features a few
 # pixels wide: MobileNetV3-Large and ResNet-18 dilated to output stride 8 (_build_fine), and
 # MobileNetV3-Large at stride 16 whose ASPP output is joined with stride-4 features before the
-# classifier, as DeepLabV3+ does (_build_decoder).
+# classifier, as DeepLabV3+ does, and then also with stride-2 features (_build_decoder).
 BACKBONES = (
     "resnet50",
     "mobilenet_v3_large",
     "mobilenet_v3_large_os8",
     "resnet18_os8",
     "mobilenet_v3_large_fine",
+    "mobilenet_v3_large_fine2",
 )
 RGB_BANDS = ("red", "green", "blue")  # the input order of every pretrained torchvision model
 WEIGHTS = ("none", "coco_voc", "imagenet")
@@ -61,6 +62,7 @@ _TRUNKS = {
     "mobilenet_v3_large_os8": "mobilenet_v3_large",
     "resnet18_os8": "resnet18",
     "mobilenet_v3_large_fine": "mobilenet_v3_large",
+    "mobilenet_v3_large_fine2": "mobilenet_v3_large",
 }
 _COCO_WEIGHTS = {
     "resnet50": DeepLabV3_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1,
@@ -164,8 +166,8 @@ def build_model(
         model = _BUILDERS[backbone](
             weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=aux_loss
         )
-    elif backbone == "mobilenet_v3_large_fine":
-        model = _build_decoder(num_classes, aux_loss)
+    elif backbone in ("mobilenet_v3_large_fine", "mobilenet_v3_large_fine2"):
+        model = _build_decoder(num_classes, aux_loss, stride2=backbone.endswith("2"))
     else:
         model = _build_fine(backbone, num_classes, aux_loss)
     if weights == "imagenet":
@@ -224,50 +226,94 @@ def _build_fine(backbone: str, num_classes: int, aux_loss: bool) -> DeepLabV3:
 
 class _JoinedFeatures(nn.Module):
     """A trunk whose ``"out"`` is DeepLabV3+'s decoder input: ASPP over the stride-16 features,
-    upsampled to the stride-4 features' grid and concatenated with their 1x1 projection."""
+    upsampled to the stride-4 features' grid and concatenated with their 1x1 projection.
+
+    With ``fine`` (the channels of stride-2 features) the decoder goes one level further: the
+    stride-4 join passes through DeepLabV3+'s 3x3 decoder convolution, is upsampled to stride 2
+    and concatenated with the stride-2 features' projection.
+    """
 
     def __init__(
-        self, trunk: nn.Module, layers: dict[str, str], high: int, low: int, width: int
+        self,
+        trunk: nn.Module,
+        layers: dict[str, str],
+        high: int,
+        low: int,
+        width: int,
+        fine: int | None = None,
     ) -> None:
         super().__init__()
         self.body = IntermediateLayerGetter(trunk, layers)
         self.aspp = ASPP(high, list(_FINE_RATES), width)
-        self.low = nn.Sequential(
-            nn.Conv2d(low, _LOW_WIDTH, 1, bias=False), nn.BatchNorm2d(_LOW_WIDTH), nn.ReLU()
-        )
+        self.low = _projection(low, _LOW_WIDTH)
+        self.refine: nn.Module | None = None
+        self.fine: nn.Module | None = None
+        if fine is not None:
+            self.refine = nn.Sequential(
+                nn.Conv2d(width + _LOW_WIDTH, _DECODER_WIDTH, 3, padding=1, bias=False),
+                nn.BatchNorm2d(_DECODER_WIDTH),
+                nn.ReLU(),
+            )
+            self.fine = _projection(fine, _FINE_WIDTH)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         features = self.body(x)
         low = self.low(features["low"])
-        high = F.interpolate(
-            self.aspp(features["high"]), size=low.shape[-2:], mode="bilinear", align_corners=False
-        )
-        out = {"out": torch.cat([high, low], dim=1)}
+        high = _resized(self.aspp(features["high"]), low)
+        joined = torch.cat([high, low], dim=1)
+        if self.refine is not None and self.fine is not None:
+            fine = self.fine(features["fine"])
+            joined = torch.cat([_resized(self.refine(joined), fine), fine], dim=1)
+        out = {"out": joined}
         if "aux" in features:
             out["aux"] = features["aux"]
         return out
 
 
+def _projection(channels: int, width: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(channels, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
+    )
+
+
+def _resized(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(x, size=like.shape[-2:], mode="bilinear", align_corners=False)
+
+
 # The stride-4 features' width after projection, and the decoder's: narrow, because at 64x64
 # cells per 256 px tile every channel of a 3x3 convolution costs 16x what it costs at stride 16.
+# At stride 2 (128x128 cells) narrower still: the 16 channels the trunk has there, and a
+# 32-wide last convolution.
 _LOW_WIDTH = 32
 _DECODER_WIDTH = 64
+_FINE_WIDTH = 16
+_FINE_DECODER_WIDTH = 32
 
 
-def _build_decoder(num_classes: int, aux_loss: bool) -> DeepLabV3:
+def _build_decoder(num_classes: int, aux_loss: bool, stride2: bool = False) -> DeepLabV3:
     """MobileNetV3-Large at output stride 16 (torchvision's dilated trunk), a 128-wide ASPP, and
-    a DeepLabV3+ decoder at stride 4: lakes a few pixels across keep cells of their own while
-    the trunk, whose depthwise convolutions dominate the CPU time, runs at stride 16."""
+    a DeepLabV3+ decoder at stride 4 (``stride2``: then at stride 2): lakes a few pixels across
+    keep cells of their own while the trunk, whose depthwise convolutions dominate the CPU
+    time, runs at stride 16."""
     features = mobilenet_v3_large(weights=None, dilated=True).features
-    # Block 3 ends the stride-4 stage (24 channels); block 4 is where torchvision taps its aux.
-    layers = {"3": "low", "16": "high"} | ({"4": "aux"} if aux_loss else {})
-    trunk = _JoinedFeatures(features, layers, 960, 24, _FINE_HEAD_WIDTH)
+    # Block 1 ends the stride-2 stage (16 channels), block 3 the stride-4 stage (24); block 4
+    # is where torchvision taps its aux.
+    layers = {"3": "low", "16": "high"} | ({"1": "fine"} if stride2 else {})
+    layers |= {"4": "aux"} if aux_loss else {}
+    trunk = _JoinedFeatures(
+        features, layers, 960, 24, _FINE_HEAD_WIDTH, fine=16 if stride2 else None
+    )
+    joined, width = (
+        (_DECODER_WIDTH + _FINE_WIDTH, _FINE_DECODER_WIDTH)
+        if stride2
+        else (_FINE_HEAD_WIDTH + _LOW_WIDTH, _DECODER_WIDTH)
+    )
     head = nn.Sequential(
-        nn.Conv2d(_FINE_HEAD_WIDTH + _LOW_WIDTH, _DECODER_WIDTH, 3, padding=1, bias=False),
-        nn.BatchNorm2d(_DECODER_WIDTH),
+        nn.Conv2d(joined, width, 3, padding=1, bias=False),
+        nn.BatchNorm2d(width),
         nn.ReLU(),
         nn.Dropout(0.1),
-        nn.Conv2d(_DECODER_WIDTH, num_classes, 1),  # classifier.4, as in torchvision's head
+        nn.Conv2d(width, num_classes, 1),  # classifier.4, as in torchvision's head
     )
     aux = FCNHead(40, num_classes) if aux_loss else None
     return DeepLabV3(trunk, head, aux)

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 import rasterio
 from PIL import Image
 from rasterio.enums import ColorInterp
@@ -117,6 +118,8 @@ class BuildOptions:
     ocean_keep: float = 0.25
     seed: int = 0
     jpeg_quality: int = 95
+    # "ignore": the lakes of SEA_LIKE_LAKES are ignore_index in the masks; "lake": as GSHHG says.
+    sea_like_lakes: str = "ignore"
 
     def validate(self) -> None:
         """Raise PrepareError naming the first option that makes no sense."""
@@ -137,6 +140,10 @@ class BuildOptions:
             raise PrepareError(f"--ocean-keep must be in [0, 1], got {self.ocean_keep}")
         if not 1 <= self.jpeg_quality <= 100:
             raise PrepareError(f"--jpeg-quality must be in 1..100, got {self.jpeg_quality}")
+        if self.sea_like_lakes not in ("ignore", "lake"):
+            raise PrepareError(
+                f"--sea-like-lakes must be ignore or lake, got {self.sea_like_lakes!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -235,6 +242,38 @@ def load_bluemarble() -> tuple[np.ndarray, np.ndarray, list[dict]]:
         },
     ]
     return image, mask, sources
+
+
+# GSHHG files the Caspian Sea as a lake. In the mosaic it is the open sea's blue, and it is as
+# large and as enclosed as a sea: as a lake target it taught the quick model that blue water
+# enclosed by land is lake, and some runs called the Bohai Sea, the Gulf of Carpentaria and the
+# Great Barrier Reef's lagoon lake. Its pixels are ignore_index in the masks: the loss learns
+# neither lake nor ocean there. Each entry is a box (lon min, lat min, lon max, lat max, in
+# degrees) round the lake; the largest lake in the box is the one marked, the small lakes
+# beside it stay lakes.
+SEA_LIKE_LAKES = {"Caspian Sea": (46.3, 36.4, 55.0, 47.5)}
+
+
+def mark_sea_like_lakes(mask: np.ndarray, ignore_index: int) -> np.ndarray:
+    """A copy of the (H,W) globe mask (row 0 at lat 90, column 0 at lon -180) in which the
+    largest 8-connected lake inside each of :data:`SEA_LIKE_LAKES`' boxes (by pixel centre)
+    is ``ignore_index``."""
+    height, width = mask.shape
+    lon = (np.arange(width) + 0.5) * 360.0 / width - 180.0
+    lat = 90.0 - (np.arange(height) + 0.5) * 180.0 / height
+    marked = mask.copy()
+    for lon_min, lat_min, lon_max, lat_max in SEA_LIKE_LAKES.values():
+        rows = np.flatnonzero((lat > lat_min) & (lat < lat_max))
+        cols = np.flatnonzero((lon > lon_min) & (lon < lon_max))
+        if rows.size == 0 or cols.size == 0:
+            continue
+        box = marked[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+        lakes, count = ndimage.label(box == 2, structure=np.ones((3, 3), dtype=bool))
+        if count == 0:
+            continue
+        largest = 1 + int(np.argmax(np.bincount(lakes.ravel())[1:]))
+        box[lakes == largest] = ignore_index
+    return marked
 
 
 # --------------------------------------------------------------------------- tiling plan
@@ -362,8 +401,12 @@ def _check_inputs(
         raise PrepareError(
             f"image {image.shape} ({bands} bands) and mask {mask.shape} do not share a grid"
         )
-    if image.dtype != np.uint8 or mask.dtype != np.uint8 or mask.max(initial=0) > 2:
-        raise PrepareError("image must be uint8 RGB and mask uint8 with values 0, 1, 2")
+    values_ok = np.isin(mask, (0, 1, 2, label_map.ignore_index)).all()
+    if image.dtype != np.uint8 or mask.dtype != np.uint8 or not values_ok:
+        raise PrepareError(
+            f"image must be uint8 RGB and mask uint8 with values 0, 1, 2 "
+            f"(and {label_map.ignore_index}, ignore)"
+        )
     if tuple(label_map.names[:3]) != BLUEMARBLE_CLASSES:
         raise PrepareError(
             f"label map names {label_map.names} do not start with {list(BLUEMARBLE_CLASSES)}"
@@ -417,6 +460,8 @@ def build_bluemarble(
     options.validate()
     _check_out_dir(Path(out))  # fail before spending seconds on decoding
     image, mask, sources = load_bluemarble()
+    if options.sea_like_lakes == "ignore":
+        mask = mark_sea_like_lakes(mask, (label_map or LabelMap.load()).ignore_index)
     if bands == "rgb":
         return build_dataset(image, mask, out, options, label_map, sources)
     relief, relief_source = load_relief(image.shape[:2])
@@ -532,6 +577,11 @@ def _describe(
             " top-left pixel (r=row, c=column) in the source grid."
         ),
         "label_map": label_map.to_dict(),
+        "ignored_lakes": (
+            {name: list(box) for name, box in SEA_LIKE_LAKES.items()}
+            if options.sea_like_lakes == "ignore"
+            else {}
+        ),
         "splits": {
             split: {
                 "folder": SPLIT_DIRS[split][0],
@@ -741,6 +791,7 @@ def _run_bluemarble(args: argparse.Namespace) -> int:
         ocean_keep=args.ocean_keep,
         seed=args.seed,
         jpeg_quality=args.jpeg_quality,
+        sea_like_lakes=args.sea_like_lakes,
     )
     started = time.perf_counter()
     stats = build_bluemarble(args.out, options, LabelMap.load(args.labels), bands=args.bands)
@@ -831,6 +882,13 @@ def build_parser() -> argparse.ArgumentParser:
     blue.add_argument("--seed", type=int, default=d.seed)
     blue.add_argument("--jpeg-quality", type=int, default=d.jpeg_quality)
     blue.add_argument("--labels", default=str(DEFAULT_LABEL_MAPPING), help="label_mapping.json")
+    blue.add_argument(
+        "--sea-like-lakes",
+        choices=("ignore", "lake"),
+        default=d.sea_like_lakes,
+        help="ignore (default): the Caspian Sea's pixels are ignore in the masks, neither lake "
+        "nor ocean; lake: as GSHHG files it",
+    )
     blue.add_argument(
         "--bands",
         choices=list(BAND_SETS),

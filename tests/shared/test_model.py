@@ -396,8 +396,43 @@ def test_decoder_backbone_joins_stride_4_features() -> None:
     assert joined.shape == (1, 160, 16, 24)
 
 
+def test_stride_2_decoder_backbone_joins_stride_2_features() -> None:
+    model = build_model("mobilenet_v3_large_fine2", num_classes=3).eval()
+    with torch.inference_mode():
+        joined = model.backbone(torch.zeros(1, 3, 64, 96))["out"]
+    # The stride-4 decoder's 64 channels upsampled beside 16 projected from stride 2.
+    assert joined.shape == (1, 80, 32, 48)
+
+
 @pytest.mark.parametrize(
-    "backbone", ["mobilenet_v3_large_os8", "resnet18_os8", "mobilenet_v3_large_fine"]
+    ("backbone", "sharp"),
+    [("mobilenet_v3_large_fine2", True), ("mobilenet_v3_large_fine", False)],
+)
+def test_a_one_pixel_feature_stays_local_with_the_stride_2_decoder(
+    backbone: str, sharp: bool
+) -> None:
+    # A lake of one pixel: with the stride-2 features it moves the logits at and next to it
+    # tens of times more than 6 px away; from stride 4 the change is faint and spread out.
+    torch.manual_seed(0)
+    model = build_model(backbone, num_classes=3).eval()
+    torch.manual_seed(3)
+    image = torch.randn(1, 3, 64, 64)
+    dotted = image.clone()
+    dotted[0, :, 32, 32] += 5.0
+    with torch.inference_mode():
+        change = (model(dotted)["out"] - model(image)["out"]).abs().sum(1)[0]
+    near, far = change[32, 30:35].max(), change[32, 38:41].max()
+    assert (near > 10 * far) == sharp
+
+
+@pytest.mark.parametrize(
+    "backbone",
+    [
+        "mobilenet_v3_large_os8",
+        "resnet18_os8",
+        "mobilenet_v3_large_fine",
+        "mobilenet_v3_large_fine2",
+    ],
 )
 def test_fine_backbones_refuse_coco_weights_naming_the_ones_that_exist(backbone: str) -> None:
     with pytest.raises(ValueError, match="coco_voc exists for resnet50, mobilenet_v3_large"):

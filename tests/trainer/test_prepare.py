@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 import pytest
 import rasterio
 from rasterio.enums import ColorInterp
@@ -28,6 +29,7 @@ from trainer.prepare import (
     load_bluemarble,
     load_relief,
     main,
+    mark_sea_like_lakes,
     plan_tiles,
     relief_band,
     resample_nearest,
@@ -267,6 +269,25 @@ def test_real_mask_sits_on_the_real_coasts() -> None:
     assert aligned > agreement(wet[::-1])
 
 
+def test_the_caspian_sea_is_ignore_and_every_other_lake_stays_lake() -> None:
+    _, mask, _ = load_bluemarble()
+    marked = mark_sea_like_lakes(mask, 255)
+
+    def at(labels: np.ndarray, lat: float, lon: float) -> int:
+        return int(labels[int((90 - lat) * 15), int((lon + 180) * 15)])
+
+    assert at(mask, 42.0, 51.0) == 2 and at(marked, 42.0, 51.0) == 255  # mid-Caspian
+    assert at(marked, 47.7, -87.5) == 2  # Lake Superior
+    assert at(marked, 45.0, 60.0) == 2  # the Aral Sea, east of the box
+    assert at(marked, 40.96, 46.66) == 2  # the Mingachevir reservoir, inside it
+    changed = mask != marked
+    assert (mask[changed] == 2).all()  # only lake pixels change
+    assert changed.sum() > 4000  # the whole Caspian: ~370,000 km2 at ~50 km2 a pixel
+    # The Caspian alone: one 8-connected component.
+    _, components = ndimage.label(changed, structure=np.ones((3, 3)))
+    assert components == 1
+
+
 def test_real_default_build_meets_the_dataset_targets(tmp_path: Path, capsys) -> None:
     out = tmp_path / "bluemarble"
     assert main(["bluemarble", "--out", str(out)]) == 0
@@ -286,7 +307,9 @@ def test_real_default_build_meets_the_dataset_targets(tmp_path: Path, capsys) ->
             counts += np.bincount(values.ravel(), minlength=256)
             row, col = (int(part[1:]) for part in mask_path.stem.split("_"))
             covered[row : row + 256, col : col + 256] = True
-        assert set(np.flatnonzero(counts)) == {0, 1, 2}, split
+        # The Caspian Sea (training longitudes) is ignore, neither lake nor ocean.
+        expected = {0, 1, 2, labels.ignore_index} if split == "trainval" else {0, 1, 2}
+        assert set(np.flatnonzero(counts)) == expected, split
         coverage[split] = covered
     assert not (coverage["trainval"] & coverage["test"]).any()
     assert validate_dataset(out, labels) == []
