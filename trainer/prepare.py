@@ -31,13 +31,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 import rasterio
 from PIL import Image
 from rasterio.enums import ColorInterp
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.io import DatasetReader, MemoryFile
 from rasterio.transform import Affine
+from scipy import ndimage
 
 from shared.bands import (
     BandError,

@@ -11,10 +11,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 import pytest
 import rasterio
 from rasterio.enums import ColorInterp
+from scipy import ndimage
 
 from shared.imaging import encode_png, read_image, read_mask
 from shared.labels import LabelMap
