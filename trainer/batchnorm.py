@@ -3,10 +3,11 @@
 The weight average (:mod:`trainer.ema`) copies its BatchNorm running statistics from the
 training weights, whose statistics are themselves a momentum average over the last few batches
 of weights that kept changing. Neither belongs to the averaged weights, and in a short run the
-mismatch moves the rare classes' logits: the quick recipe's models called whole semi-enclosed
-seas lake in some runs and not in others. Recomputing the statistics with the saved weights,
-over the training crops they were trained on, removes it (Wu & Johnson, "Rethinking 'Batch'
-in BatchNorm", 2021; ``torch.optim.swa_utils.update_bn`` does the pass).
+mismatch moves the rare classes' logits: with the copied statistics, the quick recipe's saved
+models called whole semi-enclosed seas lake in some runs and not in others. Recomputing the
+statistics with the saved weights, over the training crops they were trained on, takes that
+chance out of the result (Wu & Johnson, "Rethinking 'Batch' in BatchNorm", 2021;
+``torch.optim.swa_utils.update_bn`` does the pass).
 """
 
 from __future__ import annotations

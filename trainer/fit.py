@@ -6,7 +6,8 @@
 Read from :func:`main` down: the config, the wired run (:mod:`trainer.build`), then epochs of
 :func:`train_one_epoch` (augmented crops -> forward under autocast -> Dice/CE loss -> backward,
 accumulated and clipped -> optimiser step at the warm-up + poly/cosine rate -> EMA) and
-:func:`evaluate` (full tiles through the service's inference path), checkpoints
+:func:`evaluate` (full tiles through the service's inference path, after
+:func:`recompute_batchnorm` when ``train.precise_bn_batches`` is set), checkpoints
 (:mod:`trainer.resume`), and last the test-split evaluation of the best checkpoint.
 Errors the user fixes print one line and exit with code 2.
 """
