@@ -337,6 +337,14 @@ MUTANTS: tuple[Mutant, ...] = (
         ("tests/trainer/test_fit.py", "-k", "precise_bn"),
         "turning precise BN on changes the training that follows it",
     ),
+    Mutant(
+        "caspian-kept-as-lake",
+        "trainer/prepare.py",
+        'if options.sea_like_lakes == "ignore":',
+        "if False:",
+        ("tests/trainer/test_prepare.py", "-k", "real_default_build"),
+        "the bundled masks teach that the open sea's blue enclosed by land is lake",
+    ),
 )
 
 
