@@ -167,7 +167,8 @@ def build_model(
             weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=aux_loss
         )
     elif backbone in ("mobilenet_v3_large_fine", "mobilenet_v3_large_fine2"):
-        model = _build_decoder(num_classes, aux_loss, stride2=backbone.endswith("2"))
+        stride2 = backbone == "mobilenet_v3_large_fine2"
+        model = _build_decoder(num_classes, aux_loss, stride2=stride2)
     else:
         model = _build_fine(backbone, num_classes, aux_loss)
     if weights == "imagenet":
