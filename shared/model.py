@@ -50,6 +50,7 @@ BACKBONES = (
     "resnet18_os8",
     "mobilenet_v3_large_fine",
     "mobilenet_v3_large_fine2",
+    "mobilenet_v3_large_fine1",
 )
 RGB_BANDS = ("red", "green", "blue")  # the input order of every pretrained torchvision model
 WEIGHTS = ("none", "coco_voc", "imagenet")
@@ -63,6 +64,7 @@ _TRUNKS = {
     "resnet18_os8": "resnet18",
     "mobilenet_v3_large_fine": "mobilenet_v3_large",
     "mobilenet_v3_large_fine2": "mobilenet_v3_large",
+    "mobilenet_v3_large_fine1": "mobilenet_v3_large",
 }
 _COCO_WEIGHTS = {
     "resnet50": DeepLabV3_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1,
@@ -166,9 +168,8 @@ def build_model(
         model = _BUILDERS[backbone](
             weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=aux_loss
         )
-    elif backbone in ("mobilenet_v3_large_fine", "mobilenet_v3_large_fine2"):
-        stride2 = backbone == "mobilenet_v3_large_fine2"
-        model = _build_decoder(num_classes, aux_loss, stride2=stride2)
+    elif backbone in _DECODER_STRIDES:
+        model = _build_decoder(num_classes, aux_loss, _DECODER_STRIDES[backbone])
     else:
         model = _build_fine(backbone, num_classes, aux_loss)
     if weights == "imagenet":
@@ -231,7 +232,10 @@ class _JoinedFeatures(nn.Module):
 
     With ``fine`` (the channels of stride-2 features) the decoder goes one level further: the
     stride-4 join passes through DeepLabV3+'s 3x3 decoder convolution, is upsampled to stride 2
-    and concatenated with the stride-2 features' projection.
+    and concatenated with the stride-2 features' projection. With ``full`` as well, once more
+    at the input's resolution, whose features are the trunk's stem filters at stride 1: the
+    stem stays the one convolution that reads the bands, so band adaptation and pretrained
+    weights treat the model like the others.
     """
 
     def __init__(
@@ -242,6 +246,7 @@ class _JoinedFeatures(nn.Module):
         low: int,
         width: int,
         fine: int | None = None,
+        full: bool = False,
     ) -> None:
         super().__init__()
         self.body = IntermediateLayerGetter(trunk, layers)
@@ -250,25 +255,60 @@ class _JoinedFeatures(nn.Module):
         self.refine: nn.Module | None = None
         self.fine: nn.Module | None = None
         if fine is not None:
-            self.refine = nn.Sequential(
-                nn.Conv2d(width + _LOW_WIDTH, _DECODER_WIDTH, 3, padding=1, bias=False),
-                nn.BatchNorm2d(_DECODER_WIDTH),
-                nn.ReLU(),
-            )
+            self.refine = _refinement(width + _LOW_WIDTH, _DECODER_WIDTH)
             self.fine = _projection(fine, _FINE_WIDTH)
+        self.refine_full: nn.Module | None = None
+        self.full: nn.Module | None = None
+        if full:
+            self.refine_full = _refinement(_DECODER_WIDTH + _FINE_WIDTH, _FINE_DECODER_WIDTH)
+            self.full = _projection(self.body["0"][0].out_channels, _FULL_WIDTH)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        features = self.body(x)
+        features, stem = self._trunk(x)
         low = self.low(features["low"])
         high = _resized(self.aspp(features["high"]), low)
         joined = torch.cat([high, low], dim=1)
         if self.refine is not None and self.fine is not None:
             fine = self.fine(features["fine"])
             joined = torch.cat([_resized(self.refine(joined), fine), fine], dim=1)
+        if self.refine_full is not None and self.full is not None and stem is not None:
+            full = self.full(stem)
+            joined = torch.cat([_resized(self.refine_full(joined), full), full], dim=1)
         out = {"out": joined}
         if "aux" in features:
             out["aux"] = features["aux"]
         return out
+
+    def _trunk(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """The trunk's features by name and, with ``full``, its stem convolution's output at the
+        input's resolution.
+
+        That convolution runs at stride 1 and every other pixel of its output goes on through
+        the trunk: exactly what it gives at stride 2. So one convolution module still reads the
+        bands, and BatchNorm folding and int8 quantisation, seeing its output used twice, leave
+        it and the trunk's BatchNorm after it apart, as the full-resolution branch needs.
+        """
+        if self.full is None:
+            return self.body(x), None
+        features: dict[str, torch.Tensor] = {}
+        stem: torch.Tensor | None = None
+        for name, layer in self.body.items():
+            if stem is None:
+                stem = layer[0](x)
+                x = stem[..., ::2, ::2]
+                for part in list(layer)[1:]:  # BatchNorm, activation
+                    x = part(x)
+            else:
+                x = layer(x)
+            if name in self.body.return_layers:
+                features[self.body.return_layers[name]] = x
+        return features, stem
+
+
+def _refinement(channels: int, width: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
+    )
 
 
 def _projection(channels: int, width: int) -> nn.Sequential:
@@ -284,31 +324,46 @@ def _resized(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 # The stride-4 features' width after projection, and the decoder's: narrow, because at 64x64
 # cells per 256 px tile every channel of a 3x3 convolution costs 16x what it costs at stride 16.
 # At stride 2 (128x128 cells) narrower still: the 16 channels the trunk has there, and a
-# 32-wide last convolution.
+# 32-wide last convolution; at stride 1 the same.
 _LOW_WIDTH = 32
 _DECODER_WIDTH = 64
 _FINE_WIDTH = 16
 _FINE_DECODER_WIDTH = 32
+_FULL_WIDTH = 16
+# The output stride each decoder backbone ends at.
+_DECODER_STRIDES = {
+    "mobilenet_v3_large_fine": 4,
+    "mobilenet_v3_large_fine2": 2,
+    "mobilenet_v3_large_fine1": 1,
+}
 
 
-def _build_decoder(num_classes: int, aux_loss: bool, stride2: bool = False) -> DeepLabV3:
+def _build_decoder(num_classes: int, aux_loss: bool, stride: int = 4) -> DeepLabV3:
     """MobileNetV3-Large at output stride 16 (torchvision's dilated trunk), a 128-wide ASPP, and
-    a DeepLabV3+ decoder at stride 4 (``stride2``: then at stride 2): lakes a few pixels across
-    keep cells of their own while the trunk, whose depthwise convolutions dominate the CPU
-    time, runs at stride 16."""
+    a DeepLabV3+ decoder that ends at ``stride`` 4, 2 or 1: lakes a few pixels across keep
+    cells of their own while the trunk, whose depthwise convolutions dominate the CPU time,
+    runs at stride 16."""
     features = mobilenet_v3_large(weights=None, dilated=True).features
+    if stride == 1:
+        features[0][0].stride = (1, 1)  # see _JoinedFeatures._trunk
     # Block 1 ends the stride-2 stage (16 channels), block 3 the stride-4 stage (24); block 4
     # is where torchvision taps its aux.
-    layers = {"3": "low", "16": "high"} | ({"1": "fine"} if stride2 else {})
+    layers = {"3": "low", "16": "high"} | ({"1": "fine"} if stride <= 2 else {})
     layers |= {"4": "aux"} if aux_loss else {}
     trunk = _JoinedFeatures(
-        features, layers, 960, 24, _FINE_HEAD_WIDTH, fine=16 if stride2 else None
+        features,
+        layers,
+        960,
+        24,
+        _FINE_HEAD_WIDTH,
+        fine=16 if stride <= 2 else None,
+        full=stride == 1,
     )
-    joined, width = (
-        (_DECODER_WIDTH + _FINE_WIDTH, _FINE_DECODER_WIDTH)
-        if stride2
-        else (_FINE_HEAD_WIDTH + _LOW_WIDTH, _DECODER_WIDTH)
-    )
+    joined, width = {
+        4: (_FINE_HEAD_WIDTH + _LOW_WIDTH, _DECODER_WIDTH),
+        2: (_DECODER_WIDTH + _FINE_WIDTH, _FINE_DECODER_WIDTH),
+        1: (_FINE_DECODER_WIDTH + _FULL_WIDTH, _FULL_WIDTH),
+    }[stride]
     head = nn.Sequential(
         nn.Conv2d(joined, width, 3, padding=1, bias=False),
         nn.BatchNorm2d(width),

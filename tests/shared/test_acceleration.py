@@ -30,7 +30,7 @@ from shared.acceleration import (
 )
 from shared.inference import InferenceOptions, Predictor
 from shared.labels import LabelMap
-from shared.model import build_model
+from shared.model import BACKBONES, build_model
 from shared.preprocess import Normalization
 from tests.toy_models import LAKE, Toy, lake_fragile_inputs, one_hot_images
 
@@ -190,8 +190,9 @@ def test_optimize_rejects_bad_arguments(kwargs: dict, message: str) -> None:
         optimize(Toy().eval(), **kwargs)
 
 
-def test_deeplabv3_int8_runs_any_padded_size() -> None:
-    model = build_model("mobilenet_v3_large", num_classes=3).eval()
+@pytest.mark.parametrize("backbone", ["mobilenet_v3_large", "mobilenet_v3_large_fine1"])
+def test_deeplabv3_int8_runs_any_padded_size(backbone: str) -> None:
+    model = build_model(backbone, num_classes=3).eval()
     calibration = [torch.randn(2, 3, 64, 64)]
     forward = optimize(model, quantize="int8", calibration=calibration)
     assert isinstance(forward, Forward)
@@ -207,6 +208,26 @@ def test_deeplabv3_fp32_folded_matches_eager() -> None:
     with torch.inference_mode():
         expected = model(x)["out"]
     torch.testing.assert_close(optimize(model, precision="fp32")(x), expected, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_every_backbone_folded_matches_eager(backbone: str) -> None:
+    # BatchNorm statistics and affine parameters far from a fresh model's (mean 0, variance 1,
+    # identity), as training leaves them: folding a BatchNorm into the wrong convolution, or
+    # into one whose weights something else also reads, changes the function visibly.
+    torch.manual_seed(0)
+    model = build_model(backbone, num_classes=3).eval()
+    for layer in model.modules():
+        if isinstance(layer, nn.BatchNorm2d):
+            layer.running_mean.uniform_(-0.5, 0.5)
+            layer.running_var.uniform_(0.5, 2.0)
+            nn.init.uniform_(layer.weight, 0.5, 1.5)
+            nn.init.uniform_(layer.bias, -0.5, 0.5)
+    x = torch.randn(1, 3, 64, 96)
+    with torch.inference_mode():
+        expected = model(x)["out"]
+        folded = optimize(model, precision="fp32")(x)
+    torch.testing.assert_close(folded, expected, atol=1e-3, rtol=1e-3)
 
 
 def test_pixel_agreement_on_logits_and_masks() -> None:

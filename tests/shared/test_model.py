@@ -12,7 +12,14 @@ from torchvision.models import mobilenet_v3_large, resnet18, resnet50
 from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large
 
 import shared.model as model_mod
-from shared.model import BACKBONES, WEIGHTS, WeightsUnavailableError, build_model, logits
+from shared.model import (
+    BACKBONES,
+    WEIGHTS,
+    WeightsUnavailableError,
+    build_model,
+    first_conv,
+    logits,
+)
 
 MBV3 = "mobilenet_v3_large"
 COCO_MBV3_FILE = "deeplabv3_mobilenet_v3_large-fc3c493d.pth"
@@ -404,6 +411,42 @@ def test_stride_2_decoder_backbone_joins_stride_2_features() -> None:
     assert joined.shape == (1, 80, 32, 48)
 
 
+def test_stride_1_decoder_backbone_joins_the_stem_at_full_resolution() -> None:
+    model = build_model("mobilenet_v3_large_fine1", num_classes=3).eval()
+    with torch.inference_mode():
+        joined = model.backbone(torch.zeros(1, 3, 64, 96))["out"]
+    # The stride-2 decoder's 32 channels upsampled beside 16 of the stem's filters at stride 1.
+    assert joined.shape == (1, 48, 64, 96)
+    # The stem is still the one convolution that reads the bands: a 4-band model has one.
+    four = build_model("mobilenet_v3_large_fine1", num_classes=3, in_channels=4).eval()
+    readers = [m for m in four.modules() if isinstance(m, nn.Conv2d) and m.in_channels == 4]
+    assert readers == [first_conv(four)]
+    with torch.inference_mode():
+        assert four(torch.zeros(1, 4, 64, 96))["out"].shape == (1, 3, 64, 96)
+
+
+@pytest.mark.parametrize(
+    ("backbone", "sharp"),
+    [("mobilenet_v3_large_fine1", True), ("mobilenet_v3_large_fine2", False)],
+)
+def test_a_one_pixel_feature_stays_within_two_pixels_with_the_stride_1_decoder(
+    backbone: str, sharp: bool
+) -> None:
+    # The full-resolution branch (two 3x3 convolutions from the input) moves the logits within
+    # 2 px of a one-pixel lake many times more than 3 px away; from stride 2 the change spreads
+    # over the 2x2 cells and their bilinear neighbours.
+    torch.manual_seed(0)
+    model = build_model(backbone, num_classes=3).eval()
+    torch.manual_seed(3)
+    image = torch.randn(1, 3, 64, 64)
+    dotted = image.clone()
+    dotted[0, :, 32, 32] += 5.0
+    with torch.inference_mode():
+        change = (model(dotted)["out"] - model(image)["out"]).abs().sum(1)[0]
+    near, beyond = change[32, 30:35].max(), change[32, 35:37].max()
+    assert (near > 5 * beyond) == sharp
+
+
 @pytest.mark.parametrize(
     ("backbone", "sharp"),
     [("mobilenet_v3_large_fine2", True), ("mobilenet_v3_large_fine", False)],
@@ -432,6 +475,7 @@ def test_a_one_pixel_feature_stays_local_with_the_stride_2_decoder(
         "resnet18_os8",
         "mobilenet_v3_large_fine",
         "mobilenet_v3_large_fine2",
+        "mobilenet_v3_large_fine1",
     ],
 )
 def test_fine_backbones_refuse_coco_weights_naming_the_ones_that_exist(backbone: str) -> None:
