@@ -133,7 +133,11 @@ class TrainConfig(Section):
     # epoch's (for a fixed schedule whose validation split is too small to choose between the
     # last epochs: their differences there are noise, and the pick carries it to the test set).
     best_by: Literal["val_miou", "last_epoch"] = "val_miou"
-    patience: Positive | None = None  # epochs without a val mIoU gain above min_delta
+    # Validate (after precise BN) every this many epochs, and always after the last one; an
+    # epoch in between only writes last.pt. With best_by=last_epoch, validation in between
+    # only logs progress, and a short run spends its time better on training steps.
+    val_every: Positive = 1
+    patience: Positive | None = None  # validations without a val mIoU gain above min_delta
     min_delta: NonNegative = 0.0
     deterministic: bool = False  # deterministic kernels and one thread count
     sync_bn: bool = False

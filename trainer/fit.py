@@ -6,8 +6,9 @@
 Read from :func:`main` down: the config, the wired run (:mod:`trainer.build`), then epochs of
 :func:`train_one_epoch` (augmented crops -> forward under autocast -> Dice/CE loss -> backward,
 accumulated and clipped -> optimiser step at the warm-up + poly/cosine rate -> EMA) and
-:func:`evaluate` (full tiles through the service's inference path, after
-:func:`recompute_batchnorm` when ``train.precise_bn_batches`` is set), checkpoints
+:func:`evaluate` (every ``train.val_every`` epochs and after the last: full tiles through the
+service's inference path, after :func:`recompute_batchnorm` when ``train.precise_bn_batches``
+is set), checkpoints
 (:mod:`trainer.resume`), and last the test-split evaluation of the best checkpoint.
 Errors the user fixes print one line and exit with code 2.
 """
@@ -110,9 +111,11 @@ def train_epochs(run: Run) -> None:
         result = train_one_epoch(run)
         run.images_trained += result.images
         run.train_seconds += result.seconds
-        recompute_batchnorm(run, epoch)
-        val = evaluate(run)
-        improved = record(run, val, epoch)
+        val, improved = None, False
+        if validates(run, epoch, result):
+            recompute_batchnorm(run, epoch)
+            val = evaluate(run)
+            improved = record(run, val, epoch)
         save_checkpoints(run, best=improved)
         log_epoch(run, epoch, result, val, improved)
         if not result.finished:
@@ -123,6 +126,18 @@ def train_epochs(run: Run) -> None:
             log.info("early stop: no val mIoU gain for %d epochs", state.bad_epochs)
             break
     run.board.flush()
+
+
+def validates(run: Run, epoch: int, result: EpochResult) -> bool:
+    """Whether ``epoch`` is validated: every ``train.val_every``-th epoch, and the last one the
+    run trains (the loop ends after it), so best.pt always holds validated weights."""
+    last = (
+        not result.finished
+        or epoch + 1 >= run.cfg.train.epochs
+        or run.out_of_steps()
+        or run.out_of_time()
+    )
+    return last or (epoch + 1) % run.cfg.train.val_every == 0
 
 
 # --- one epoch ---------------------------------------------------------------------------------
@@ -421,19 +436,20 @@ def log_epoch(
     run.board.scalars(
         {"train/epoch_loss": result.loss, "train/epoch_images_per_s": rate}, run.state.step
     )
+    trained = (
+        f"epoch {epoch + 1}/{run.cfg.train.epochs}: train loss {result.loss:.4f}, "
+        f"{rate:.1f} img/s, {result.seconds:.0f}s"
+    )
     if val is None:
+        log.info("%s", trained)
         return
     ious = " ".join(
         f"{c['name']} {c['iou'] if c['iou'] is not None else float('nan'):.4f}"
         for c in val["per_class"]
     )
     log.info(
-        "epoch %d/%d: train loss %.4f, %.1f img/s, %.0fs | val %.1fs: %s mIoU %.4f%s",
-        epoch + 1,
-        run.cfg.train.epochs,
-        result.loss,
-        rate,
-        result.seconds,
+        "%s | val %.1fs: %s mIoU %.4f%s",
+        trained,
         val["seconds"],
         ious,
         val["miou"] or 0.0,

@@ -262,6 +262,27 @@ def test_best_checkpoint_follows_train_best_by(
     assert state["best_epoch"] == best_epoch
 
 
+def test_val_every_validates_every_nth_and_the_last_epoch(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    # Five epochs, validation every second: epochs 2 and 4, and 5 because the run ends there.
+    # Precise BN runs only before a validation; best.pt holds the last validated weights.
+    rc, err = fit(
+        capsys, dataset, tmp_path / "runs",
+        train__epochs=5, train__max_steps=None, train__val_every=2, train__best_by="last_epoch",
+        train__ema_decay=0.9, train__precise_bn_batches=1, eval__enabled=False,
+    )  # fmt: skip
+    assert rc == 0, err
+    run = tmp_path / "runs" / "run"
+    log = (run / "train.log").read_text()
+    lines = [line for line in log.splitlines() if "/5: train loss" in line]
+    assert len(lines) == 5
+    assert [" | val " in line for line in lines] == [False, True, False, True, True]
+    assert log.count("BatchNorm statistics recomputed") == 3
+    assert load_checkpoint(run / "best.pt")["metrics"]["epoch"] == 5
+    assert load_checkpoint(run / "last.pt")["metrics"]["epoch"] == 5
+
+
 def test_precise_bn_recomputes_the_saved_statistics_and_leaves_training_alone(
     dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
