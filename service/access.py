@@ -7,6 +7,7 @@ like any other.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import internal_error
+from service.errors import error_response, internal_error
 from service.logs import REQUEST_ID, request_id_from
 from service.metrics import ServiceMetrics
 
@@ -72,6 +73,13 @@ class AccessMiddleware:
                     raise
                 answer = internal_error(scope.get("method", ""), scope.get("path", ""), exc)
                 await answer(scope, counted_receive, tagged_send)
+            except asyncio.CancelledError:
+                # The server cancels what is still running when its shutdown grace period
+                # ends; the client gets a JSON 503 it can retry on another replica, not the
+                # server's plain-text 500. The cancellation then goes on.
+                if not exchange.response_started:
+                    await _stopped_before_finishing(scope, counted_receive, tagged_send)
+                raise
         finally:
             self._record(scope, exchange, time.perf_counter() - start)
             REQUEST_ID.reset(token)
@@ -98,6 +106,17 @@ class AccessMiddleware:
                 "model_version": exchange.version,
             },
         )
+
+
+async def _stopped_before_finishing(scope: Scope, receive: Receive, send: Send) -> None:
+    log.warning("%s %s cancelled by the server's shutdown", scope.get("method"), scope.get("path"))
+    answer = error_response(
+        503,
+        "shutting_down",
+        "The server stopped before finishing this request; send it again.",
+        headers={"Retry-After": "1", "Connection": "close"},
+    )
+    await answer(scope, receive, send)
 
 
 @dataclass

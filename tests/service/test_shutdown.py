@@ -113,6 +113,59 @@ def test_sigterm_drains_finishes_in_flight_requests_and_exits(
         httpx.get(f"{base}/healthz", timeout=2)
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_a_request_cut_by_the_grace_period_gets_a_json_503(
+    varied_checkpoint: Path, tmp_path: Path
+) -> None:
+    # No drain and a 1 s grace period: the server cancels the request still running, which
+    # takes tens of seconds (900 tiles of 64 px, two a pass). The client learns it was cut
+    # and can retry, in the service's error format, not as the server's plain-text 500.
+    env = service_env(
+        varied_checkpoint, tile=64, overlap=16, batch_max_tiles=2, shutdown_drain_s=0,
+        shutdown_grace_s=1, request_timeout_s=REQUEST_TIMEOUT_S,
+    )  # fmt: skip
+    log = tmp_path / "service.log"
+    proc = start_service(env, log)
+    try:
+        base = service_url(log, proc)
+        wait_ready(base, proc)
+        image = encode(scene(1440, 1440, seed=5))
+        result: dict = {}
+
+        def slow_request() -> None:
+            try:
+                result["response"] = httpx.post(
+                    f"{base}/segment", files={"image": ("big.png", image)},
+                    timeout=REQUEST_TIMEOUT_S,
+                )  # fmt: skip
+            except Exception as exc:  # reported by the assertions below
+                result["error"] = exc
+
+        request = threading.Thread(target=slow_request)
+        request.start()
+        end = time.monotonic() + 60
+        while httpx.get(f"{base}/readyz", timeout=5).json()["queue"]["in_flight"] < 1:
+            assert time.monotonic() < end, "the request never started"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        request.join(60)
+        returncode = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    output = log.read_text()
+    assert "error" not in result, f"{result.get('error')!r}\n{output}"
+    response = result["response"]
+    assert response.status_code == 503, output
+    assert response.json()["error"]["code"] == "shutting_down"
+    assert response.headers["retry-after"] == "1"
+    assert "x-request-id" in response.headers
+    assert "cancelled by the server's shutdown" in output
+    assert returncode == 0, output
+
+
 def _server(drain_s: float) -> tuple[GracefulServer, list[int]]:
     drained: list[int] = []
     config = uvicorn.Config(lambda scope, receive, send: None, timeout_graceful_shutdown=30)
