@@ -345,6 +345,30 @@ MUTANTS: tuple[Mutant, ...] = (
         ("tests/trainer/test_prepare.py", "-k", "real_default_build"),
         "the bundled masks teach that the open sea's blue enclosed by land is lake",
     ),
+    Mutant(
+        "val-every-skips-the-last-epoch",
+        "trainer/fit.py",
+        "    return last or (epoch + 1) % run.cfg.train.val_every == 0",
+        "    return (epoch + 1) % run.cfg.train.val_every == 0",
+        ("tests/trainer/test_fit.py", "-k", "val_every"),
+        "best.pt holds an earlier epoch's weights, not the last one trained",
+    ),
+    Mutant(
+        "stride-1-decoder-drops-full-resolution",
+        "shared/model.py",
+        "            full = self.full(stem)",
+        "            full = 0 * self.full(stem)",
+        ("tests/shared/test_model.py", "-k", "stride_1"),
+        "the stride-1 decoder blurs one-pixel lakes like the stride-2 one",
+    ),
+    Mutant(
+        "request-cut-by-shutdown-gets-plain-500",
+        "service/access.py",
+        "                if not exchange.response_started:\n                    await _stopped",
+        "                if False:\n                    await _stopped",
+        ("tests/service/test_shutdown.py", "-k", "grace_period"),
+        "a request cut by the shutdown grace period gets the server's plain-text 500",
+    ),
 )
 
 
