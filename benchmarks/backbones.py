@@ -26,7 +26,13 @@ from benchmarks.common import describe, machine, markdown_table, time_interleave
 from shared.cpu import cpu_bf16_is_fast
 from shared.model import BACKBONES, build_model
 
-DEFAULT = ("mobilenet_v3_large", "mobilenet_v3_large_fine", "mobilenet_v3_large_os8")
+DEFAULT = (
+    "mobilenet_v3_large",
+    "mobilenet_v3_large_fine",
+    "mobilenet_v3_large_fine2",
+    "mobilenet_v3_large_fine1",
+    "mobilenet_v3_large_os8",
+)
 
 
 def training_step(backbone: str, batch: int, size: int) -> Callable[[], None]:
