@@ -324,7 +324,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "precise-bn-skipped",
         "trainer/fit.py",
-        "        recompute_batchnorm(run, epoch)\n",
+        "            recompute_batchnorm(run, epoch)\n",
         "",
         ("tests/trainer/test_fit.py", "-k", "precise_bn"),
         "the saved average keeps BatchNorm statistics of other weights; some runs call seas lake",
