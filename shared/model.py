@@ -285,8 +285,9 @@ class _JoinedFeatures(nn.Module):
 
         That convolution runs at stride 1 and every other pixel of its output goes on through
         the trunk: exactly what it gives at stride 2. So one convolution module still reads the
-        bands, and BatchNorm folding and int8 quantisation, seeing its output used twice, leave
-        it and the trunk's BatchNorm after it apart, as the full-resolution branch needs.
+        bands, and BatchNorm folding (shared.acceleration.fold_bn), seeing its output used
+        twice, leaves it and the trunk's BatchNorm after it apart: the full-resolution branch
+        reads the convolution's own output.
         """
         if self.full is None:
             return self.body(x), None

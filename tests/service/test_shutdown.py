@@ -36,6 +36,29 @@ REQUEST_TIMEOUT_S = 300
 DRAIN_S = GRACE_S / 2
 
 
+def segment_in_background(base: str, image: bytes) -> tuple[threading.Thread, dict]:
+    """POST ``image`` to ``/segment`` from a thread; return once the service has it in flight.
+    The dict gets ``response`` and ``done`` (its monotonic time), or ``error``."""
+    result: dict = {}
+
+    def post() -> None:
+        try:
+            result["response"] = httpx.post(
+                f"{base}/segment", files={"image": ("big.png", image)}, timeout=REQUEST_TIMEOUT_S
+            )
+            result["done"] = time.monotonic()
+        except Exception as exc:  # reported by the callers' assertions
+            result["error"] = exc
+
+    request = threading.Thread(target=post)
+    request.start()
+    end = time.monotonic() + 60
+    while httpx.get(f"{base}/readyz", timeout=5).json()["queue"]["in_flight"] < 1:
+        assert time.monotonic() < end, "the request never started"
+        time.sleep(0.02)
+    return request, result
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_sigterm_drains_finishes_in_flight_requests_and_exits(
     varied_checkpoint: Path, tmp_path: Path
@@ -57,25 +80,7 @@ def test_sigterm_drains_finishes_in_flight_requests_and_exits(
         # A hundred 64 px tiles in 50 forward passes: still running when the second signal
         # arrives, three small requests after the first (checked below).
         image = encode(scene(480, 480, seed=11))
-        result: dict = {}
-
-        def slow_request() -> None:
-            try:
-                result["response"] = httpx.post(
-                    f"{base}/segment",
-                    files={"image": ("big.png", image)},
-                    timeout=REQUEST_TIMEOUT_S,
-                )
-                result["done"] = time.monotonic()
-            except Exception as exc:  # reported by the assertions below
-                result["error"] = exc
-
-        request = threading.Thread(target=slow_request)
-        request.start()
-        end = time.monotonic() + 60
-        while httpx.get(f"{base}/readyz", timeout=5).json()["queue"]["in_flight"] < 1:
-            assert time.monotonic() < end, "the request never started"
-            time.sleep(0.02)
+        request, result = segment_in_background(base, image)
 
         proc.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
@@ -130,23 +135,7 @@ def test_a_request_cut_by_the_grace_period_gets_a_json_503(
         base = service_url(log, proc)
         wait_ready(base, proc)
         image = encode(scene(1440, 1440, seed=5))
-        result: dict = {}
-
-        def slow_request() -> None:
-            try:
-                result["response"] = httpx.post(
-                    f"{base}/segment", files={"image": ("big.png", image)},
-                    timeout=REQUEST_TIMEOUT_S,
-                )  # fmt: skip
-            except Exception as exc:  # reported by the assertions below
-                result["error"] = exc
-
-        request = threading.Thread(target=slow_request)
-        request.start()
-        end = time.monotonic() + 60
-        while httpx.get(f"{base}/readyz", timeout=5).json()["queue"]["in_flight"] < 1:
-            assert time.monotonic() < end, "the request never started"
-            time.sleep(0.02)
+        request, result = segment_in_background(base, image)
         proc.send_signal(signal.SIGTERM)
         request.join(60)
         returncode = proc.wait(timeout=60)

@@ -425,6 +425,19 @@ def test_stride_1_decoder_backbone_joins_the_stem_at_full_resolution() -> None:
         assert four(torch.zeros(1, 4, 64, 96))["out"].shape == (1, 3, 64, 96)
 
 
+def one_pixel_change(backbone: str) -> torch.Tensor:
+    """(H, W): how much a fixed random model's logits change, summed over classes, when pixel
+    (32, 32) of a 64 x 64 noise image is raised by 5: the footprint of a lake one pixel wide."""
+    torch.manual_seed(0)
+    model = build_model(backbone, num_classes=3).eval()
+    torch.manual_seed(3)
+    image = torch.randn(1, 3, 64, 64)
+    dotted = image.clone()
+    dotted[0, :, 32, 32] += 5.0
+    with torch.inference_mode():
+        return (model(dotted)["out"] - model(image)["out"]).abs().sum(1)[0]
+
+
 @pytest.mark.parametrize(
     ("backbone", "sharp"),
     [("mobilenet_v3_large_fine1", True), ("mobilenet_v3_large_fine2", False)],
@@ -435,14 +448,7 @@ def test_a_one_pixel_feature_stays_within_two_pixels_with_the_stride_1_decoder(
     # The full-resolution branch (two 3x3 convolutions from the input) moves the logits within
     # 2 px of a one-pixel lake many times more than 3 px away; from stride 2 the change spreads
     # over the 2x2 cells and their bilinear neighbours.
-    torch.manual_seed(0)
-    model = build_model(backbone, num_classes=3).eval()
-    torch.manual_seed(3)
-    image = torch.randn(1, 3, 64, 64)
-    dotted = image.clone()
-    dotted[0, :, 32, 32] += 5.0
-    with torch.inference_mode():
-        change = (model(dotted)["out"] - model(image)["out"]).abs().sum(1)[0]
+    change = one_pixel_change(backbone)
     near, beyond = change[32, 30:35].max(), change[32, 35:37].max()
     assert (near > 5 * beyond) == sharp
 
@@ -456,14 +462,7 @@ def test_a_one_pixel_feature_stays_local_with_the_stride_2_decoder(
 ) -> None:
     # A lake of one pixel: with the stride-2 features it moves the logits at and next to it
     # tens of times more than 6 px away; from stride 4 the change is faint and spread out.
-    torch.manual_seed(0)
-    model = build_model(backbone, num_classes=3).eval()
-    torch.manual_seed(3)
-    image = torch.randn(1, 3, 64, 64)
-    dotted = image.clone()
-    dotted[0, :, 32, 32] += 5.0
-    with torch.inference_mode():
-        change = (model(dotted)["out"] - model(image)["out"]).abs().sum(1)[0]
+    change = one_pixel_change(backbone)
     near, far = change[32, 30:35].max(), change[32, 38:41].max()
     assert (near > 10 * far) == sharp
 
