@@ -348,8 +348,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "val-every-skips-the-last-epoch",
         "trainer/fit.py",
-        "    return last or (epoch + 1) % run.cfg.train.val_every == 0",
-        "    return (epoch + 1) % run.cfg.train.val_every == 0",
+        "        if last or (epoch + 1) % cfg.train.val_every == 0:",
+        "        if (epoch + 1) % cfg.train.val_every == 0:",
         ("tests/trainer/test_fit.py", "-k", "val_every"),
         "best.pt holds an earlier epoch's weights, not the last one trained",
     ),

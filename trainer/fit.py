@@ -111,33 +111,30 @@ def train_epochs(run: Run) -> None:
         result = train_one_epoch(run)
         run.images_trained += result.images
         run.train_seconds += result.seconds
+        # Decided once, so that the epoch which ends the run is the one validated last and
+        # best.pt always holds validated weights.
+        last = (
+            not result.finished
+            or state.epoch >= cfg.train.epochs
+            or run.out_of_steps()
+            or run.out_of_time()
+        )
         val, improved = None, False
-        if validates(run, epoch, result):
+        if last or (epoch + 1) % cfg.train.val_every == 0:
             recompute_batchnorm(run, epoch)
             val = evaluate(run)
             improved = record(run, val, epoch)
         save_checkpoints(run, best=improved)
         log_epoch(run, epoch, result, val, improved)
-        if not result.finished:
-            reason = "max_steps reached" if run.out_of_steps() else "time budget spent"
-            log.info("stopping: %s", reason)
+        if last:
+            if state.epoch < cfg.train.epochs:
+                reason = "max_steps reached" if run.out_of_steps() else "time budget spent"
+                log.info("stopping: %s", reason)
             break
         if cfg.train.patience is not None and state.bad_epochs >= cfg.train.patience:
             log.info("early stop: no val mIoU gain for %d epochs", state.bad_epochs)
             break
     run.board.flush()
-
-
-def validates(run: Run, epoch: int, result: EpochResult) -> bool:
-    """Whether ``epoch`` is validated: every ``train.val_every``-th epoch, and the last one the
-    run trains (the loop ends after it), so best.pt always holds validated weights."""
-    last = (
-        not result.finished
-        or epoch + 1 >= run.cfg.train.epochs
-        or run.out_of_steps()
-        or run.out_of_time()
-    )
-    return last or (epoch + 1) % run.cfg.train.val_every == 0
 
 
 # --- one epoch ---------------------------------------------------------------------------------
