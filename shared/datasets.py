@@ -54,8 +54,14 @@ def lon_columns(width: int, lon_min: float, lon_max: float) -> tuple[int, int]:
 def lat_rows(height: int, max_abs_lat: float) -> tuple[int, int]:
     """[first, stop) rows of a global grid ``height`` tall within ``max_abs_lat`` of the
     equator (row 0 at latitude 90)."""
+    return lat_band_rows(height, -max_abs_lat, max_abs_lat)
+
+
+def lat_band_rows(height: int, lat_min: float, lat_max: float) -> tuple[int, int]:
+    """[first, stop) rows of a global grid ``height`` tall lying entirely within latitudes
+    lat_min..lat_max (row 0 starts at latitude 90)."""
     per_degree = height / 180
     return (
-        math.ceil(round((90 - max_abs_lat) * per_degree, 9)),
-        math.floor(round((90 + max_abs_lat) * per_degree, 9)),
+        math.ceil(round((90 - lat_max) * per_degree, 9)),
+        math.floor(round((90 - lat_min) * per_degree, 9)),
     )

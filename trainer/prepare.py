@@ -51,6 +51,7 @@ from shared.datasets import (
     MAX_ABS_LAT,
     TEST_BAND_LON,
     basemap_file,
+    lat_band_rows,
     lat_rows,
     lon_columns,
 )
@@ -256,18 +257,16 @@ SEA_LIKE_LAKES = {"Caspian Sea": (46.3, 36.4, 55.0, 47.5)}
 
 def mark_sea_like_lakes(mask: np.ndarray, ignore_index: int) -> np.ndarray:
     """A copy of the (H,W) globe mask (row 0 at lat 90, column 0 at lon -180) in which the
-    largest 8-connected lake inside each of :data:`SEA_LIKE_LAKES`' boxes (by pixel centre)
-    is ``ignore_index``."""
+    largest 8-connected lake among the pixels lying within each of :data:`SEA_LIKE_LAKES`'
+    boxes is ``ignore_index``."""
     height, width = mask.shape
-    lon = (np.arange(width) + 0.5) * 360.0 / width - 180.0
-    lat = 90.0 - (np.arange(height) + 0.5) * 180.0 / height
     marked = mask.copy()
     for lon_min, lat_min, lon_max, lat_max in SEA_LIKE_LAKES.values():
-        rows = np.flatnonzero((lat > lat_min) & (lat < lat_max))
-        cols = np.flatnonzero((lon > lon_min) & (lon < lon_max))
-        if rows.size == 0 or cols.size == 0:
+        first_row, stop_row = lat_band_rows(height, lat_min, lat_max)
+        first_col, stop_col = lon_columns(width, lon_min, lon_max)
+        if first_row >= stop_row or first_col >= stop_col:
             continue
-        box = marked[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+        box = marked[first_row:stop_row, first_col:stop_col]
         lakes, count = ndimage.label(box == 2, structure=np.ones((3, 3), dtype=bool))
         if count == 0:
             continue
