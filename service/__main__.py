@@ -28,7 +28,7 @@ from service.app import create_app
 from service.engine import Engine
 from service.errors import ApiError
 from service.logs import configure_logging
-from service.settings import Settings
+from service.settings import Settings, invalid_settings_message
 
 log = logging.getLogger("service")
 
@@ -119,17 +119,8 @@ def settings_from_args(argv: Sequence[str] | None = None) -> Settings:
     try:
         return Settings(**given)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{_setting_name(error['loc'])}: {error['msg']} (got {error['input']!r})"
-            for error in exc.errors()
-        )
-        parser.exit(2, f"python -m service: error: invalid settings: {problems}\n")
-
-
-def _setting_name(loc: tuple[int | str, ...]) -> str:
-    """A validation error's location as the environment variable that sets it."""
-    prefix = Settings.model_config["env_prefix"]
-    return prefix + "_".join(str(part) for part in loc).upper() if loc else "settings"
+        message = invalid_settings_message(exc)
+        parser.exit(2, f"python -m service: error: invalid settings: {message}\n")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import sys
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import Response
+from pydantic import ValidationError
 
 from service import admin, page, routes
 from service.access import AccessMiddleware
@@ -21,7 +23,7 @@ from service.engine import Engine
 from service.errors import install_error_handlers
 from service.limits import ApiKeyMiddleware, BodySizeLimitMiddleware
 from service.metrics import CONTENT_TYPE
-from service.settings import Settings
+from service.settings import Settings, invalid_settings_message
 
 # Open even when API keys are set: probes, and the API description itself.
 PUBLIC_PATHS = frozenset(
@@ -174,7 +176,15 @@ def _version() -> str:
 
 @functools.cache
 def _default_app() -> FastAPI:
-    return create_app()
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        # uvicorn would print pydantic's traceback; say which variable is wrong, as
+        # `python -m service` does, and exit 2 before anything is served.
+        message = invalid_settings_message(exc)
+        print(f"service.app: error: invalid settings: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return create_app(settings)
 
 
 def __getattr__(name: str) -> FastAPI:

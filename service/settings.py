@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from shared.geotiff import DEFAULT_MAX_BANDS
@@ -175,3 +175,17 @@ class Settings(BaseSettings):
     def _tiling(self) -> Settings:
         check_tile_overlap(self.tile, self.overlap, aligned=True)  # at start-up, not per request
         return self
+
+
+def invalid_settings_message(error: ValidationError) -> str:
+    """Each problem of a failed ``Settings()`` named by the variable that sets it:
+    ``SATSEG_PORT: Input should be ... (got 70000)``, for a start-up error without a traceback."""
+    return "; ".join(
+        f"{_variable_name(problem['loc'])}: {problem['msg']} (got {problem['input']!r})"
+        for problem in error.errors()
+    )
+
+
+def _variable_name(loc: tuple[int | str, ...]) -> str:
+    prefix = Settings.model_config["env_prefix"]
+    return prefix + "_".join(str(part) for part in loc).upper() if loc else "settings"

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -102,3 +106,19 @@ def test_create_app_reads_the_environment_when_given_no_settings(
 
     assert isinstance(app.state.settings, Settings)
     assert app.state.settings.max_pairs == 3
+
+
+def test_uvicorn_with_an_invalid_setting_exits_2_naming_its_variable() -> None:
+    # `uvicorn service.app:app` builds the app from the environment on import: a bad value
+    # must end start-up with the variable's name, not pydantic's traceback.
+    env = os.environ | {"SATSEG_MAX_QUEUE": "-3", "SATSEG_CHECKPOINT": "missing.pt"}
+    started = subprocess.run(
+        [sys.executable, "-m", "uvicorn", "service.app:app", "--port", "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert started.returncode == 2
+    assert "SATSEG_MAX_QUEUE: Input should be greater than 0" in started.stderr
+    assert "Traceback" not in started.stderr
