@@ -369,6 +369,14 @@ MUTANTS: tuple[Mutant, ...] = (
         ("tests/service/test_shutdown.py", "-k", "grace_period"),
         "a request cut by the shutdown grace period gets the server's plain-text 500",
     ),
+    Mutant(
+        "uvicorn-invalid-setting-traceback",
+        "service/app.py",
+        "    except ValidationError as exc:\n        # uvicorn",
+        "    except ImportError as exc:\n        # uvicorn",
+        ("tests/service/test_app.py", "-k", "uvicorn"),
+        "`uvicorn service.app:app` with a bad SATSEG_* value ends in pydantic's traceback",
+    ),
 )
 
 
