@@ -31,6 +31,7 @@ DEFAULT = (
     "mobilenet_v3_large_fine",
     "mobilenet_v3_large_fine2",
     "mobilenet_v3_large_fine1",
+    "mobilenet_v3_large_lean1",
     "mobilenet_v3_large_os8",
 )
 

@@ -15,6 +15,7 @@ import os
 import pickle
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,10 +40,11 @@ from torchvision.models.segmentation.fcn import FCNHead
 
 from shared.messages import first_sentence, one_line, refused_global
 
-# torchvision's two DeepLabV3 models, and four built here for small CPUs and features a few
+# torchvision's two DeepLabV3 models, and six built here for small CPUs and features a few
 # pixels wide: MobileNetV3-Large and ResNet-18 dilated to output stride 8 (_build_fine), and
 # MobileNetV3-Large at stride 16 whose ASPP output is joined with stride-4 features before the
-# classifier, as DeepLabV3+ does, and then also with stride-2 features (_build_decoder).
+# classifier, as DeepLabV3+ does, then also with stride-2 features and with the stem's at
+# stride 1 (_build_decoder, _DECODERS).
 BACKBONES = (
     "resnet50",
     "mobilenet_v3_large",
@@ -51,6 +53,7 @@ BACKBONES = (
     "mobilenet_v3_large_fine",
     "mobilenet_v3_large_fine2",
     "mobilenet_v3_large_fine1",
+    "mobilenet_v3_large_lean1",
 )
 RGB_BANDS = ("red", "green", "blue")  # the input order of every pretrained torchvision model
 WEIGHTS = ("none", "coco_voc", "imagenet")
@@ -65,6 +68,7 @@ _TRUNKS = {
     "mobilenet_v3_large_fine": "mobilenet_v3_large",
     "mobilenet_v3_large_fine2": "mobilenet_v3_large",
     "mobilenet_v3_large_fine1": "mobilenet_v3_large",
+    "mobilenet_v3_large_lean1": "mobilenet_v3_large",
 }
 _COCO_WEIGHTS = {
     "resnet50": DeepLabV3_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1,
@@ -168,8 +172,8 @@ def build_model(
         model = _BUILDERS[backbone](
             weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=aux_loss
         )
-    elif backbone in _DECODER_STRIDES:
-        model = _build_decoder(num_classes, aux_loss, _DECODER_STRIDES[backbone])
+    elif backbone in _DECODERS:
+        model = _build_decoder(num_classes, aux_loss, _DECODERS[backbone])
     else:
         model = _build_fine(backbone, num_classes, aux_loss)
     if weights == "imagenet":
@@ -245,12 +249,13 @@ class _JoinedFeatures(nn.Module):
         high: int,
         low: int,
         width: int,
+        rates: Sequence[int] = _FINE_RATES,
         fine: int | None = None,
         full: bool = False,
     ) -> None:
         super().__init__()
         self.body = IntermediateLayerGetter(trunk, layers)
-        self.aspp = ASPP(high, list(_FINE_RATES), width)
+        self.aspp = ASPP(high, list(rates), width)
         self.low = _projection(low, _LOW_WIDTH)
         self.refine: nn.Module | None = None
         self.fine: nn.Module | None = None
@@ -331,32 +336,54 @@ _DECODER_WIDTH = 64
 _FINE_WIDTH = 16
 _FINE_DECODER_WIDTH = 32
 _FULL_WIDTH = 16
-# The output stride each decoder backbone ends at.
-_DECODER_STRIDES = {
-    "mobilenet_v3_large_fine": 4,
-    "mobilenet_v3_large_fine2": 2,
-    "mobilenet_v3_large_fine1": 1,
+
+
+@dataclass(frozen=True)
+class _Decoder:
+    """What a decoder backbone's name stands for (_build_decoder)."""
+
+    stride: int  # the output stride its decoder ends at: 4, 2 or 1
+    high_block: str  # the trunk block ASPP reads: "16" (960 channels) or "15" (160)
+    rates: tuple[int, int, int]  # ASPP's three dilation rates
+    head_dropout: float  # before the classifier
+
+
+_HIGH_CHANNELS = {"16": 960, "15": 160}
+# ``fine``, ``fine2`` and ``fine1`` read block 16's 1x1 expansion to 960 channels with the rates
+# of the stride-8 backbones: on the 12x12 maps of a 192 px training crop at stride 16 the
+# off-centre taps of rates 12 and 18 fall on padding, so those weights never train (they stay
+# as they are, for the checkpoints trained with them). ``lean1`` is ``fine1`` with ASPP over
+# block 15's 160 channels (1/6 of its 3x3 work; the trunk ends there, as in ``os8``), rates
+# 2, 4 and 6 that each reach real cells of a 12x12 map, and no dropout before the classifier:
+# 0.8x the training step of ``fine1``, half the parameters, the same lake IoU (README, Levers).
+_DECODERS = {
+    "mobilenet_v3_large_fine": _Decoder(4, "16", _FINE_RATES, 0.1),
+    "mobilenet_v3_large_fine2": _Decoder(2, "16", _FINE_RATES, 0.1),
+    "mobilenet_v3_large_fine1": _Decoder(1, "16", _FINE_RATES, 0.1),
+    "mobilenet_v3_large_lean1": _Decoder(1, "15", (2, 4, 6), 0.0),
 }
 
 
-def _build_decoder(num_classes: int, aux_loss: bool, stride: int = 4) -> DeepLabV3:
+def _build_decoder(num_classes: int, aux_loss: bool, spec: _Decoder) -> DeepLabV3:
     """MobileNetV3-Large at output stride 16 (torchvision's dilated trunk), a 128-wide ASPP, and
-    a DeepLabV3+ decoder that ends at ``stride`` 4, 2 or 1: lakes a few pixels across keep
+    a DeepLabV3+ decoder that ends at ``spec.stride`` 4, 2 or 1: lakes a few pixels across keep
     cells of their own while the trunk, whose depthwise convolutions dominate the CPU time,
     runs at stride 16."""
+    stride = spec.stride
     features = mobilenet_v3_large(weights=None, dilated=True).features
     if stride == 1:
         features[0][0].stride = (1, 1)  # see _JoinedFeatures._trunk
     # Block 1 ends the stride-2 stage (16 channels), block 3 the stride-4 stage (24); block 4
     # is where torchvision taps its aux.
-    layers = {"3": "low", "16": "high"} | ({"1": "fine"} if stride <= 2 else {})
+    layers = {"3": "low", spec.high_block: "high"} | ({"1": "fine"} if stride <= 2 else {})
     layers |= {"4": "aux"} if aux_loss else {}
     trunk = _JoinedFeatures(
         features,
         layers,
-        960,
+        _HIGH_CHANNELS[spec.high_block],
         24,
         _FINE_HEAD_WIDTH,
+        rates=spec.rates,
         fine=16 if stride <= 2 else None,
         full=stride == 1,
     )
@@ -369,7 +396,7 @@ def _build_decoder(num_classes: int, aux_loss: bool, stride: int = 4) -> DeepLab
         nn.Conv2d(joined, width, 3, padding=1, bias=False),
         nn.BatchNorm2d(width),
         nn.ReLU(),
-        nn.Dropout(0.1),
+        nn.Dropout(spec.head_dropout),
         nn.Conv2d(width, num_classes, 1),  # classifier.4, as in torchvision's head
     )
     aux = FCNHead(40, num_classes) if aux_loss else None

@@ -377,6 +377,14 @@ MUTANTS: tuple[Mutant, ...] = (
         ("tests/service/test_app.py", "-k", "uvicorn"),
         "`uvicorn service.app:app` with a bad SATSEG_* value ends in pydantic's traceback",
     ),
+    Mutant(
+        "lean-aspp-rates-on-padding",
+        "shared/model.py",
+        '"mobilenet_v3_large_lean1": _Decoder(1, "15", (2, 4, 6), 0.0)',
+        '"mobilenet_v3_large_lean1": _Decoder(1, "15", _FINE_RATES, 0.0)',
+        ("tests/shared/test_model.py", "-k", "aspp_tap"),
+        "the quick model's ASPP dilated past a 192 px crop's 12x12 map: two branches never train",
+    ),
 )
 
 

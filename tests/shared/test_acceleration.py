@@ -190,7 +190,9 @@ def test_optimize_rejects_bad_arguments(kwargs: dict, message: str) -> None:
         optimize(Toy().eval(), **kwargs)
 
 
-@pytest.mark.parametrize("backbone", ["mobilenet_v3_large", "mobilenet_v3_large_fine1"])
+@pytest.mark.parametrize(
+    "backbone", ["mobilenet_v3_large", "mobilenet_v3_large_fine1", "mobilenet_v3_large_lean1"]
+)
 def test_deeplabv3_int8_runs_any_padded_size(backbone: str) -> None:
     model = build_model(backbone, num_classes=3).eval()
     calibration = [torch.randn(2, 3, 64, 64)]

@@ -425,6 +425,42 @@ def test_stride_1_decoder_backbone_joins_the_stem_at_full_resolution() -> None:
         assert four(torch.zeros(1, 4, 64, 96))["out"].shape == (1, 3, 64, 96)
 
 
+def test_lean_stride_1_backbone_reads_block_15_into_aspp_and_joins_like_fine1() -> None:
+    lean = build_model("mobilenet_v3_large_lean1", num_classes=3).eval()
+    fine1 = build_model("mobilenet_v3_large_fine1", num_classes=3).eval()
+    assert lean.backbone.aspp.convs[0][0].in_channels == 160
+    with torch.inference_mode():
+        joined = lean.backbone(torch.zeros(1, 3, 64, 96))["out"]
+        assert lean(torch.zeros(1, 3, 64, 96))["out"].shape == (1, 3, 64, 96)
+    assert joined.shape == (1, 48, 64, 96)
+    count = sum(p.numel() for p in lean.parameters())
+    assert count < 0.6 * sum(p.numel() for p in fine1.parameters())
+
+
+@pytest.mark.parametrize(
+    ("backbone", "all_taps_learn"),
+    [("mobilenet_v3_large_lean1", True), ("mobilenet_v3_large_fine1", False)],
+)
+def test_every_aspp_tap_learns_from_a_192_px_crop_only_with_the_lean_rates(
+    backbone: str, all_taps_learn: bool
+) -> None:
+    # A 192 px crop is a 12x12 map at stride 16. A tap of a 3x3 convolution dilated by 12 or
+    # more reads padding from every cell, so its weights get no gradient and keep their random
+    # initial values, which a larger input at inference then multiplies with real features.
+    torch.manual_seed(0)
+    model = build_model(backbone, num_classes=3).train()
+    out = model(torch.randn(2, 3, 192, 192))["out"]
+    out.square().mean().backward()
+    off_centre = torch.ones(3, 3, dtype=torch.bool)
+    off_centre[1, 1] = False
+    learning = [
+        bool(branch[0].weight.grad[:, :, off_centre].abs().sum() > 0)
+        for branch in model.backbone.aspp.convs[1:4]
+    ]
+    assert all(learning) == all_taps_learn
+    assert learning[0]  # rate 6, or 2: some cells of a 12x12 map reach a neighbour
+
+
 def one_pixel_change(backbone: str) -> torch.Tensor:
     """(H, W): how much a fixed random model's logits change, summed over classes, when pixel
     (32, 32) of a 64 x 64 noise image is raised by 5: the footprint of a lake one pixel wide."""
@@ -475,6 +511,7 @@ def test_a_one_pixel_feature_stays_local_with_the_stride_2_decoder(
         "mobilenet_v3_large_fine",
         "mobilenet_v3_large_fine2",
         "mobilenet_v3_large_fine1",
+        "mobilenet_v3_large_lean1",
     ],
 )
 def test_fine_backbones_refuse_coco_weights_naming_the_ones_that_exist(backbone: str) -> None:
