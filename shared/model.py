@@ -355,7 +355,7 @@ _HIGH_CHANNELS = {"16": 960, "15": 160}
 # as they are, for the checkpoints trained with them). ``lean1`` is ``fine1`` with ASPP over
 # block 15's 160 channels (1/6 of its 3x3 work; the trunk ends there, as in ``os8``), rates
 # 2, 4 and 6 that each reach real cells of a 12x12 map, and no dropout before the classifier:
-# 0.8x the training step of ``fine1``, half the parameters, the same lake IoU (README, Levers).
+# 0.89x the training step of ``fine1``, half the parameters, the same lake IoU (README, Levers).
 _DECODERS = {
     "mobilenet_v3_large_fine": _Decoder(4, "16", _FINE_RATES, 0.1),
     "mobilenet_v3_large_fine2": _Decoder(2, "16", _FINE_RATES, 0.1),
