@@ -348,7 +348,6 @@ class _Decoder:
     head_dropout: float  # before the classifier
 
 
-_HIGH_CHANNELS = {"16": 960, "15": 160}
 # ``fine``, ``fine2`` and ``fine1`` read block 16's 1x1 expansion to 960 channels with the rates
 # of the stride-8 backbones: on the 12x12 maps of a 192 px training crop at stride 16 the
 # off-centre taps of rates 12 and 18 fall on padding, so those weights never train (they stay
@@ -380,7 +379,7 @@ def _build_decoder(num_classes: int, aux_loss: bool, spec: _Decoder) -> DeepLabV
     trunk = _JoinedFeatures(
         features,
         layers,
-        _HIGH_CHANNELS[spec.high_block],
+        features[int(spec.high_block)].out_channels,
         24,
         _FINE_HEAD_WIDTH,
         rates=spec.rates,
