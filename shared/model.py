@@ -249,7 +249,7 @@ class _JoinedFeatures(nn.Module):
         high: int,
         low: int,
         width: int,
-        rates: Sequence[int] = _FINE_RATES,
+        rates: Sequence[int],
         fine: int | None = None,
         full: bool = False,
     ) -> None:
