@@ -287,9 +287,9 @@ def test_compose_up_trains_once_serves_keeps_volumes_and_drains_on_stop(stack: S
     assert len(answers) < len(senders), "every scene was answered before stop: send more"
     api = stack.container("api")
     stop_sent.set()
-    stack.run("stop", "api", timeout=120)
+    stack.run("stop", "api", timeout=300)
     for sender in senders:
-        sender.join(timeout=120)
+        sender.join(timeout=300)
     assert len(answers) == len(senders), "an in-flight request got no answer"
     assert any(after_stop for _, _, after_stop in answers)
     for status, body, _ in answers:
