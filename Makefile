@@ -40,8 +40,10 @@ serve: $(CKPT)
 
 demo: install data train serve
 
+# --durations: the slowest tests, named in CI's log, where the suite's time (and CI's 45-minute
+# limit on a slower machine) goes.
 test: $(VENV)/.installed
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=15
 
 # Break each protection on purpose and check the tests that guard it fail (tests/mutants.py).
 mutants: $(VENV)/.installed
