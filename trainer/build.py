@@ -409,6 +409,7 @@ def make_criterion(cfg: Config, label_map: LabelMap) -> SegmentationLoss:
         smooth=cfg.train.dice_smooth,
         class_weights=class_weight_tensor(cfg.train.class_weights, label_map.names),
         aux_weight=cfg.train.aux_weight,
+        lovasz_per_image=cfg.train.lovasz_per_image,
     )
 
 

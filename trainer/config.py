@@ -108,6 +108,8 @@ class TrainConfig(Section):
     seed: Int = 42
     resume: str | None = None  # a last.pt to continue from
     loss: Literal[LOSSES] = "dice+ce"  # trainer.losses.LOSSES
+    # The Lovasz term of each crop on its own, averaged, instead of one over the batch's pixels.
+    lovasz_per_image: bool = False
     class_weights: ClassFactors = {}
     # Subtract log(class weight) from each logit wherever the checkpoint predicts: the weights
     # still make training attend to a rare class, without fattening its predictions.
@@ -156,6 +158,12 @@ class TrainConfig(Section):
                 "patience stops on validation mIoU and needs best_by=val_miou, "
                 f"got best_by={self.best_by}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _lovasz_option(self) -> TrainConfig:
+        if self.lovasz_per_image and "lovasz" not in self.loss.split("+"):
+            raise ValueError(f"lovasz_per_image needs a loss with a lovasz term, got {self.loss}")
         return self
 
 

@@ -56,18 +56,36 @@ def soft_dice_loss(
 
 
 def lovasz_softmax_loss(
-    logits: torch.Tensor, target: torch.Tensor, *, ignore_index: int = 255
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    ignore_index: int = 255,
+    per_image: bool = False,
 ) -> torch.Tensor:
     """Lovasz-softmax (Berman et al., 2018): the convex surrogate of 1 - IoU, per class, averaged
-    over the classes present in the batch.
+    over the classes present.
 
-    logits (N,C,H,W), target (N,H,W) int64; ``ignore_index`` pixels are left out. All pixels of
-    the batch form one set, as the IoU metric pools them. For each class the pixel errors
-    ``|1{g = c} - p_c|`` are sorted in decreasing order and weighted by the gradient of the
-    Lovasz extension of the Jaccard loss. Unlike Dice, the penalty of a missed pixel grows with
-    how small the class is, which is what a class covering 0.1% of the pixels needs.
+    logits (N,C,H,W), target (N,H,W) int64; ``ignore_index`` pixels are left out. By default all
+    pixels of the batch form one set, as the IoU metric pools them. For each class the pixel
+    errors ``|1{g = c} - p_c|`` are sorted in decreasing order and weighted by the gradient of
+    the Lovasz extension of the Jaccard loss. Unlike Dice, the penalty of a missed pixel grows
+    with how small the class is, which is what a class covering 0.1% of the pixels needs.
+
+    ``per_image``: the loss of each image on its own, averaged over the images that hold a
+    labelled pixel (Berman's ``per_image``). Pooled, a crop's few-pixel lake is a sliver of the
+    batch's lake pixels when another crop holds a large lake; per image, missing it costs that
+    crop's whole lake term.
     Computed in float32. Returns a scalar.
     """
+    if per_image:
+        losses = [
+            lovasz_softmax_loss(image[None], labels[None], ignore_index=ignore_index)
+            for image, labels in zip(logits, target, strict=True)
+            if (labels != ignore_index).any()
+        ]
+        if not losses:
+            return (logits.float() * 0.0).sum()
+        return torch.stack(losses).mean()
     num_classes = logits.shape[1]
     probs = logits.float().softmax(dim=1).permute(0, 2, 3, 1).reshape(-1, num_classes)
     labels = target.reshape(-1)
@@ -113,6 +131,7 @@ class SegmentationLoss(nn.Module):
         smooth: float = 1.0,
         class_weights: torch.Tensor | None = None,
         aux_weight: float = 0.4,
+        lovasz_per_image: bool = False,
     ) -> None:
         super().__init__()
         if kind not in LOSSES:
@@ -125,6 +144,7 @@ class SegmentationLoss(nn.Module):
         self.ignore_index = ignore_index
         self.smooth = smooth
         self.aux_weight = aux_weight
+        self.lovasz_per_image = lovasz_per_image
         self.register_buffer("class_weights", class_weights, persistent=False)
 
     def _single(self, logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -144,7 +164,9 @@ class SegmentationLoss(nn.Module):
                 class_weights=self.class_weights,
             )
         if "lovasz" in self.terms:
-            parts["lovasz"] = lovasz_softmax_loss(logits, target, ignore_index=self.ignore_index)
+            parts["lovasz"] = lovasz_softmax_loss(
+                logits, target, ignore_index=self.ignore_index, per_image=self.lovasz_per_image
+            )
         return parts
 
     def forward(

@@ -73,6 +73,7 @@ def test_dict_keys_can_be_set_one_by_one() -> None:
         ("", ["augment.focus_crop=1.5"], "augment.focus_crop"),
         ("", ["train.best_by=final"], "train.best_by"),
         ("", ["train.best_by=last_epoch", "train.patience=3"], "train.patience"),
+        ("", ["train.loss=dice+ce", "train.lovasz_per_image=true"], "train.lovasz_per_image"),
     ],
 )
 def test_bad_keys_and_values_name_the_key(

@@ -180,6 +180,39 @@ def test_lovasz_leaves_out_ignored_pixels_and_absent_classes() -> None:
     assert lovasz_softmax_loss(logits, target).item() == pytest.approx(0.0, abs=1e-6)
 
 
+def lake_crops() -> tuple[torch.Tensor, torch.Tensor]:
+    """Two 1x8 crops, land 0 and lake 1, predicted with confidence: the first holds a large lake,
+    found whole; the second a one-pixel lake, missed."""
+    target = torch.tensor([[[1, 1, 1, 1, 1, 1, 1, 0]], [[0, 0, 0, 0, 0, 0, 0, 1]]])
+    predicted = torch.tensor([[[1, 1, 1, 1, 1, 1, 1, 0]], [[0, 0, 0, 0, 0, 0, 0, 0]]])
+    return F.one_hot(predicted, 2).permute(0, 3, 1, 2).float() * 50.0, target
+
+
+def test_lovasz_per_image_gives_a_missed_small_lake_its_crops_whole_weight() -> None:
+    logits, target = lake_crops()
+    # Pooled: land IoU 8/9, lake 7/8 over both crops. Per image: the first crop is perfect (0);
+    # the second has land 7/8 and lake 0, so (1/8 + 1) / 2; the mean of the two crops.
+    pooled = ((1 - 8 / 9) + (1 - 7 / 8)) / 2
+    per_image = (0.0 + (1 / 8 + 1.0) / 2) / 2
+    assert lovasz_softmax_loss(logits, target).item() == pytest.approx(pooled, abs=1e-6)
+    assert lovasz_softmax_loss(logits, target, per_image=True).item() == pytest.approx(
+        per_image, abs=1e-6
+    )
+    loss = SegmentationLoss("lovasz", num_classes=2, lovasz_per_image=True)
+    assert loss(logits, target)[1]["lovasz"].item() == pytest.approx(per_image, abs=1e-6)
+
+
+def test_lovasz_per_image_leaves_out_crops_with_nothing_labelled() -> None:
+    logits, target = lake_crops()
+    blank = torch.full((1, 1, 8), IGNORE)
+    with_blank = lovasz_softmax_loss(
+        torch.cat([logits, logits[:1]]), torch.cat([target, blank]), per_image=True
+    )
+    assert with_blank.item() == pytest.approx((1 / 8 + 1.0) / 4, abs=1e-6)
+    nothing = lovasz_softmax_loss(logits, torch.full_like(target, IGNORE), per_image=True)
+    assert nothing.item() == 0.0
+
+
 def test_lovasz_term_joins_the_sum_with_finite_gradients() -> None:
     torch.manual_seed(0)
     logits = torch.randn(2, 3, 8, 8, requires_grad=True)
