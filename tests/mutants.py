@@ -66,6 +66,14 @@ MUTANTS: tuple[Mutant, ...] = (
         "a resumed run silently restarts from scratch",
     ),
     Mutant(
+        "lovasz-pooled",
+        "trainer/build.py",
+        "lovasz_per_image=cfg.train.lovasz_per_image,",
+        "",
+        ("tests/trainer/test_build.py",),
+        "train.lovasz_per_image is ignored: the quick recipe pools the Lovasz term over the batch",
+    ),
+    Mutant(
         "pixel-cap",
         "shared/imaging.py",
         "if width * height > max_pixels:",

@@ -1,10 +1,15 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
-from trainer.build import make_schedule
+from shared.labels import LabelMap
+from trainer.build import make_criterion, make_schedule
 from trainer.config import load_config
+
+QUICK_RECIPE = Path(__file__).resolve().parents[2] / "trainer" / "configs" / "quickstart.yaml"
 
 
 def _schedule(*overrides: str):
@@ -39,3 +44,11 @@ def test_without_max_steps_the_epochs_plan_the_decay() -> None:
         schedule.step()
     # 9 of 200 x 36 planned steps done: the rate has barely moved.
     assert schedule.apply() == pytest.approx(1e-5 + (1e-3 - 1e-5) * (1 - 9 / 7200) ** 0.9)
+
+
+def test_the_quick_recipe_scores_lovasz_per_crop() -> None:
+    cfg = load_config(QUICK_RECIPE)
+    criterion = make_criterion(cfg, LabelMap.load())
+    assert criterion.terms == {"dice", "ce", "lovasz"} and criterion.lovasz_per_image
+    pooled = make_criterion(load_config(None, ["train.loss=dice+ce+lovasz"]), LabelMap.load())
+    assert not pooled.lovasz_per_image
