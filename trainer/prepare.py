@@ -74,6 +74,8 @@ from trainer.dataset_layout import (
 GSHHG_MASK = "lsmask_2.5min_f.bin"
 GSHHG_MASK_SHAPE = (4320, 8640)
 BLUEMARBLE_CLASSES = ("ocean", "land", "lake")  # the mask's own values 0, 1, 2
+CLASS_COUNT = len(BLUEMARBLE_CLASSES)
+OCEAN, LAKE = BLUEMARBLE_CLASSES.index("ocean"), BLUEMARBLE_CLASSES.index("lake")
 # ETOPO1 rendered as a hypsometric tint (deep blue sea -> green -> tan -> red/brown peaks), with
 # hill shading, on the same grid as bmng.jpg.
 RELIEF_IMAGE = "etopo1.jpg"
@@ -267,7 +269,7 @@ def mark_sea_like_lakes(mask: np.ndarray, ignore_index: int) -> np.ndarray:
         if first_row >= stop_row or first_col >= stop_col:
             continue
         box = marked[first_row:stop_row, first_col:stop_col]
-        lakes, count = ndimage.label(box == 2, structure=np.ones((3, 3), dtype=bool))
+        lakes, count = ndimage.label(box == LAKE, structure=np.ones((3, 3), dtype=bool))
         if count == 0:
             continue
         largest = 1 + int(np.argmax(np.bincount(lakes.ravel())[1:]))
@@ -321,9 +323,10 @@ def plan_tiles(
             for col in sorted(cols):
                 spec = TileSpec(split, row, col)
                 window = mask[row : row + options.tile, col : col + options.tile]
-                counts = np.bincount(window.ravel(), minlength=3)[:3]
-                has_lake = counts[2] > 0
-                mostly_ocean = counts[0] >= options.ocean_threshold * window.size
+                # Only the classes: ignore_index (the sea-like lakes) is counted by none.
+                counts = np.bincount(window.ravel(), minlength=CLASS_COUNT)[:CLASS_COUNT]
+                has_lake = counts[LAKE] > 0
+                mostly_ocean = counts[OCEAN] >= options.ocean_threshold * window.size
                 if mostly_ocean and not has_lake and not _keep(spec, options):
                     stats[split].ocean_tiles_dropped += 1
                     continue
@@ -406,7 +409,7 @@ def _check_inputs(
             f"image must be uint8 RGB and mask uint8 with values 0, 1, 2 "
             f"(and {label_map.ignore_index}, ignore)"
         )
-    if tuple(label_map.names[:3]) != BLUEMARBLE_CLASSES:
+    if tuple(label_map.names[:CLASS_COUNT]) != BLUEMARBLE_CLASSES:
         raise PrepareError(
             f"label map names {label_map.names} do not start with {list(BLUEMARBLE_CLASSES)}"
         )
