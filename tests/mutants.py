@@ -74,6 +74,14 @@ MUTANTS: tuple[Mutant, ...] = (
         "train.lovasz_per_image is ignored: the quick recipe pools the Lovasz term over the batch",
     ),
     Mutant(
+        "base-replaces",
+        "trainer/overrides.py",
+        "if isinstance(value, dict) and isinstance(merged.get(key), dict):",
+        "if False:",
+        ("tests/trainer/test_overrides.py", "tests/trainer/test_config.py", "-k", "base"),
+        "a config's section replaces its base file's section whole: the base's other keys are lost",
+    ),
+    Mutant(
         "pixel-cap",
         "shared/imaging.py",
         "if width * height > max_pixels:",

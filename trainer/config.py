@@ -19,7 +19,7 @@ from shared.model import BACKBONES
 from shared.precision import TRAINING_PRECISIONS
 from shared.tiling import check_tile_overlap
 from trainer.losses import LOSSES
-from trainer.overrides import parse_override, read_yaml, set_dotted
+from trainer.overrides import parse_override, read_config_file, set_dotted
 
 
 class ConfigError(ValueError):
@@ -202,9 +202,10 @@ class Config(Section):
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Defaults, then the YAML file at ``path``, then ``key.path=value`` overrides; validated."""
+    """Defaults, then the YAML file at ``path`` (over its ``base:`` file, if it names one), then
+    ``key.path=value`` overrides; validated."""
     try:
-        data = read_yaml(path) if path is not None else {}
+        data = read_config_file(path) if path is not None else {}
         for item in overrides:
             set_dotted(data, *parse_override(item))
         return Config.model_validate(data)

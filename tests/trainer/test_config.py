@@ -128,6 +128,29 @@ def test_shipped_recipes_load(name: str) -> None:
     assert cfg.eval.enabled
 
 
+def test_the_relief_recipe_is_the_quick_recipe_but_for_its_data() -> None:
+    rgb = load_config(REPO / "trainer" / "configs" / "quickstart.yaml").model_dump()
+    relief = load_config(REPO / "trainer" / "configs" / "quickstart-relief.yaml").model_dump()
+    assert relief["run_name"] == "quickstart-relief"
+    assert relief["data"]["root"] == "data/bluemarble-relief"
+    assert relief["data"]["bands"] is None  # every band: red, green, blue, relief
+    for key in ("run_name", "data"):
+        rgb.pop(key), relief.pop(key)
+    assert relief == rgb
+
+
+def test_a_base_file_that_fails_is_a_config_error_naming_both(tmp_path: Path) -> None:
+    write(tmp_path / "base.yaml", "train:\n  lr: fast\n")
+    child = write(tmp_path / "child.yaml", "base: base.yaml\ndata:\n  root: x\n")
+    with pytest.raises(ConfigError, match=r"child\.yaml: train\.lr: .*'fast'"):
+        load_config(child)
+    write(tmp_path / "child.yaml", "base: base.yml\n")
+    with pytest.raises(
+        ConfigError, match=r"child\.yaml: base base\.yml: .*base\.yml: config file not"
+    ):
+        load_config(child)
+
+
 def test_required_key_names_exist() -> None:
     cfg = load_config(
         None,
