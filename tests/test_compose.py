@@ -71,6 +71,21 @@ def _docker_engine_problem() -> str | None:
     return None
 
 
+def _docker_disk() -> str:
+    """Free space on the disk of Docker's data: a build from wheelhouse/cuda needs about 20 GB."""
+    root = subprocess.run(
+        ["docker", "info", "--format", "{{.DockerRootDir}}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout.strip()
+    try:
+        free = shutil.disk_usage(root).free
+    except (OSError, ValueError):
+        return f"Docker's data folder {root!r} cannot be read from here"
+    return f"{free / 1e9:.1f} GB free for Docker's data ({root}); the build needs about 20 GB"
+
+
 def _compose_command() -> list[str] | None:
     plugin = subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=30)
     if plugin.returncode == 0:
@@ -182,7 +197,10 @@ def stack() -> Iterator[Stack]:
     compose = [*_compose_command(), "--project-directory", str(ROOT), *files]
     s = Stack(compose, env)
     try:
-        s.run("build", "trainer", timeout=1800)
+        try:
+            s.run("build", "trainer", timeout=1800)
+        except AssertionError as err:
+            raise AssertionError(f"{err}\n{_docker_disk()}") from None
         yield s
     finally:
         subprocess.run(
