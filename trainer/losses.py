@@ -75,39 +75,35 @@ def lovasz_softmax_loss(
     labelled pixel (Berman's ``per_image``). Pooled, a crop's few-pixel lake is a sliver of the
     batch's lake pixels when another crop holds a large lake; per image, missing it costs that
     crop's whole lake term.
-    Computed in float32. Returns a scalar.
+
+    Every set and class is scored at once (one batched sort), with no value read back to the
+    host: on CUDA the term never waits for the GPU. Computed in float32. Returns a scalar.
     """
-    if per_image:
-        losses = [
-            lovasz_softmax_loss(image[None], labels[None], ignore_index=ignore_index)
-            for image, labels in zip(logits, target, strict=True)
-            if (labels != ignore_index).any()
-        ]
-        if not losses:
-            return (logits.float() * 0.0).sum()
-        return torch.stack(losses).mean()
     num_classes = logits.shape[1]
-    probs = logits.float().softmax(dim=1).permute(0, 2, 3, 1).reshape(-1, num_classes)
-    labels = target.reshape(-1)
-    valid = labels != ignore_index
-    probs, labels = probs[valid], labels[valid]
-    losses = []
-    for c in range(num_classes):
-        fg = (labels == c).to(probs.dtype)
-        if fg.sum() == 0:
-            continue  # as in soft_dice_loss: an absent class says nothing about its overlap
-        errors = (fg - probs[:, c]).abs()
-        errors_sorted, order = torch.sort(errors, descending=True)
-        fg_sorted = fg[order]
-        gts = fg_sorted.sum()
-        intersection = gts - fg_sorted.cumsum(0)
-        union = gts + (1.0 - fg_sorted).cumsum(0)
-        jaccard = 1.0 - intersection / union
-        jaccard = torch.cat([jaccard[:1], jaccard[1:] - jaccard[:-1]])
-        losses.append(torch.dot(errors_sorted, jaccard))
-    if not losses:
-        return (probs * 0.0).sum()
-    return torch.stack(losses).mean()
+    probs = logits.float().softmax(dim=1).flatten(2)  # (sets, C, pixels)
+    labels = target.flatten(1)
+    if not per_image:  # the whole batch is one set of pixels
+        probs = probs.transpose(0, 1).reshape(1, num_classes, -1)
+        labels = labels.reshape(1, -1)
+    valid = (labels != ignore_index).unsqueeze(1)
+    classes = torch.arange(num_classes, device=labels.device).view(1, -1, 1)
+    fg = ((labels.unsqueeze(1) == classes) & valid).to(probs.dtype)
+    # An ignored pixel's error is 0: it sorts after every pixel that adds to the loss, so it
+    # changes no weight that multiplies a non-zero error.
+    errors = (fg - probs).abs() * valid
+    errors_sorted, order = errors.sort(dim=-1, descending=True)
+    fg_sorted = fg.gather(-1, order)
+    gts = fg.sum(-1, keepdim=True)
+    intersection = gts - fg_sorted.cumsum(-1)
+    union = gts + (1.0 - fg_sorted).cumsum(-1)  # >= 1: never a division by zero
+    jaccard = 1.0 - intersection / union
+    jaccard_steps = torch.cat([jaccard[..., :1], jaccard.diff(dim=-1)], dim=-1)
+    per_class = (errors_sorted * jaccard_steps).sum(-1)  # (sets, C)
+    # As in soft_dice_loss: an absent class says nothing about its overlap.
+    present = (gts.squeeze(-1) > 0).to(probs.dtype)
+    per_set = (per_class * present).sum(-1) / present.sum(-1).clamp(min=1.0)
+    labelled = present.amax(-1)  # sets with a labelled pixel; none: a zero still in the graph
+    return (per_set * labelled).sum() / labelled.sum().clamp(min=1.0)
 
 
 LOSSES = ("dice", "ce", "dice+ce", "lovasz", "ce+lovasz", "dice+ce+lovasz")

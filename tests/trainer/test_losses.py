@@ -213,6 +213,52 @@ def test_lovasz_per_image_leaves_out_crops_with_nothing_labelled() -> None:
     assert nothing.item() == 0.0
 
 
+def reference_lovasz(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Berman's lovasz_softmax_flat, class by class, over one set of pixels (ignore 255)."""
+    probs = logits.float().softmax(dim=1).permute(0, 2, 3, 1).reshape(-1, logits.shape[1])
+    labels = target.reshape(-1)
+    probs, labels = probs[labels != IGNORE], labels[labels != IGNORE]
+    losses = []
+    for c in range(probs.shape[1]):
+        fg = (labels == c).float()
+        if fg.sum() == 0:
+            continue
+        errors, order = (fg - probs[:, c]).abs().sort(descending=True)
+        fg_sorted = fg[order]
+        jaccard = 1.0 - (fg.sum() - fg_sorted.cumsum(0)) / (fg.sum() + (1 - fg_sorted).cumsum(0))
+        losses.append(torch.dot(errors, torch.cat([jaccard[:1], jaccard[1:] - jaccard[:-1]])))
+    return torch.stack(losses).mean()
+
+
+@pytest.mark.parametrize("per_image", [False, True])
+def test_lovasz_matches_the_class_by_class_reference_on_soft_predictions(per_image: bool) -> None:
+    torch.manual_seed(3)
+    logits = torch.randn(4, 3, 12, 10) * 2.0
+    target = torch.randint(0, 3, (4, 12, 10))
+    target[0, :4] = IGNORE  # some pixels ignored
+    target[1][target[1] == 2] = 0  # an image without lake
+    target[2] = IGNORE  # an image with nothing labelled
+    if per_image:
+        expected = torch.stack(
+            [reference_lovasz(logits[i : i + 1], target[i : i + 1]) for i in (0, 1, 3)]
+        ).mean()
+    else:
+        expected = reference_lovasz(logits, target)
+    ours = logits.clone().requires_grad_(True)
+    ref = logits.clone().requires_grad_(True)
+    loss = lovasz_softmax_loss(ours, target, per_image=per_image)
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
+    loss.backward()
+    if per_image:
+        torch.stack(
+            [reference_lovasz(ref[i : i + 1], target[i : i + 1]) for i in (0, 1, 3)]
+        ).mean().backward()
+    else:
+        reference_lovasz(ref, target).backward()
+    assert torch.allclose(ours.grad, ref.grad, atol=1e-6)
+    assert ours.grad[2].abs().sum() == 0  # nothing labelled: no gradient
+
+
 def test_lovasz_term_joins_the_sum_with_finite_gradients() -> None:
     torch.manual_seed(0)
     logits = torch.randn(2, 3, 8, 8, requires_grad=True)
