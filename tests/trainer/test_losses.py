@@ -238,23 +238,18 @@ def test_lovasz_matches_the_class_by_class_reference_on_soft_predictions(per_ima
     target[0, :4] = IGNORE  # some pixels ignored
     target[1][target[1] == 2] = 0  # an image without lake
     target[2] = IGNORE  # an image with nothing labelled
-    if per_image:
-        expected = torch.stack(
-            [reference_lovasz(logits[i : i + 1], target[i : i + 1]) for i in (0, 1, 3)]
-        ).mean()
-    else:
-        expected = reference_lovasz(logits, target)
     ours = logits.clone().requires_grad_(True)
     ref = logits.clone().requires_grad_(True)
+    if per_image:
+        images = (0, 1, 3)  # image 2 has nothing labelled: left out of the mean
+        per_image_losses = [reference_lovasz(ref[i : i + 1], target[i : i + 1]) for i in images]
+        expected = torch.stack(per_image_losses).mean()
+    else:
+        expected = reference_lovasz(ref, target)
     loss = lovasz_softmax_loss(ours, target, per_image=per_image)
     assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
     loss.backward()
-    if per_image:
-        torch.stack(
-            [reference_lovasz(ref[i : i + 1], target[i : i + 1]) for i in (0, 1, 3)]
-        ).mean().backward()
-    else:
-        reference_lovasz(ref, target).backward()
+    expected.backward()
     assert torch.allclose(ours.grad, ref.grad, atol=1e-6)
     assert ours.grad[2].abs().sum() == 0  # nothing labelled: no gradient
 
