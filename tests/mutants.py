@@ -74,6 +74,14 @@ MUTANTS: tuple[Mutant, ...] = (
         "train.lovasz_per_image is ignored: the quick recipe pools the Lovasz term over the batch",
     ),
     Mutant(
+        "lovasz-counts-ignored",
+        "trainer/losses.py",
+        "errors = (fg - probs).abs() * valid",
+        "errors = (fg - probs).abs()",
+        ("tests/trainer/test_losses.py", "-k", "lovasz"),
+        "ignore_index pixels (nodata, padding) add to the Lovasz term as if they were background",
+    ),
+    Mutant(
         "base-replaces",
         "trainer/overrides.py",
         "if isinstance(value, dict) and isinstance(merged.get(key), dict):",
