@@ -148,6 +148,26 @@ def build_model(
         raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
     names = _band_names(in_channels, band_names)
     weights = str(weights)
+    local = _checked_weights(weights, backbone, in_channels, names)
+    if weights == "coco_voc":
+        return _coco_model(backbone, num_classes, aux_loss, names)
+    model = _architecture(backbone, num_classes, aux_loss)
+    if weights == "imagenet":
+        url = _IMAGENET_WEIGHTS[_TRUNKS[backbone]].url
+        _load_backbone(model, _fetch(url), backbone, source="ImageNet")
+        _adapt_first_conv(model, names)
+    elif local is not None:
+        _load_local(model, local, backbone, in_channels, names)
+    elif in_channels != 3:
+        _replace_first_conv(model, _fresh_first_conv(first_conv(model), in_channels))
+    return model
+
+
+def _checked_weights(
+    weights: str, backbone: str, in_channels: int, names: tuple[str, ...] | None
+) -> Path | None:
+    """The local weights file ``weights`` names, or None for a named kind; refuses what
+    :func:`build_model` cannot build."""
     local: Path | None = None
     if weights not in WEIGHTS:
         local = Path(weights).expanduser()
@@ -161,51 +181,49 @@ def build_model(
             f"pretrained weights for a {in_channels}-band model need band_names: the first "
             "convolution gives bands named red, green, blue their pretrained kernels"
         )
-
     if weights == "coco_voc" and backbone not in _COCO_WEIGHTS:
         raise ValueError(
             f"no COCO weights for backbone {backbone!r}; coco_voc exists for "
             f"{', '.join(_COCO_WEIGHTS)} (use imagenet or none)"
         )
-    if weights == "coco_voc":
-        builder = _BUILDERS[backbone]
-        # Build the 21-class architecture so the downloaded file loads strictly, then swap heads.
-        model = builder(
-            weights=None, weights_backbone=None, num_classes=_COCO_NUM_CLASSES, aux_loss=True
-        )
-        url = _COCO_WEIGHTS[backbone].url
-        state = _fetch(url)
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as exc:
-            raise WeightsUnavailableError(
-                f"{cache_path(url)} does not hold the DeepLabV3-{backbone} COCO weights "
-                f"({one_line(exc, 400)}); delete it and place the file from {url} there"
-            ) from exc
-        _replace_heads(model, num_classes)
-        if not aux_loss:
-            model.aux_classifier = None
-        _adapt_first_conv(model, names)
-        return model
+    return local
 
+
+def _coco_model(
+    backbone: str, num_classes: int, aux_loss: bool, names: tuple[str, ...] | None
+) -> nn.Module:
+    """torchvision's COCO-with-VOC-labels model of ``backbone``, its heads replaced for
+    ``num_classes`` and its first convolution adapted to ``names``."""
+    # Build the 21-class architecture so the downloaded file loads strictly, then swap heads.
+    model = _BUILDERS[backbone](
+        weights=None, weights_backbone=None, num_classes=_COCO_NUM_CLASSES, aux_loss=True
+    )
+    url = _COCO_WEIGHTS[backbone].url
+    state = _fetch(url)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise WeightsUnavailableError(
+            f"{cache_path(url)} does not hold the DeepLabV3-{backbone} COCO weights "
+            f"({one_line(exc, 400)}); delete it and place the file from {url} there"
+        ) from exc
+    _replace_heads(model, num_classes)
+    if not aux_loss:
+        model.aux_classifier = None
+    _adapt_first_conv(model, names)
+    return model
+
+
+def _architecture(backbone: str, num_classes: int, aux_loss: bool) -> nn.Module:
+    """The randomly initialised model of a canonical ``backbone`` id, 3 input bands."""
     if backbone in _BUILDERS:
         # weights_backbone=None explicitly: torchvision's default downloads ImageNet weights.
-        model = _BUILDERS[backbone](
+        return _BUILDERS[backbone](
             weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=aux_loss
         )
-    elif backbone in _DECODERS:
-        model = _build_decoder(num_classes, aux_loss, _DECODERS[backbone])
-    else:
-        model = _build_dilated(backbone, num_classes, aux_loss)
-    if weights == "imagenet":
-        url = _IMAGENET_WEIGHTS[_TRUNKS[backbone]].url
-        _load_backbone(model, _fetch(url), backbone, source="ImageNet")
-        _adapt_first_conv(model, names)
-    elif local is not None:
-        _load_local(model, local, backbone, in_channels, names)
-    elif in_channels != 3:
-        _replace_first_conv(model, _fresh_first_conv(first_conv(model), in_channels))
-    return model
+    if backbone in _DECODERS:
+        return _build_decoder(num_classes, aux_loss, _DECODERS[backbone])
+    return _build_dilated(backbone, num_classes, aux_loss)
 
 
 # Output stride 8 and a 128-channel ASPP: a lake a few pixels wide still covers a feature
