@@ -24,14 +24,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import describe, machine, markdown_table, time_interleaved, write_json
 from shared.cpu import cpu_bf16_is_fast
-from shared.model import BACKBONES, build_model
+from shared.model import BACKBONE_IDS, BACKBONES, build_model
 
 DEFAULT = (
     "mobilenet_v3_large",
-    "mobilenet_v3_large_fine",
-    "mobilenet_v3_large_fine2",
-    "mobilenet_v3_large_fine1",
-    "mobilenet_v3_large_lean1",
+    "mobilenet_v3_large_deeplabv3plus_s4_aspp960",
+    "mobilenet_v3_large_deeplabv3plus_s2_aspp960",
+    "mobilenet_v3_large_deeplabv3plus_s1_aspp960",
+    "mobilenet_v3_large_deeplabv3plus_s1_aspp160",
     "mobilenet_v3_large_os8",
 )
 
@@ -92,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
-    unknown = [b for b in args.backbones if b not in BACKBONES]
+    unknown = [b for b in args.backbones if b not in BACKBONE_IDS]
     if unknown:
         parser.error(f"unknown backbone(s) {', '.join(unknown)}; allowed: {', '.join(BACKBONES)}")
     if args.threads:

@@ -5,7 +5,7 @@ checkpoint and from there to every reader of a scene, so nothing downstream gues
 dtype or the nodata rule. It holds only plain values and round-trips through
 :meth:`BandSpec.to_dict` for ``torch.load(weights_only=True)`` checkpoints.
 
-:func:`nodata_mask` is the one nodata rule (``auto``, ``none`` or a value; the README's "Bands
+:func:`nodata_mask` is the one nodata rule (``auto``, ``none`` or a value; docs/geotiff.md's "Bands
 and nodata" says what each marks): the windowed reader (:mod:`shared.raster`), dataset reading
 and statistics all call it. ``auto``'s zero collar is a property of the whole scene, so a reader
 of windows traces it once per scene (:func:`trace_collar`) and hands each window its part

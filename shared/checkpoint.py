@@ -26,7 +26,14 @@ from shared.bands import BandError, BandSpec
 from shared.files import atomic_writer
 from shared.labels import LabelMap, LabelMapError
 from shared.messages import first_sentence, one_line, refused_global
-from shared.model import BACKBONES, build_model, head_out_channels, model_in_channels
+from shared.model import (
+    BACKBONE_IDS,
+    BACKBONES,
+    build_model,
+    canonical_backbone,
+    head_out_channels,
+    model_in_channels,
+)
 from shared.preprocess import Normalization
 
 SCHEMA_VERSION = 1
@@ -94,8 +101,7 @@ def build_checkpoint(
         TypeError: a value that ``torch.load(weights_only=True)`` would refuse (the message
             gives its key path), e.g. a numpy array or an ``argparse.Namespace``.
     """
-    if backbone not in BACKBONES:
-        raise ValueError(f"unknown backbone {backbone!r}; allowed: {', '.join(BACKBONES)}")
+    backbone = canonical_backbone(backbone)
     model = _unwrap(model)
     out_channels = head_out_channels(model)
     if out_channels != label_map.num_classes:
@@ -317,7 +323,7 @@ def _validate(payload: Any, path: str | Path) -> None:
     arch = payload["arch"]
     if not isinstance(arch, dict) or arch.get("name") != ARCH_NAME:
         raise CheckpointError(f"checkpoint {path}: arch must be {{'name': 'deeplabv3', ...}}")
-    if arch.get("backbone") not in BACKBONES:
+    if arch.get("backbone") not in BACKBONE_IDS:  # an old id still names its model
         raise CheckpointError(
             f"checkpoint {path}: unknown backbone {arch.get('backbone')!r} "
             f"(allowed: {', '.join(BACKBONES)})"

@@ -5,7 +5,7 @@ Reading (:func:`read_geotiff`) turns a TIFF of any band count and numeric type i
 so that the writers (:mod:`shared.codec`) give the mask exactly the source's footprint. RGB is
 bands 1, 2, 3 unless chosen (``bands``, 1-based as in GDAL, e.g. ``(4, 3, 2)`` for Sentinel-2);
 a one- or two-band raster, or a single chosen band, is grey. ``scale`` (:func:`parse_scale`; the
-README's "GeoTIFF" lists the choices) maps values to 0..255, clipped and linear; ``auto`` passes
+docs/geotiff.md lists the choices) maps values to 0..255, clipped and linear; ``auto`` passes
 uint8 through and stretches other types per band. Pixels that are nodata under
 :func:`shared.bands.nodata_mask`'s rule are in :attr:`GeoImage.valid`, left out of the
 statistics, and read as 0.

@@ -41,20 +41,31 @@ from torchvision.models.segmentation.fcn import FCNHead
 from shared.messages import first_sentence, one_line, refused_global
 
 # torchvision's two DeepLabV3 models, and six built here for small CPUs and features a few
-# pixels wide: MobileNetV3-Large and ResNet-18 dilated to output stride 8 (_build_fine), and
-# MobileNetV3-Large at stride 16 whose ASPP output is joined with stride-4 features before the
-# classifier, as DeepLabV3+ does, then also with stride-2 features and with the stem's at
-# stride 1 (_build_decoder, _DECODERS).
+# pixels wide: MobileNetV3-Large and ResNet-18 dilated to output stride 8 (``_os8``,
+# _build_dilated), and MobileNetV3-Large at stride 16 with a DeepLabV3+ decoder (_build_decoder):
+# ``_s4``, ``_s2`` and ``_s1`` name the stride its decoder ends at (joining the stride-4
+# features, then also the stride-2 ones, then the stem's at stride 1), ``_aspp960`` and
+# ``_aspp160`` the channels ASPP reads (_DECODERS says which block and rates).
 BACKBONES = (
     "resnet50",
     "mobilenet_v3_large",
     "mobilenet_v3_large_os8",
     "resnet18_os8",
-    "mobilenet_v3_large_fine",
-    "mobilenet_v3_large_fine2",
-    "mobilenet_v3_large_fine1",
-    "mobilenet_v3_large_lean1",
+    "mobilenet_v3_large_deeplabv3plus_s4_aspp960",
+    "mobilenet_v3_large_deeplabv3plus_s2_aspp960",
+    "mobilenet_v3_large_deeplabv3plus_s1_aspp960",
+    "mobilenet_v3_large_deeplabv3plus_s1_aspp160",
 )
+# The ids these backbones had before, which saved checkpoints and configs still carry: each
+# builds exactly its new name's model, with the same state-dict keys.
+BACKBONE_ALIASES = {
+    "mobilenet_v3_large_fine": "mobilenet_v3_large_deeplabv3plus_s4_aspp960",
+    "mobilenet_v3_large_fine2": "mobilenet_v3_large_deeplabv3plus_s2_aspp960",
+    "mobilenet_v3_large_fine1": "mobilenet_v3_large_deeplabv3plus_s1_aspp960",
+    "mobilenet_v3_large_lean1": "mobilenet_v3_large_deeplabv3plus_s1_aspp160",
+}
+# Every id build_model accepts.
+BACKBONE_IDS = BACKBONES + tuple(BACKBONE_ALIASES)
 RGB_BANDS = ("red", "green", "blue")  # the input order of every pretrained torchvision model
 WEIGHTS = ("none", "coco_voc", "imagenet")
 
@@ -65,10 +76,10 @@ _TRUNKS = {
     "mobilenet_v3_large": "mobilenet_v3_large",
     "mobilenet_v3_large_os8": "mobilenet_v3_large",
     "resnet18_os8": "resnet18",
-    "mobilenet_v3_large_fine": "mobilenet_v3_large",
-    "mobilenet_v3_large_fine2": "mobilenet_v3_large",
-    "mobilenet_v3_large_fine1": "mobilenet_v3_large",
-    "mobilenet_v3_large_lean1": "mobilenet_v3_large",
+    "mobilenet_v3_large_deeplabv3plus_s4_aspp960": "mobilenet_v3_large",
+    "mobilenet_v3_large_deeplabv3plus_s2_aspp960": "mobilenet_v3_large",
+    "mobilenet_v3_large_deeplabv3plus_s1_aspp960": "mobilenet_v3_large",
+    "mobilenet_v3_large_deeplabv3plus_s1_aspp160": "mobilenet_v3_large",
 }
 _COCO_WEIGHTS = {
     "resnet50": DeepLabV3_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1,
@@ -89,6 +100,17 @@ class WeightsUnavailableError(RuntimeError):
     """Pretrained weights could not be fetched or read (typically: offline, nothing cached)."""
 
 
+def canonical_backbone(backbone: str) -> str:
+    """The current id of ``backbone``: itself, or the new name of an old id (BACKBONE_ALIASES).
+
+    Raises:
+        ValueError: an id that is neither.
+    """
+    if not isinstance(backbone, str) or backbone not in BACKBONE_IDS:
+        raise ValueError(f"unknown backbone {backbone!r}; allowed: {', '.join(BACKBONES)}")
+    return BACKBONE_ALIASES.get(backbone, backbone)
+
+
 def build_model(
     backbone: str = "resnet50",
     num_classes: int = 3,
@@ -100,7 +122,7 @@ def build_model(
     """Build a torchvision DeepLabV3 whose forward maps (N,B,H,W) float to {"out": (N,C,H,W)}.
 
     Args:
-        backbone: one of :data:`BACKBONES`.
+        backbone: one of :data:`BACKBONES`, or an old id of :data:`BACKBONE_ALIASES`.
         num_classes: C, the number of output channels of the head.
         weights: ``"none"`` (random init, nothing downloads), ``"coco_voc"`` (the whole
             COCO-with-VOC-labels model, head replaced by a fresh ``Conv2d(256, C, 1)``),
@@ -119,14 +141,33 @@ def build_model(
         ValueError: unknown backbone or weights, or a local file that does not fit the model.
         WeightsUnavailableError: pretrained weights asked for but not downloadable or readable.
     """
-    if backbone not in BACKBONES:
-        raise ValueError(f"unknown backbone {backbone!r}; allowed: {', '.join(BACKBONES)}")
+    backbone = canonical_backbone(backbone)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
         raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
     names = _band_names(in_channels, band_names)
     weights = str(weights)
+    local = _checked_weights(weights, backbone, in_channels, names)
+    if weights == "coco_voc":
+        return _coco_model(backbone, num_classes, aux_loss, names)
+    model = _architecture(backbone, num_classes, aux_loss)
+    if weights == "imagenet":
+        url = _IMAGENET_WEIGHTS[_TRUNKS[backbone]].url
+        _load_backbone(model, _fetch(url), backbone, source="ImageNet")
+        _adapt_first_conv(model, names)
+    elif local is not None:
+        _load_local(model, local, backbone, in_channels, names)
+    elif in_channels != 3:
+        _replace_first_conv(model, _fresh_first_conv(first_conv(model), in_channels))
+    return model
+
+
+def _checked_weights(
+    weights: str, backbone: str, in_channels: int, names: tuple[str, ...] | None
+) -> Path | None:
+    """The local weights file ``weights`` names, or None for a named kind; refuses what
+    :func:`build_model` cannot build."""
     local: Path | None = None
     if weights not in WEIGHTS:
         local = Path(weights).expanduser()
@@ -140,62 +181,60 @@ def build_model(
             f"pretrained weights for a {in_channels}-band model need band_names: the first "
             "convolution gives bands named red, green, blue their pretrained kernels"
         )
-
     if weights == "coco_voc" and backbone not in _COCO_WEIGHTS:
         raise ValueError(
             f"no COCO weights for backbone {backbone!r}; coco_voc exists for "
             f"{', '.join(_COCO_WEIGHTS)} (use imagenet or none)"
         )
-    if weights == "coco_voc":
-        builder = _BUILDERS[backbone]
-        # Build the 21-class architecture so the downloaded file loads strictly, then swap heads.
-        model = builder(
-            weights=None, weights_backbone=None, num_classes=_COCO_NUM_CLASSES, aux_loss=True
-        )
-        url = _COCO_WEIGHTS[backbone].url
-        state = _fetch(url)
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as exc:
-            raise WeightsUnavailableError(
-                f"{cache_path(url)} does not hold the DeepLabV3-{backbone} COCO weights "
-                f"({one_line(exc, 400)}); delete it and place the file from {url} there"
-            ) from exc
-        _replace_heads(model, num_classes)
-        if not aux_loss:
-            model.aux_classifier = None
-        _adapt_first_conv(model, names)
-        return model
+    return local
 
+
+def _coco_model(
+    backbone: str, num_classes: int, aux_loss: bool, names: tuple[str, ...] | None
+) -> nn.Module:
+    """torchvision's COCO-with-VOC-labels model of ``backbone``, its heads replaced for
+    ``num_classes`` and its first convolution adapted to ``names``."""
+    # Build the 21-class architecture so the downloaded file loads strictly, then swap heads.
+    model = _BUILDERS[backbone](
+        weights=None, weights_backbone=None, num_classes=_COCO_NUM_CLASSES, aux_loss=True
+    )
+    url = _COCO_WEIGHTS[backbone].url
+    state = _fetch(url)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise WeightsUnavailableError(
+            f"{cache_path(url)} does not hold the DeepLabV3-{backbone} COCO weights "
+            f"({one_line(exc, 400)}); delete it and place the file from {url} there"
+        ) from exc
+    _replace_heads(model, num_classes)
+    if not aux_loss:
+        model.aux_classifier = None
+    _adapt_first_conv(model, names)
+    return model
+
+
+def _architecture(backbone: str, num_classes: int, aux_loss: bool) -> nn.Module:
+    """The randomly initialised model of a canonical ``backbone`` id, 3 input bands."""
     if backbone in _BUILDERS:
         # weights_backbone=None explicitly: torchvision's default downloads ImageNet weights.
-        model = _BUILDERS[backbone](
+        return _BUILDERS[backbone](
             weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=aux_loss
         )
-    elif backbone in _DECODERS:
-        model = _build_decoder(num_classes, aux_loss, _DECODERS[backbone])
-    else:
-        model = _build_fine(backbone, num_classes, aux_loss)
-    if weights == "imagenet":
-        url = _IMAGENET_WEIGHTS[_TRUNKS[backbone]].url
-        _load_backbone(model, _fetch(url), backbone, source="ImageNet")
-        _adapt_first_conv(model, names)
-    elif local is not None:
-        _load_local(model, local, backbone, in_channels, names)
-    elif in_channels != 3:
-        _replace_first_conv(model, _fresh_first_conv(first_conv(model), in_channels))
-    return model
+    if backbone in _DECODERS:
+        return _build_decoder(num_classes, aux_loss, _DECODERS[backbone])
+    return _build_dilated(backbone, num_classes, aux_loss)
 
 
 # Output stride 8 and a 128-channel ASPP: a lake a few pixels wide still covers a feature
 # cell, and the head (80% of the cost of torchvision's MobileNetV3 DeepLabV3) stays cheap.
 # ASPP rates 6, 12, 18, the DeepLab paper's for stride-16 maps, suit the 32x32 maps of a
 # 256 px tile; torchvision's 12, 24, 36 would mostly sample padding there.
-_FINE_HEAD_WIDTH = 128
-_FINE_RATES = (6, 12, 18)
+_ASPP_WIDTH = 128
+_DEEPLAB_RATES = (6, 12, 18)
 
 
-def _build_fine(backbone: str, num_classes: int, aux_loss: bool) -> DeepLabV3:
+def _build_dilated(backbone: str, num_classes: int, aux_loss: bool) -> DeepLabV3:
     """DeepLabV3 on a trunk dilated to output stride 8, with a 128-channel head; the layout of
     torchvision's (``backbone.*``, ``classifier.0`` ASPP ... ``classifier.4`` final 1x1 conv,
     ``aux_classifier`` an FCN head) so loading, quantisation and checkpoints treat it alike."""
@@ -220,19 +259,21 @@ def _build_fine(backbone: str, num_classes: int, aux_loss: bool) -> DeepLabV3:
         raise ValueError(f"unknown backbone {backbone!r}; allowed: {', '.join(BACKBONES)}")
     layers = {out_layer: "out"} | ({aux_layer: "aux"} if aux_loss else {})
     head = nn.Sequential(
-        ASPP(out_channels, list(_FINE_RATES), _FINE_HEAD_WIDTH),
-        nn.Conv2d(_FINE_HEAD_WIDTH, _FINE_HEAD_WIDTH, 3, padding=1, bias=False),
-        nn.BatchNorm2d(_FINE_HEAD_WIDTH),
+        ASPP(out_channels, list(_DEEPLAB_RATES), _ASPP_WIDTH),
+        nn.Conv2d(_ASPP_WIDTH, _ASPP_WIDTH, 3, padding=1, bias=False),
+        nn.BatchNorm2d(_ASPP_WIDTH),
         nn.ReLU(),
-        nn.Conv2d(_FINE_HEAD_WIDTH, num_classes, 1),
+        nn.Conv2d(_ASPP_WIDTH, num_classes, 1),
     )
     aux = FCNHead(aux_channels, num_classes) if aux_loss else None
     return DeepLabV3(IntermediateLayerGetter(trunk, layers), head, aux)
 
 
-class _JoinedFeatures(nn.Module):
-    """A trunk whose ``"out"`` is DeepLabV3+'s decoder input: ASPP over the stride-16 features,
-    upsampled to the stride-4 features' grid and concatenated with their 1x1 projection.
+class _DeepLabV3PlusBackbone(nn.Module):
+    """What DeepLabV3 calls its backbone, for a DeepLabV3+ model: the trunk, ASPP over its
+    stride-16 features, and the decoder's joins; torchvision's DeepLabV3 head then classifies
+    its ``"out"``. ASPP's output is upsampled to the stride-4 features' grid and concatenated
+    with their 1x1 projection (``low``).
 
     With ``fine`` (the channels of stride-2 features) the decoder goes one level further: the
     stride-4 join passes through DeepLabV3+'s 3x3 decoder convolution, is upsampled to stride 2
@@ -240,6 +281,9 @@ class _JoinedFeatures(nn.Module):
     at the input's resolution, whose features are the trunk's stem filters at stride 1: the
     stem stays the one convolution that reads the bands, so band adaptation and pretrained
     weights treat the model like the others.
+
+    The attribute names (``body``, ``aspp``, ``low``, ``refine``, ``fine``, ``refine_full``,
+    ``full``) are the state-dict keys of every saved checkpoint of these backbones: keep them.
     """
 
     def __init__(
@@ -348,18 +392,18 @@ class _Decoder:
     head_dropout: float  # before the classifier
 
 
-# ``fine``, ``fine2`` and ``fine1`` read block 16's 1x1 expansion to 960 channels with the rates
-# of the stride-8 backbones: on the 12x12 maps of a 192 px training crop at stride 16 the
-# off-centre taps of rates 12 and 18 fall on padding, so those weights never train (they stay
-# as they are, for the checkpoints trained with them). ``lean1`` is ``fine1`` with ASPP over
-# block 15's 160 channels (1/6 of its 3x3 work; the trunk ends there, as in ``os8``), rates
-# 2, 4 and 6 that each reach real cells of a 12x12 map, and no dropout before the classifier:
-# 0.89x the training step of ``fine1``, half the parameters, the same lake IoU (README, Levers).
+# The ``_aspp960`` backbones read block 16's 1x1 expansion to 960 channels, as torchvision's
+# head does, with the rates of the stride-8 backbones. On the 12x12 maps of a 192 px training
+# crop at stride 16 the off-centre taps of rates 12 and 18 fall on padding, so those weights
+# never train; they stay as they are for the checkpoints trained with them. ``_aspp160`` reads
+# block 15's 160 channels instead (1/6 of the 3x3 work; the trunk ends there, as in ``_os8``),
+# at rates 2, 4 and 6, each of which reaches real cells of a 12x12 map, with no dropout before
+# the classifier.
 _DECODERS = {
-    "mobilenet_v3_large_fine": _Decoder(4, "16", _FINE_RATES, 0.1),
-    "mobilenet_v3_large_fine2": _Decoder(2, "16", _FINE_RATES, 0.1),
-    "mobilenet_v3_large_fine1": _Decoder(1, "16", _FINE_RATES, 0.1),
-    "mobilenet_v3_large_lean1": _Decoder(1, "15", (2, 4, 6), 0.0),
+    "mobilenet_v3_large_deeplabv3plus_s4_aspp960": _Decoder(4, "16", _DEEPLAB_RATES, 0.1),
+    "mobilenet_v3_large_deeplabv3plus_s2_aspp960": _Decoder(2, "16", _DEEPLAB_RATES, 0.1),
+    "mobilenet_v3_large_deeplabv3plus_s1_aspp960": _Decoder(1, "16", _DEEPLAB_RATES, 0.1),
+    "mobilenet_v3_large_deeplabv3plus_s1_aspp160": _Decoder(1, "15", (2, 4, 6), 0.0),
 }
 
 
@@ -371,23 +415,23 @@ def _build_decoder(num_classes: int, aux_loss: bool, spec: _Decoder) -> DeepLabV
     stride = spec.stride
     features = mobilenet_v3_large(weights=None, dilated=True).features
     if stride == 1:
-        features[0][0].stride = (1, 1)  # see _JoinedFeatures._trunk
+        features[0][0].stride = (1, 1)  # see _DeepLabV3PlusBackbone._trunk
     # Block 1 ends the stride-2 stage (16 channels), block 3 the stride-4 stage (24); block 4
     # is where torchvision taps its aux.
     layers = {"3": "low", spec.high_block: "high"} | ({"1": "fine"} if stride <= 2 else {})
     layers |= {"4": "aux"} if aux_loss else {}
-    trunk = _JoinedFeatures(
+    trunk = _DeepLabV3PlusBackbone(
         features,
         layers,
         features[int(spec.high_block)].out_channels,
         24,
-        _FINE_HEAD_WIDTH,
+        _ASPP_WIDTH,
         rates=spec.rates,
         fine=16 if stride <= 2 else None,
         full=stride == 1,
     )
     joined, width = {
-        4: (_FINE_HEAD_WIDTH + _LOW_WIDTH, _DECODER_WIDTH),
+        4: (_ASPP_WIDTH + _LOW_WIDTH, _DECODER_WIDTH),
         2: (_DECODER_WIDTH + _FINE_WIDTH, _FINE_DECODER_WIDTH),
         1: (_FINE_DECODER_WIDTH + _FULL_WIDTH, _FULL_WIDTH),
     }[stride]
@@ -697,7 +741,8 @@ def _load_backbone(
         mapped = {k: v for k, v in state.items() if not k.startswith("fc.")}
     # A trunk may end early (mobilenet_v3_large_os8 stops at block 15): its later layers'
     # weights have no place in it; every layer it keeps must still load exactly.
-    trunk = getattr(model.backbone, "body", model.backbone)  # _JoinedFeatures wraps its trunk
+    # _DeepLabV3PlusBackbone wraps its trunk in ``body``.
+    trunk = getattr(model.backbone, "body", model.backbone)
     kept = {name for name, _ in trunk.named_children()}
     mapped = {k: v for k, v in mapped.items() if k.split(".", 1)[0] in kept}
     try:

@@ -404,10 +404,34 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "lean-aspp-rates-on-padding",
         "shared/model.py",
-        '"mobilenet_v3_large_lean1": _Decoder(1, "15", (2, 4, 6), 0.0)',
-        '"mobilenet_v3_large_lean1": _Decoder(1, "15", _FINE_RATES, 0.0)',
+        '"mobilenet_v3_large_deeplabv3plus_s1_aspp160": _Decoder(1, "15", (2, 4, 6), 0.0)',
+        '"mobilenet_v3_large_deeplabv3plus_s1_aspp160": _Decoder(1, "15", _DEEPLAB_RATES, 0.0)',
         ("tests/shared/test_model.py", "-k", "aspp_tap"),
         "the quick model's ASPP dilated past a 192 px crop's 12x12 map: two branches never train",
+    ),
+    Mutant(
+        "backbone-alias-wrong-model",
+        "shared/model.py",
+        '    "mobilenet_v3_large_lean1": "mobilenet_v3_large_deeplabv3plus_s1_aspp160",',
+        '    "mobilenet_v3_large_lean1": "mobilenet_v3_large_deeplabv3plus_s1_aspp960",',
+        ("tests/shared/test_model.py", "-k", "old_backbone_id"),
+        "an old backbone id builds another model: checkpoints saved under it no longer load",
+    ),
+    Mutant(
+        "old-backbone-checkpoint-refused",
+        "shared/checkpoint.py",
+        'if arch.get("backbone") not in BACKBONE_IDS:',
+        'if arch.get("backbone") not in BACKBONES:',
+        ("tests/shared/test_checkpoint.py", "-k", "old_backbone_id"),
+        "a checkpoint saved under a backbone's old id is refused as an unknown backbone",
+    ),
+    Mutant(
+        "resume-compares-raw-backbone-ids",
+        "trainer/build.py",
+        'if canonical_backbone(ckpt["arch"]["backbone"]) != cfg.model.backbone:',
+        'if ckpt["arch"]["backbone"] != cfg.model.backbone:',
+        ("tests/trainer/test_build.py", "-k", "old_id"),
+        "a run saved under a backbone's old id cannot be resumed under the same model",
     ),
 )
 

@@ -21,7 +21,7 @@ from shared.checkpoint import CheckpointError, bands_from_checkpoint, load_check
 from shared.imaging import ImageError
 from shared.inference import InferenceOptions, Predictor
 from shared.labels import DEFAULT_LABEL_MAPPING, LabelMap, LabelMapError
-from shared.model import WeightsUnavailableError, build_model
+from shared.model import WeightsUnavailableError, build_model, canonical_backbone
 from shared.precision import resolve_precision
 from shared.preprocess import STATS_FILE, Normalization, load_stats, normalization_for, save_stats
 from trainer import distributed
@@ -233,7 +233,7 @@ def load_resume_checkpoint(cfg: Config, spec: BandSpec | None = None) -> dict[st
     if not cfg.train.resume:
         return None
     ckpt = load_checkpoint(cfg.train.resume)
-    if ckpt["arch"]["backbone"] != cfg.model.backbone:
+    if canonical_backbone(ckpt["arch"]["backbone"]) != cfg.model.backbone:
         raise ConfigError(
             f"train.resume: checkpoint is {ckpt['arch']['backbone']}, "
             f"model.backbone is {cfg.model.backbone}"

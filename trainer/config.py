@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.functional_validators import AfterValidator, BeforeValidator, model_validator
 
 from shared.bands import parse_nodata
-from shared.model import BACKBONES
+from shared.model import BACKBONE_IDS, canonical_backbone
 from shared.precision import TRAINING_PRECISIONS
 from shared.tiling import check_tile_overlap
 from trainer.losses import LOSSES
@@ -93,7 +93,8 @@ class AugmentConfig(Section):
 
 
 class ModelConfig(Section):
-    backbone: Literal[BACKBONES] = "resnet50"  # shared.model.BACKBONES
+    # shared.model.BACKBONES; an old id is read as its new name, which the run records
+    backbone: Annotated[Literal[BACKBONE_IDS], AfterValidator(canonical_backbone)] = "resnet50"
     weights: str = "none"  # none | coco_voc | imagenet | a path
     aux_loss: bool = False
     bn_momentum: Float | None = Field(None, gt=0.0, le=1.0)  # null: torchvision's

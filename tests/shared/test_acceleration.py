@@ -191,7 +191,12 @@ def test_optimize_rejects_bad_arguments(kwargs: dict, message: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "backbone", ["mobilenet_v3_large", "mobilenet_v3_large_fine1", "mobilenet_v3_large_lean1"]
+    "backbone",
+    [
+        "mobilenet_v3_large",
+        "mobilenet_v3_large_deeplabv3plus_s1_aspp960",
+        "mobilenet_v3_large_deeplabv3plus_s1_aspp160",
+    ],
 )
 def test_deeplabv3_int8_runs_any_padded_size(backbone: str) -> None:
     model = build_model(backbone, num_classes=3).eval()

@@ -23,7 +23,7 @@ from shared.checkpoint import (
     save_checkpoint,
 )
 from shared.labels import LabelMap
-from shared.model import build_model
+from shared.model import BACKBONE_ALIASES, build_model
 from shared.preprocess import Normalization
 
 MBV3 = "mobilenet_v3_large"
@@ -446,3 +446,41 @@ def test_build_refuses_bands_or_normalization_of_another_count(label_map: LabelM
             config={},
             bands=RELIEF,
         )
+
+
+@pytest.mark.parametrize("old", sorted(BACKBONE_ALIASES))
+def test_a_checkpoint_saved_under_an_old_backbone_id_loads_and_predicts_the_same(
+    tmp_path: Path, label_map: LabelMap, old: str
+) -> None:
+    torch.manual_seed(0)
+    model = build_model(old, num_classes=label_map.num_classes).eval()
+    payload = build_checkpoint(
+        model,
+        backbone=old,
+        aux_loss=False,
+        label_map=label_map,
+        normalization=Normalization(mean=(0.1, 0.2, 0.3), std=(0.4, 0.5, 0.6)),
+        config={},
+    )
+    assert payload["arch"]["backbone"] == BACKBONE_ALIASES[old]  # new checkpoints: new names
+    payload["arch"]["backbone"] = old  # what the code before the rename wrote
+    save_checkpoint(payload, tmp_path / "old.pt")
+    loaded = load_checkpoint(tmp_path / "old.pt")
+    assert loaded["arch"]["backbone"] == old  # the checkpoint is read, not rewritten
+    rebuilt, _, _ = model_from_checkpoint(loaded)
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 64, 96)
+    with torch.inference_mode():
+        expected, got = model(x)["out"], rebuilt(x)["out"]
+    assert torch.equal(got, expected)
+    assert torch.equal(got.argmax(1), expected.argmax(1))
+
+
+def test_a_checkpoint_of_an_unknown_backbone_is_refused_naming_the_current_ones(
+    tmp_path: Path, label_map: LabelMap
+) -> None:
+    payload = _payload(label_map)
+    payload["arch"]["backbone"] = "mobilenet_v3_large_fine3"
+    save_checkpoint(payload, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="unknown backbone 'mobilenet_v3_large_fine3'"):
+        load_checkpoint(tmp_path / "bad.pt")

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 import os
 import urllib.error
 import urllib.request
@@ -13,10 +14,12 @@ from torchvision.models.segmentation import deeplabv3_mobilenet_v3_large
 
 import shared.model as model_mod
 from shared.model import (
+    BACKBONE_ALIASES,
     BACKBONES,
     WEIGHTS,
     WeightsUnavailableError,
     build_model,
+    canonical_backbone,
     first_conv,
     logits,
 )
@@ -274,7 +277,7 @@ def _imagenet_file(tmp_path: Path, backbone: str) -> Path:
 
 
 def _features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The pretrained trunk's deepest features (mobilenet_v3_large_fine's trunk is ``body``;
+    """The pretrained trunk's deepest features (a DeepLabV3+ backbone's trunk is ``body``;
     its ASPP and projection after it start random in every build)."""
     with torch.inference_mode():
         trunk = getattr(model.eval().backbone, "body", model.backbone)
@@ -383,7 +386,7 @@ def test_rgb_local_file_into_multiband_model_needs_names(tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize("backbone", ["mobilenet_v3_large_os8", "resnet18_os8"])
-def test_fine_backbones_keep_output_stride_8(backbone: str) -> None:
+def test_dilated_backbones_keep_output_stride_8(backbone: str) -> None:
     model = build_model(backbone, num_classes=3).eval()
     with torch.inference_mode():
         features = model.backbone(torch.zeros(1, 3, 64, 96))["out"]
@@ -396,7 +399,7 @@ def test_fine_backbones_keep_output_stride_8(backbone: str) -> None:
 
 
 def test_decoder_backbone_joins_stride_4_features() -> None:
-    model = build_model("mobilenet_v3_large_fine", num_classes=3).eval()
+    model = build_model("mobilenet_v3_large_deeplabv3plus_s4_aspp960", num_classes=3).eval()
     with torch.inference_mode():
         joined = model.backbone(torch.zeros(1, 3, 64, 96))["out"]
     # ASPP's 128 channels upsampled from stride 16 beside 32 projected from stride 4.
@@ -404,7 +407,7 @@ def test_decoder_backbone_joins_stride_4_features() -> None:
 
 
 def test_stride_2_decoder_backbone_joins_stride_2_features() -> None:
-    model = build_model("mobilenet_v3_large_fine2", num_classes=3).eval()
+    model = build_model("mobilenet_v3_large_deeplabv3plus_s2_aspp960", num_classes=3).eval()
     with torch.inference_mode():
         joined = model.backbone(torch.zeros(1, 3, 64, 96))["out"]
     # The stride-4 decoder's 64 channels upsampled beside 16 projected from stride 2.
@@ -412,22 +415,24 @@ def test_stride_2_decoder_backbone_joins_stride_2_features() -> None:
 
 
 def test_stride_1_decoder_backbone_joins_the_stem_at_full_resolution() -> None:
-    model = build_model("mobilenet_v3_large_fine1", num_classes=3).eval()
+    model = build_model("mobilenet_v3_large_deeplabv3plus_s1_aspp960", num_classes=3).eval()
     with torch.inference_mode():
         joined = model.backbone(torch.zeros(1, 3, 64, 96))["out"]
     # The stride-2 decoder's 32 channels upsampled beside 16 of the stem's filters at stride 1.
     assert joined.shape == (1, 48, 64, 96)
     # The stem is still the one convolution that reads the bands: a 4-band model has one.
-    four = build_model("mobilenet_v3_large_fine1", num_classes=3, in_channels=4).eval()
+    four = build_model(
+        "mobilenet_v3_large_deeplabv3plus_s1_aspp960", num_classes=3, in_channels=4
+    ).eval()
     readers = [m for m in four.modules() if isinstance(m, nn.Conv2d) and m.in_channels == 4]
     assert readers == [first_conv(four)]
     with torch.inference_mode():
         assert four(torch.zeros(1, 4, 64, 96))["out"].shape == (1, 3, 64, 96)
 
 
-def test_lean_stride_1_backbone_reads_block_15_into_aspp_and_joins_like_fine1() -> None:
-    lean = build_model("mobilenet_v3_large_lean1", num_classes=3).eval()
-    fine1 = build_model("mobilenet_v3_large_fine1", num_classes=3).eval()
+def test_aspp160_stride_1_backbone_reads_block_15_into_aspp_and_joins_like_aspp960() -> None:
+    lean = build_model("mobilenet_v3_large_deeplabv3plus_s1_aspp160", num_classes=3).eval()
+    fine1 = build_model("mobilenet_v3_large_deeplabv3plus_s1_aspp960", num_classes=3).eval()
     assert lean.backbone.aspp.convs[0][0].in_channels == 160
     with torch.inference_mode():
         joined = lean.backbone(torch.zeros(1, 3, 64, 96))["out"]
@@ -439,9 +444,12 @@ def test_lean_stride_1_backbone_reads_block_15_into_aspp_and_joins_like_fine1() 
 
 @pytest.mark.parametrize(
     ("backbone", "all_taps_learn"),
-    [("mobilenet_v3_large_lean1", True), ("mobilenet_v3_large_fine1", False)],
+    [
+        ("mobilenet_v3_large_deeplabv3plus_s1_aspp160", True),
+        ("mobilenet_v3_large_deeplabv3plus_s1_aspp960", False),
+    ],
 )
-def test_every_aspp_tap_learns_from_a_192_px_crop_only_with_the_lean_rates(
+def test_every_aspp_tap_learns_from_a_192_px_crop_only_with_the_aspp160_rates(
     backbone: str, all_taps_learn: bool
 ) -> None:
     # A 192 px crop is a 12x12 map at stride 16. A tap of a 3x3 convolution dilated by 12 or
@@ -476,7 +484,10 @@ def one_pixel_change(backbone: str) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     ("backbone", "sharp"),
-    [("mobilenet_v3_large_fine1", True), ("mobilenet_v3_large_fine2", False)],
+    [
+        ("mobilenet_v3_large_deeplabv3plus_s1_aspp960", True),
+        ("mobilenet_v3_large_deeplabv3plus_s2_aspp960", False),
+    ],
 )
 def test_a_one_pixel_feature_stays_within_two_pixels_with_the_stride_1_decoder(
     backbone: str, sharp: bool
@@ -491,7 +502,10 @@ def test_a_one_pixel_feature_stays_within_two_pixels_with_the_stride_1_decoder(
 
 @pytest.mark.parametrize(
     ("backbone", "sharp"),
-    [("mobilenet_v3_large_fine2", True), ("mobilenet_v3_large_fine", False)],
+    [
+        ("mobilenet_v3_large_deeplabv3plus_s2_aspp960", True),
+        ("mobilenet_v3_large_deeplabv3plus_s4_aspp960", False),
+    ],
 )
 def test_a_one_pixel_feature_stays_local_with_the_stride_2_decoder(
     backbone: str, sharp: bool
@@ -508,12 +522,56 @@ def test_a_one_pixel_feature_stays_local_with_the_stride_2_decoder(
     [
         "mobilenet_v3_large_os8",
         "resnet18_os8",
-        "mobilenet_v3_large_fine",
-        "mobilenet_v3_large_fine2",
-        "mobilenet_v3_large_fine1",
-        "mobilenet_v3_large_lean1",
+        "mobilenet_v3_large_deeplabv3plus_s4_aspp960",
+        "mobilenet_v3_large_deeplabv3plus_s2_aspp960",
+        "mobilenet_v3_large_deeplabv3plus_s1_aspp960",
+        "mobilenet_v3_large_deeplabv3plus_s1_aspp160",
     ],
 )
-def test_fine_backbones_refuse_coco_weights_naming_the_ones_that_exist(backbone: str) -> None:
+def test_backbones_built_here_refuse_coco_weights_naming_the_ones_that_exist(backbone: str) -> None:
     with pytest.raises(ValueError, match="coco_voc exists for resnet50, mobilenet_v3_large"):
         build_model(backbone, weights="coco_voc")
+
+
+# The state-dict layout (every key, shape and dtype, in order) of each old backbone id, as the
+# code before the rename built it (commit 0edf3e8): the checkpoints saved under those ids hold
+# exactly these tensors.
+SAVED_LAYOUTS = {
+    "mobilenet_v3_large_fine": (
+        358,
+        "babf88847f42963deee5304f5f475f7d9fb37ed3ab11e30d6047b1a26289e3e5",
+    ),
+    "mobilenet_v3_large_fine2": (
+        370,
+        "cc138c27637e0081499726c4b35a1b4f74359e27b79e0572b9e2c899eaae5871",
+    ),
+    "mobilenet_v3_large_fine1": (
+        382,
+        "5beaa1550e9a703e221d891e38deabcce13e5de2a054790feff81e258f520faa",
+    ),
+    "mobilenet_v3_large_lean1": (
+        376,
+        "46ec09f776e3a201b237196f0d15e750481483ee84d2db879ea639e98d7c3880",
+    ),
+}
+
+
+def _layout(model: nn.Module) -> tuple[int, str]:
+    state = model.state_dict()
+    text = "\n".join(f"{k} {tuple(v.shape)} {v.dtype}" for k, v in state.items())
+    return len(state), hashlib.sha256(text.encode()).hexdigest()
+
+
+@pytest.mark.parametrize("old", sorted(SAVED_LAYOUTS))
+def test_an_old_backbone_id_and_its_new_name_build_the_model_saved_under_it(old: str) -> None:
+    new = BACKBONE_ALIASES[old]
+    assert new in BACKBONES and canonical_backbone(old) == new == canonical_backbone(new)
+    assert _layout(build_model(old, num_classes=3)) == SAVED_LAYOUTS[old]
+    assert _layout(build_model(new, num_classes=3)) == SAVED_LAYOUTS[old]
+
+
+def test_every_backbone_id_is_current_or_an_alias_of_a_current_one() -> None:
+    assert set(BACKBONE_ALIASES.values()) <= set(BACKBONES)
+    assert not set(BACKBONE_ALIASES) & set(BACKBONES)
+    with pytest.raises(ValueError, match="unknown backbone 'mobilenet_v3_large_fine3'"):
+        build_model("mobilenet_v3_large_fine3")

@@ -5,9 +5,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from shared.checkpoint import build_checkpoint, save_checkpoint
 from shared.labels import LabelMap
-from trainer.build import make_criterion, make_schedule
-from trainer.config import load_config
+from shared.model import build_model
+from shared.preprocess import Normalization
+from trainer.build import load_resume_checkpoint, make_criterion, make_schedule
+from trainer.config import ConfigError, load_config
 
 QUICK_RECIPE = Path(__file__).resolve().parents[2] / "trainer" / "configs" / "quickstart.yaml"
 
@@ -52,3 +55,29 @@ def test_the_quick_recipe_scores_lovasz_per_crop() -> None:
     assert criterion.terms == {"dice", "ce", "lovasz"} and criterion.lovasz_per_image
     pooled = make_criterion(load_config(None, ["train.loss=dice+ce+lovasz"]), LabelMap.load())
     assert not pooled.lovasz_per_image
+
+
+@pytest.mark.parametrize(
+    ("backbone", "accepted"),
+    [("mobilenet_v3_large_deeplabv3plus_s1_aspp160", True), ("mobilenet_v3_large", False)],
+)
+def test_resume_accepts_a_checkpoint_saved_under_the_old_id_of_its_backbone(
+    tmp_path: Path, label_map: LabelMap, backbone: str, accepted: bool
+) -> None:
+    old = "mobilenet_v3_large_lean1"
+    payload = build_checkpoint(
+        build_model(old, num_classes=label_map.num_classes),
+        backbone=old,
+        aux_loss=False,
+        label_map=label_map,
+        normalization=Normalization(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)),
+        config={},
+    )
+    payload["arch"]["backbone"] = old  # as the code before the rename saved it
+    save_checkpoint(payload, tmp_path / "last.pt")
+    cfg = load_config(None, [f"model.backbone={backbone}", f"train.resume={tmp_path / 'last.pt'}"])
+    if accepted:
+        assert load_resume_checkpoint(cfg)["arch"]["backbone"] == old
+    else:
+        with pytest.raises(ConfigError, match="checkpoint is mobilenet_v3_large_lean1"):
+            load_resume_checkpoint(cfg)

@@ -185,3 +185,10 @@ def test_eval_tile_is_refused_as_the_predictor_would() -> None:
     with pytest.raises(ConfigError, match=r"eval\.tile must be a positive multiple of 32"):
         load_config(None, ["eval.tile=100"])
     assert load_config(None, ["eval.tile=96", "eval.overlap=95"]).eval.tile == 96
+
+
+def test_an_old_backbone_id_is_read_as_its_new_name() -> None:
+    cfg = load_config(None, ["model.backbone=mobilenet_v3_large_lean1"])
+    assert cfg.model.backbone == "mobilenet_v3_large_deeplabv3plus_s1_aspp160"
+    quick = load_config(REPO / "trainer" / "configs" / "quickstart.yaml")
+    assert quick.model.backbone == "mobilenet_v3_large_deeplabv3plus_s1_aspp160"
